@@ -1,0 +1,67 @@
+"""Plain torch reference for APB attention: fp32 math, explicit mask, chunked over query rows.
+
+The key layout is ``[passing | anchor | local]`` (DESIGN.md): anchor queries see the anchor causally;
+local queries see every passing key, the whole anchor, and the local block causally.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def apb_mask(num_passing: int, num_anchor: int, num_local: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean visibility mask: [num_anchor + num_local, num_passing + num_anchor + num_local], True = visible."""
+    num_queries = num_anchor + num_local
+    q_idx = torch.arange(num_queries, device=device)[:, None]
+    k_idx = torch.arange(num_passing + num_anchor + num_local, device=device)[None, :]
+    is_anchor_q = q_idx < num_anchor
+    k_local = k_idx - num_passing  # position in [anchor | local] coordinates; < 0 for passing keys
+    anchor_rows = (k_local >= 0) & (k_local <= q_idx)
+    local_rows = (k_local < num_anchor) | (k_local <= q_idx)
+    return torch.where(is_anchor_q, anchor_rows, local_rows)
+
+
+def apb_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_passing: int,
+    num_anchor: int,
+    softmax_scale: float | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """APB attention, plainly.
+
+    q: [batch, num_heads, num_anchor + num_local, head_dim]
+    k, v: [batch, num_kv_heads, num_passing + num_anchor + num_local, head_dim]
+    Returns out: [batch, num_heads, num_anchor + num_local, head_dim] in q's dtype and
+    lse: [batch, num_heads, num_anchor + num_local] (fp32, natural log).
+    Query rows are processed `chunk_size` at a time so memory stays O(chunk * keys).
+    """
+    batch, num_heads, num_queries, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    num_local = num_queries - num_anchor
+    if num_local < 0 or num_keys != num_passing + num_anchor + num_local:
+        raise ValueError(
+            f"shapes do not fit: {num_queries} queries, {num_keys} keys, num_passing={num_passing}, "
+            f"num_anchor={num_anchor} (need keys = passing + queries)"
+        )
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    group = num_heads // num_kv_heads
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    mask = apb_mask(num_passing, num_anchor, num_local, device=q.device)
+    outs, lses = [], []
+    for start in range(0, num_queries, chunk_size):
+        qc = q[:, :, start : start + chunk_size].float()
+        scores = torch.einsum("bhqd,bhkd->bhqk", qc, kf) * scale
+        scores = scores.masked_fill(~mask[start : start + chunk_size], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse[..., None]), vf))
+        lses.append(lse)
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
