@@ -1,0 +1,316 @@
+"""APB's per-layer maths, plugged into an unmodified transformers model through its attention registry.
+
+`install(model)` registers an attention function and a mask function named "apb" and switches the
+model to them. While no APB state is active (plain `model(...)`, `model.generate(...)`) both delegate
+to the model's original implementation (sdpa or eager), so the wrapped model behaves as before. While
+a state is active (inside `APBModel.prefill` / `generate`), the mask function returns None (no
+[seq, seq] mask is ever built) and the attention function runs one of two phases:
+
+- :class:`PrefillState`: one host's context prefill. Input ``[anchor | local]``; per layer select the
+  passing block, exchange it, attend over ``[passing | anchor | local]`` with the APB mask, keep the
+  local block's post-RoPE K/V in the host's store.
+- :class:`DecodeState`: query / generated tokens. Every host attends with its store (all visible), the
+  last host also over the new tokens' own K/V causally; partials are merged exactly by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from apb.comm import Communicator
+from apb.heads import ProjectionCapture, RetainingHeads
+
+ATTN_NAME = "apb"
+
+# KV store of one host: per layer (k, v), each [batch, num_kv_heads, tokens, head_dim], post-RoPE.
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+# ---------------------------------------------------------------- maths
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax merge of attention over disjoint key sets.
+
+    outs: each [..., t, head_dim] (normalised within its key set), lses: each [..., t] (fp32).
+    Returns (out fp32, lse fp32) as if attention had run over the union of the key sets.
+    """
+    if len(outs) == 1:
+        return outs[0].float(), lses[0].float()
+    lse = torch.logsumexp(torch.stack([s.float() for s in lses]), dim=0)
+    out = None
+    for o, s in zip(outs, lses, strict=True):
+        weight = torch.exp(s.float() - lse).nan_to_num(0.0).unsqueeze(-1)
+        out = weight * o.float() if out is None else out + weight * o.float()
+    return out, lse
+
+
+def partial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    num_prefix: int | None = None,
+    max_elements: int = 1 << 27,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a few query tokens over a key set, returning the log-sum-exp for merging.
+
+    q: [batch, num_heads, t, head_dim]; k, v: [batch, num_kv_heads, S, head_dim].
+    num_prefix None: every key visible. Otherwise query i sees keys ``j <= num_prefix + i``
+    (the last t keys are the queries' own, causal). GQA without repeating K/V.
+    Returns out [batch, num_heads, t, head_dim] fp32 and lse [batch, num_heads, t] fp32.
+    Query rows are chunked so the score tensor stays under `max_elements`.
+    """
+    batch, num_heads, t, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    kf, vf = k.float(), v.float()
+    qg = q.float().reshape(batch, num_kv_heads, group, t, head_dim)
+    chunk = max(1, min(t, max_elements // max(1, batch * num_heads * num_keys)))
+    outs, lses = [], []
+    for start in range(0, t, chunk):
+        qc = qg[:, :, :, start : start + chunk]
+        rows = qc.shape[3]
+        scores = torch.einsum("bkgtd,bksd->bkgts", qc, kf) * scale
+        if num_prefix is not None:
+            q_pos = torch.arange(start, start + rows, device=q.device)[:, None] + num_prefix
+            visible = torch.arange(num_keys, device=q.device)[None, :] <= q_pos
+            scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        outs.append(torch.einsum("bkgts,bksd->bkgtd", probs, vf))
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(batch, num_heads, t, head_dim)
+    return out, torch.cat(lses, dim=3).reshape(batch, num_heads, t)
+
+
+def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool along the sequence, stride 1, same length. scores: [batch, seq, heads] -> same."""
+    if kernel == 1:
+        return scores
+    left = (kernel - 1) // 2
+    x = F.pad(scores.transpose(1, 2).float(), (left, kernel - 1 - left), value=float("-inf"))
+    return F.max_pool1d(x, kernel_size=kernel, stride=1).transpose(1, 2)
+
+
+def select_passing(scores: torch.Tensor, count: int, pool_kernel: int, num_excluded: int = 0) -> torch.Tensor:
+    """Indices of the passing block: top-`count` pooled scores per KV head, in sequence order.
+
+    scores: [batch, seq, num_kv_heads] raw head scores of the local block; the first `num_excluded`
+    positions (anchor tokens, which every later host already has) are never chosen.
+    Returns idx: [batch, num_kv_heads, count] (long, ascending).
+    """
+    pooled = pool_scores(scores, pool_kernel).transpose(1, 2)  # [batch, heads, seq]
+    if num_excluded:
+        pooled = pooled.clone()
+        pooled[:, :, :num_excluded] = float("-inf")
+    idx = pooled.topk(count, dim=-1).indices
+    return idx.sort(dim=-1).values
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim], idx: [batch, heads, count] -> [batch, heads, count, head_dim]."""
+    return torch.gather(x, 2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+# ---------------------------------------------------------------- phase states
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class PrefillState:
+    """One host's context prefill (see module docstring)."""
+
+    host: int
+    """This host's index."""
+    num_anchor: int
+    """Anchor tokens at the front of this host's input (0 on host 0)."""
+    counts: list[int]
+    """Passing-block size of every host (0 for the last host, whose block nobody reads)."""
+    passing_all: bool
+    """Pass every non-excluded local token (passing_len=None) instead of the heads' top-k."""
+    num_excluded: int
+    """Leading local tokens never passed (host 0: the anchor's positions)."""
+    pool_kernel: int
+    comm: Communicator
+    backend: Callable
+    heads: RetainingHeads | None = None
+    capture: ProjectionCapture | None = None
+    store: list[LayerKV | None] = dataclasses.field(default_factory=list)
+    """Output: post-RoPE local K/V per layer."""
+    passing_indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Output when recorded: layer -> indices (local coordinates) this host passed on."""
+    record_indices: bool = False
+
+    def attend(self, module: nn.Module, query, key, value, scaling: float):
+        layer_idx = module.layer_idx
+        a = self.num_anchor
+        k_local, v_local = key[:, :, a:], value[:, :, a:]
+        earlier: list[LayerKV] = []
+        if any(self.counts):
+            count = self.counts[self.host]
+            if count == 0:
+                k_pass = key.new_zeros(*key.shape[:2], 0, key.shape[3])
+                v_pass = k_pass
+            elif self.passing_all:
+                k_pass, v_pass = k_local[:, :, self.num_excluded :], v_local[:, :, self.num_excluded :]
+            else:
+                q_pre, k_pre, v_pre = self.capture.pop(layer_idx)
+                scores = self.heads(layer_idx, q_pre[:, a:], k_pre[:, a:], v_pre[:, a:])
+                idx = select_passing(scores, count, self.pool_kernel, self.num_excluded)
+                if self.record_indices:
+                    self.passing_indices[layer_idx] = idx
+                k_pass, v_pass = gather_tokens(k_local, idx), gather_tokens(v_local, idx)
+            earlier = self.comm.exchange_passing(layer_idx, self.host, k_pass, v_pass, self.counts)
+        num_passing = sum(k.shape[2] for k, _ in earlier)
+        if num_passing:
+            keys = torch.cat([k for k, _ in earlier] + [key], dim=2)
+            values = torch.cat([v for _, v in earlier] + [value], dim=2)
+        else:
+            keys, values = key, value
+        out, _ = self.backend(
+            query, keys, values, num_passing=num_passing, num_anchor=a, softmax_scale=scaling
+        )
+        if a:  # don't keep the anchor's storage alive through a view
+            k_local, v_local = k_local.contiguous(), v_local.contiguous()
+        while len(self.store) <= layer_idx:
+            self.store.append(None)
+        self.store[layer_idx] = (k_local, v_local)
+        return out
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class DecodeState:
+    """Query / generated tokens attending to every host's store (Star Attention phase 2)."""
+
+    stores: dict[int, list[LayerKV]]
+    """host -> per-layer context K/V, for the hosts that live in this process."""
+    last_host: int
+    comm: Communicator
+    tails: dict[int, LayerKV] = dataclasses.field(default_factory=dict)
+    """Last host only: layer -> K/V of the query and generated tokens so far."""
+
+    def attend(self, module: nn.Module, query, key, value, scaling: float):
+        layer_idx = module.layer_idx
+        t = query.shape[2]
+        outs, lses = [], []
+        for host in sorted(self.stores):
+            k_ctx, v_ctx = self.stores[host][layer_idx]
+            out, lse = partial_attention(query, k_ctx, v_ctx, scale=scaling)
+            if host == self.last_host:
+                tail = self.tails.get(layer_idx)
+                k_new = key if tail is None else torch.cat([tail[0], key], dim=2)
+                v_new = value if tail is None else torch.cat([tail[1], value], dim=2)
+                self.tails[layer_idx] = (k_new, v_new)
+                out_new, lse_new = partial_attention(
+                    query, k_new, v_new, scale=scaling, num_prefix=k_new.shape[2] - t
+                )
+                out, lse = merge_partials([out, out_new], [lse, lse_new])
+            outs.append(out)
+            lses.append(lse)
+        all_outs, all_lses = self.comm.gather_partials(outs, lses)
+        out, _ = merge_partials(all_outs, all_lses)
+        return out.to(query.dtype)
+
+
+# ---------------------------------------------------------------- transformers glue
+
+_ORIGINAL_IMPL: dict[int, str] = {}  # id(model config) -> implementation before install
+_ACTIVE: list[tuple[int, Any]] = []  # stack of (id(config), state)
+
+
+@contextmanager
+def activate(config: Any, state: PrefillState | DecodeState) -> Iterator[None]:
+    """Route `config`'s model's attention through `state` for the duration."""
+    _ACTIVE.append((id(config), state))
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+
+
+def _active_state(config: Any):
+    if _ACTIVE and _ACTIVE[-1][0] == id(config):
+        return _ACTIVE[-1][1]
+    return None
+
+
+def _original_attention(module: nn.Module) -> Callable:
+    name = _ORIGINAL_IMPL.get(id(module.config), "sdpa")
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"no attention implementation {name!r} to delegate to for {type(module).__name__}")
+    return eager
+
+
+def apb_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function. query: [batch, heads, seq, head_dim], key/value:
+    [batch, kv_heads, seq, head_dim] post-RoPE -> ([batch, seq, heads, head_dim], None)."""
+    state = _active_state(module.config)
+    if state is None:
+        return _original_attention(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    out = state.attend(module, query, key, value, scale)
+    return out.transpose(1, 2), None
+
+
+def apb_mask_function(*args: Any, **kwargs: Any):
+    """transformers mask function: None while APB is active (no [seq, seq] mask), else the original's."""
+    config = kwargs.get("config")
+    if config is not None and _active_state(config) is not None:
+        return None
+    name = _ORIGINAL_IMPL.get(id(config), "sdpa")
+    fn = ALL_MASK_ATTENTION_FUNCTIONS.get(name, sdpa_mask)
+    return fn(*args, **kwargs)
+
+
+def install(model: nn.Module) -> None:
+    """Register the "apb" functions and switch `model` to them (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, apb_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, apb_mask_function)
+    config = model.config
+    current = config._attn_implementation
+    if current == ATTN_NAME:
+        return
+    _ORIGINAL_IMPL[id(config)] = current or "sdpa"
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+    except (ValueError, AttributeError, TypeError):
+        config._attn_implementation = ATTN_NAME
+    if config._attn_implementation != ATTN_NAME:
+        config._attn_implementation = ATTN_NAME
+
+
+def uninstall(model: nn.Module) -> None:
+    """Give `model` back its original attention implementation."""
+    original = _ORIGINAL_IMPL.pop(id(model.config), None)
+    if original is not None:
+        try:
+            model.set_attn_implementation(original)
+        except (ValueError, AttributeError, TypeError):
+            model.config._attn_implementation = original

@@ -1,0 +1,187 @@
+"""String-keyed registry of APB attention backends.
+
+Every backend has the signature of :func:`apb.kernels.reference.apb_attention_ref`::
+
+    fn(q, k, v, *, num_passing, num_anchor, softmax_scale) -> (out, lse)
+    q: [batch, num_heads, num_anchor + num_local, head_dim]
+    k, v: [batch, num_kv_heads, num_passing + num_anchor + num_local, head_dim]
+    out: like q; lse: [batch, num_heads, num_anchor + num_local] fp32, natural log
+
+Built in: "reference" (plain torch, any device), "flex" (torch flex_attention, CUDA), "flash"
+(flash-attn, only when importable), "triton" (``apb.kernels.apb_attention``, only when that exists).
+"auto" resolves to flex on CUDA and reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+
+import torch
+
+from apb.kernels.reference import apb_attention_ref
+
+logger = logging.getLogger(__name__)
+
+BackendFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+_REGISTRY: dict[str, BackendFn] = {}
+
+
+def register_backend(name: str, fn: BackendFn) -> None:
+    """Add (or replace) a backend under `name`."""
+    _REGISTRY[name] = fn
+
+
+def available_backends() -> list[str]:
+    """Names usable now (optional backends appear only when their package imports)."""
+    _register_optional()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str, device: torch.device | str) -> BackendFn:
+    """The backend function for `name` ("auto": flex on CUDA, reference otherwise)."""
+    _register_optional()
+    if name == "auto":
+        name = "flex" if torch.device(device).type == "cuda" else "reference"
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown APB attention backend {name!r}; available: {', '.join(available_backends())}"
+        )
+    return _REGISTRY[name]
+
+
+def _reference(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | None = None):
+    return apb_attention_ref(
+        q, k, v, num_passing=num_passing, num_anchor=num_anchor, softmax_scale=softmax_scale
+    )
+
+
+register_backend("reference", _reference)
+
+
+# ---------------------------------------------------------------- flex_attention
+
+
+def apb_mask_mod(num_passing: torch.Tensor | int, num_anchor: torch.Tensor | int) -> Callable:
+    """flex_attention mask_mod of the APB layout (same visibility as `apb_mask`).
+
+    The sizes may be 0-dim tensors so that one compiled kernel serves every host's shape.
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        k_local = kv_idx - num_passing  # < 0 for passing keys
+        is_local_row = q_idx >= num_anchor
+        causal = (k_local <= q_idx) & ((k_local >= 0) | is_local_row)
+        return causal | (is_local_row & (k_local < num_anchor))
+
+    return mask_mod
+
+
+_FLEX_STATE: dict[str, object] = {}
+
+
+def _flex(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | None = None):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "compiled" not in _FLEX_STATE:
+        _FLEX_STATE["compiled"] = torch.compile(flex_attention, dynamic=False)
+        _FLEX_STATE["masks"] = {}
+    masks: dict = _FLEX_STATE["masks"]  # type: ignore[assignment]
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    key = (num_passing, num_anchor, num_queries, num_keys, q.device)
+    block_mask = masks.get(key)
+    if block_mask is None:
+        # Built once per shape (prefill: per host; every layer reuses it).
+        block_mask = create_block_mask(
+            apb_mask_mod(num_passing, num_anchor), None, None, num_queries, num_keys, device=q.device
+        )
+        masks[key] = block_mask
+    group = q.shape[1] // k.shape[1]
+    kwargs = {"block_mask": block_mask, "scale": softmax_scale, "enable_gqa": group > 1}
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        out, aux = _FLEX_STATE["compiled"](q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+        lse = aux.lse
+    except ImportError:  # torch < 2.9
+        out, lse = _FLEX_STATE["compiled"](q, k, v, return_lse=True, **kwargs)
+    return out, lse.float()
+
+
+register_backend("flex", _flex)
+
+
+# ---------------------------------------------------------------- decomposed (flash-attn)
+
+
+def decomposed_apb_attention(
+    attend: Callable, q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | None = None
+):
+    """APB attention from a plain ``attend(q, k, v, causal, scale) -> (out, lse)`` kernel (same-length
+    causal only): anchor rows = causal over the anchor; local rows = merge(full over
+    [passing | anchor], causal over local). Layout as in the module docstring."""
+    from apb.attention import merge_partials
+
+    num_queries = q.shape[2]
+    num_local = num_queries - num_anchor
+    k_prefix, v_prefix = k[:, :, : num_passing + num_anchor], v[:, :, : num_passing + num_anchor]
+    k_local, v_local = k[:, :, num_passing + num_anchor :], v[:, :, num_passing + num_anchor :]
+    outs, lses = [], []
+    if num_anchor:
+        qa = q[:, :, :num_anchor]
+        o, s = attend(
+            qa,
+            k[:, :, num_passing : num_passing + num_anchor],
+            v[:, :, num_passing : num_passing + num_anchor],
+            True,
+            softmax_scale,
+        )
+        outs.append(o.float())
+        lses.append(s.float())
+    if num_local:
+        ql = q[:, :, num_anchor:]
+        parts = [attend(ql, k_local, v_local, True, softmax_scale)]
+        if num_passing + num_anchor:
+            parts.insert(0, attend(ql, k_prefix, v_prefix, False, softmax_scale))
+        o, s = merge_partials([p[0].float() for p in parts], [p[1].float() for p in parts])
+        outs.append(o)
+        lses.append(s)
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+def _flash_attend(q, k, v, causal: bool, scale):
+    from flash_attn import flash_attn_func
+
+    out, lse, _ = flash_attn_func(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        softmax_scale=scale,
+        causal=causal,
+        return_attn_probs=True,
+    )
+    return out.transpose(1, 2), lse
+
+
+def _flash(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | None = None):
+    return decomposed_apb_attention(
+        _flash_attend, q, k, v, num_passing=num_passing, num_anchor=num_anchor, softmax_scale=softmax_scale
+    )
+
+
+# ---------------------------------------------------------------- optional registration
+
+
+def _register_optional() -> None:
+    if "flash" not in _REGISTRY and importlib.util.find_spec("flash_attn") is not None:
+        register_backend("flash", _flash)
+    if "triton" not in _REGISTRY:
+        try:
+            kernels = importlib.import_module("apb.kernels")
+        except ImportError:  # pragma: no cover - apb.kernels is part of the package
+            return
+        fn = getattr(kernels, "apb_attention", None)
+        if callable(fn):
+            register_backend("triton", fn)

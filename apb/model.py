@@ -1,0 +1,315 @@
+"""`APBModel`: APB prefill and distributed decoding around an unmodified transformers causal LM."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from apb.attention import DecodeState, LayerKV, PrefillState, activate, install
+from apb.backends import get_backend
+from apb.comm import Communicator, make_comm
+from apb.config import APBConfig, split_blocks
+from apb.decode import StopCriteria, sample_next_token
+from apb.heads import ModelShape, ProjectionCapture, RetainingHeads
+
+logger = logging.getLogger(__name__)
+
+TokenIds = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+class APBModel(nn.Module):
+    """An unmodified causal LM that runs APB (arXiv 2502.12085) prefill and Star-style decoding.
+
+    Inside an initialised torch.distributed process group each rank is one host; outside one,
+    `num_hosts` hosts are simulated one after another in this process with the same maths.
+    The wrapped model itself keeps working as before (`apbm.model(...)`, `apbm.model.generate(...)`).
+    """
+
+    def __init__(self, model: nn.Module, heads: RetainingHeads | None = None, adapter_config: Any = None):
+        super().__init__()
+        self.shape = ModelShape.from_model(model)
+        if heads is not None:
+            _check_heads(self.shape, heads)
+        self.model = model
+        self.heads = heads
+        self.adapter_config = adapter_config
+        self.capture = ProjectionCapture(model) if heads is not None else None
+        install(model)
+        self.last_prefill_times: dict[int, float] = {}
+        """Seconds per host of the last context prefill (hosts of this process only)."""
+
+    # ------------------------------------------------------------------ public API
+
+    def forward(self, context_ids: TokenIds, query_ids: TokenIds, **kwargs) -> torch.Tensor:
+        return self.prefill(context_ids, query_ids, **kwargs)
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        context_ids: TokenIds,
+        query_ids: TokenIds,
+        config: APBConfig | None = None,
+        num_hosts: int | None = None,
+    ) -> torch.Tensor:
+        """APB prefill of the context, then the query on top. Returns the query tokens' logits
+        [batch, len(query), vocab] (the same on every host)."""
+        context, query = self._inputs(context_ids, query_ids)
+        comm = make_comm(num_hosts)
+        decode = self._prefill_context(context, query, config, comm)
+        hidden = self._run_tokens(decode, query, start=context.shape[1])
+        return self._lm_head(hidden)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        context_ids: TokenIds,
+        query_ids: TokenIds,
+        config: APBConfig | None = None,
+        num_hosts: int | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        seed: int | None = None,
+        return_logits: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prefill, then generate up to `max_new_tokens` tokens after the query.
+
+        Returns the new ids [batch, steps] (finished rows padded with the first EOS id), and with
+        `return_logits` also the logits each token was chosen from [batch, steps, vocab]. Tokens are
+        chosen on the last host (seeded `torch.Generator`) and broadcast, so any number of processes
+        gives the same tokens; EOS / stop strings stop every host at the same step.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        context, query = self._inputs(context_ids, query_ids)
+        if eos_token_id is None and stop_strings is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
+        stop = StopCriteria(context.shape[0], eos_token_id, stop_strings, tokenizer)
+        comm = make_comm(num_hosts)
+        decode = self._prefill_context(context, query, config, comm)
+        hidden = self._run_tokens(decode, query, start=context.shape[1])
+        logits = self._lm_head(hidden[:, -1:])[:, 0]
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=logits.device).manual_seed(seed)
+        position = context.shape[1] + query.shape[1]
+        tokens: list[torch.Tensor] = []
+        step_logits: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            token = sample_next_token(
+                logits,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+            )
+            if stop.pad_token_id is not None and any(stop.finished):
+                done = torch.tensor(stop.finished, device=token.device)
+                token = token.masked_fill(done, stop.pad_token_id)
+            finished = stop.update(torch.cat([*tokens, token[:, None]], dim=1) if tokens else token[:, None])
+            # the last host decides (token and stop flag) and every host follows
+            packed = torch.cat([token, torch.tensor([int(finished)], device=token.device)])
+            packed = decode.comm.broadcast_from_last(packed)
+            token, finished = packed[:-1], bool(packed[-1].item())
+            tokens.append(token[:, None])
+            if return_logits:
+                step_logits.append(logits)
+            if finished or step == max_new_tokens - 1:
+                break
+            hidden = self._run_tokens(decode, token[:, None], start=position)
+            position += 1
+            logits = self._lm_head(hidden[:, -1:])[:, 0]
+        ids = torch.cat(tokens, dim=1)
+        if return_logits:
+            return ids, torch.stack(step_logits, dim=1)
+        return ids
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _inputs(self, context_ids: TokenIds, query_ids: TokenIds) -> tuple[torch.Tensor, torch.Tensor]:
+        context = _as_batch(context_ids, "context_ids", self.device)
+        query = _as_batch(query_ids, "query_ids", self.device)
+        if context.shape[0] != query.shape[0]:
+            raise ValueError(f"context batch {context.shape[0]} != query batch {query.shape[0]}")
+        if query.shape[1] < 1:
+            raise ValueError("query_ids is empty: APB needs at least one query token")
+        return context, query
+
+    def _resolve_config(
+        self, config: APBConfig | None, num_context: int, num_hosts: int, num_query: int
+    ) -> APBConfig:
+        if config is None:
+            if self.heads is None:
+                raise ValueError(
+                    "no config given and no retaining heads attached: the default APB config needs heads; "
+                    "pass config=APBConfig.exact() or APBConfig.star(n, num_hosts), or attach heads"
+                )
+            config = APBConfig.for_length(num_context, num_hosts)
+        if config.needs_heads and self.heads is None:
+            raise ValueError(
+                f"passing_len={config.passing_len} selects passing blocks with retaining heads, but this model "
+                "has none attached (APBModel(model, heads) / apb.load); heads are not needed for "
+                "APBConfig.exact() (passing_len=None) or Star (passing_len=0)"
+            )
+        split_blocks(num_context, num_hosts)  # raises when the context is too short for the hosts
+        first_block = num_context // num_hosts
+        if num_hosts > 1 and config.anchor_len > first_block:
+            raise ValueError(
+                f"context of {num_context} tokens is too short for anchor_len={config.anchor_len} with "
+                f"{num_hosts} hosts: the anchor must fit in host 0's block ({first_block} tokens); need at "
+                f"least {config.anchor_len * num_hosts} tokens or a smaller anchor"
+            )
+        if config.query_in_anchor and num_hosts > 1 and num_query + config.query_offset > config.anchor_len:
+            raise ValueError(
+                f"query of {num_query} tokens does not fit in the anchor: anchor_len={config.anchor_len} holds at "
+                f"most {max(0, config.anchor_len - config.query_offset)} query tokens after query_offset="
+                f"{config.query_offset}"
+            )
+        return config
+
+    def _prefill_context(
+        self, context: torch.Tensor, query: torch.Tensor, config: APBConfig | None, comm: Communicator
+    ) -> DecodeState:
+        num_hosts = comm.num_hosts
+        num_context = context.shape[1]
+        config = self._resolve_config(config, num_context, num_hosts, query.shape[1])
+        blocks = split_blocks(num_context, num_hosts)
+        backend = get_backend(config.backend, self.device)
+        anchor = self._anchor(context, query, config) if num_hosts > 1 else context[:, :0]
+        num_anchor = anchor.shape[1]
+        num_excluded = [
+            min(num_anchor, end - start) if host == 0 else 0 for host, (start, end) in enumerate(blocks)
+        ]
+        counts = []
+        for host, (start, end) in enumerate(blocks):
+            available = end - start - num_excluded[host]
+            if host == num_hosts - 1:
+                counts.append(0)
+            elif config.passing_len is None:
+                counts.append(available)
+            else:
+                counts.append(min(config.passing_len, available))
+        stores: dict[int, list[LayerKV]] = {}
+        self.last_prefill_times = {}
+        for host in comm.hosts:
+            start, end = blocks[host]
+            local = context[:, start:end]
+            positions = torch.arange(start, end, device=context.device)
+            host_anchor = num_anchor if host > 0 else 0
+            if host_anchor:
+                local = torch.cat([anchor, local], dim=1)
+                positions = torch.cat([torch.arange(host_anchor, device=context.device), positions])
+            use_heads = config.needs_heads and counts[host] > 0
+            state = PrefillState(
+                host=host,
+                num_anchor=host_anchor,
+                counts=counts,
+                passing_all=config.passing_len is None,
+                num_excluded=num_excluded[host],
+                pool_kernel=config.pool_kernel,
+                comm=comm,
+                backend=backend,
+                heads=self.heads if use_heads else None,
+                capture=self.capture if use_heads else None,
+                record_indices=getattr(self, "_record_passing", False),
+            )
+            _sync(context.device)
+            started = time.perf_counter()
+            self._run_decoder(state, local, positions, capture=use_heads)
+            _sync(context.device)
+            self.last_prefill_times[host] = time.perf_counter() - started
+            stores[host] = state.store
+            if state.record_indices:
+                self._passing_indices = getattr(self, "_passing_indices", {})
+                self._passing_indices[host] = state.passing_indices
+            logger.debug(
+                "host %d prefill: %d tokens in %.3fs", host, local.shape[1], self.last_prefill_times[host]
+            )
+        return DecodeState(stores=stores, last_host=num_hosts - 1, comm=comm)
+
+    def _anchor(self, context: torch.Tensor, query: torch.Tensor, config: APBConfig) -> torch.Tensor:
+        if not config.query_in_anchor:
+            return context[:, : config.anchor_len]
+        offset, num_query = config.query_offset, query.shape[1]
+        rest = config.anchor_len - offset - num_query
+        return torch.cat([context[:, :offset], query, context[:, offset : offset + rest]], dim=1)
+
+    def _run_decoder(self, state, input_ids: torch.Tensor, positions: torch.Tensor, capture: bool = False):
+        decoder = self.model.get_decoder()
+        position_ids = positions.unsqueeze(0).expand(input_ids.shape[0], -1)
+        with activate(self.model.config, state):
+            if capture:
+                with self.capture.capturing():
+                    return decoder(
+                        input_ids=input_ids, position_ids=position_ids, use_cache=False
+                    ).last_hidden_state
+            return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+    def _run_tokens(self, decode: DecodeState, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Query / generated tokens at positions start.. on every host; hidden states [batch, t, hidden]."""
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        return self._run_decoder(decode, ids, positions)
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+
+def _check_heads(shape: ModelShape, heads: RetainingHeads) -> None:
+    theirs = getattr(heads, "shape", None)
+    if not isinstance(heads, RetainingHeads) or theirs is None:
+        raise ValueError(f"heads must be RetainingHeads, got {type(heads).__name__}")
+    mismatched = [
+        f"{field}: heads {getattr(theirs, field)} vs model {getattr(shape, field)}"
+        for field in ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+        if getattr(theirs, field) != getattr(shape, field)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"retaining heads were built for another model ({theirs.model_type} {theirs.name_or_path!r}) than "
+            f"this {shape.model_type} {shape.name_or_path!r}: " + "; ".join(mismatched)
+        )
+
+
+def _as_batch(ids: TokenIds, name: str, device: torch.device) -> torch.Tensor:
+    """1-D or 2-D ids (tensor or lists) -> [batch, seq] long on `device`; rows must share a length."""
+    if isinstance(ids, torch.Tensor):
+        tensor = ids
+    else:
+        rows = list(ids)
+        if (
+            rows
+            and not isinstance(rows[0], int)
+            and not (isinstance(rows[0], torch.Tensor) and rows[0].dim() == 0)
+        ):
+            lengths = [len(r) for r in rows]
+            if len(set(lengths)) > 1:
+                raise ValueError(
+                    f"{name}: batch rows have different lengths {lengths}; APB needs equal lengths "
+                    "(run them one at a time)"
+                )
+        tensor = torch.as_tensor(rows, dtype=torch.long)
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be [seq] or [batch, seq], got shape {tuple(tensor.shape)}")
+    return tensor.to(device=device, dtype=torch.long)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
