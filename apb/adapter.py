@@ -104,6 +104,10 @@ class AdapterConfig:
         for key in ("apb", "training"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key} must be a dict, got {type(getattr(self, key)).__name__}")
+            try:
+                json.dumps(getattr(self, key))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{key} must be JSON-serialisable ({err})") from err
 
     @classmethod
     def from_heads(

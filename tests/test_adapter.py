@@ -151,6 +151,8 @@ def test_config_drops_unknown_keys_with_warning_and_requires_the_rest(saved, cap
         AdapterConfig.from_dict({**data, "format_version": 2})
     with pytest.raises(ValueError, match="num_kv_heads must be a positive int, got 0"):
         AdapterConfig.from_dict({**data, "num_kv_heads": 0})
+    with pytest.raises(ValueError, match="training must be JSON-serialisable"):
+        AdapterConfig.from_dict({**data, "training": {"out": object()}})
     with pytest.raises(ValueError, match=r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"):
         AdapterConfig.from_dict({**data, "num_heads": 6, "num_kv_heads": 4})
 
