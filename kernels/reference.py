@@ -11,7 +11,9 @@ import math
 import torch
 
 
-def apb_mask(num_passing: int, num_anchor: int, num_local: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def apb_mask(
+    num_passing: int, num_anchor: int, num_local: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Boolean visibility mask: [num_anchor + num_local, num_passing + num_anchor + num_local], True = visible."""
     num_queries = num_anchor + num_local
     q_idx = torch.arange(num_queries, device=device)[:, None]
