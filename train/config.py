@@ -1,0 +1,461 @@
+"""Run configuration: one YAML file read into typed dataclasses.
+
+Unknown keys and bad values raise ``ValueError`` naming the key path (``optim.lrr``). The DeepSpeed
+JSON is generated from this config (:meth:`RunConfig.deepspeed_config`): there is no second file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The frozen base model."""
+
+    name_or_path: str | None = None
+    """Hub id or local folder of the base model; None with `from_config` for a random-weight model."""
+    from_config: dict[str, Any] | None = None
+    """Build a random-weight model from these `AutoConfig.for_model` kwargs (needs `model_type`)."""
+    dtype: str = "bfloat16"
+    """Base model weights' dtype: float32, bfloat16 or float16."""
+    tokenizer: str | None = None
+    """Tokenizer id/folder; None: `name_or_path`; `builtin:tiny`: the project's tiny test tokenizer."""
+    seed: int = 0
+    """Seed of the random init for `from_config` models."""
+
+    def __post_init__(self) -> None:
+        _check(
+            (self.name_or_path is None) != (self.from_config is None),
+            "model",
+            "set exactly one of name_or_path and from_config",
+        )
+        if self.from_config is not None:
+            _check("model_type" in self.from_config, "model.from_config", "needs a model_type")
+        _check(self.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(
+            self.tokenizer is not None or self.name_or_path is not None,
+            "model.tokenizer",
+            "required when the model is built from_config",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class HeadsConfig:
+    """The retaining heads being trained."""
+
+    hidden_size: int = 1024
+    """fc1's output width (Locret: 1024)."""
+    act: str | None = None
+    """Activation; None: the base model's `hidden_act`."""
+    init_std: float = 0.02
+    """Std of the N(0, std^2) init."""
+
+    def __post_init__(self) -> None:
+        _check(self.hidden_size > 0, "heads.hidden_size", f"must be > 0, got {self.hidden_size}")
+        _check(self.init_std > 0, "heads.init_std", f"must be > 0, got {self.init_std}")
+
+
+@dataclass(kw_only=True, slots=True)
+class SourceConfig:
+    """One data source: a local json/jsonl/parquet file, or a built-in synthetic task."""
+
+    path: str | None = None
+    """Local file (json, jsonl or parquet) with `context`/`question`/`answer` or chat `messages`."""
+    synthetic: str | None = None
+    """Built-in synthetic task name (see `apb.data`)."""
+    num_samples: int | None = None
+    """Samples to take (synthetic: to generate); None: the whole file."""
+    context_tokens: int | None = None
+    """Synthetic tasks: approximate context length in tokens; None: data.max_length."""
+
+    def __post_init__(self) -> None:
+        _check(
+            (self.path is None) != (self.synthetic is None),
+            "data.sources",
+            "set exactly one of path, synthetic",
+        )
+        if self.num_samples is not None:
+            _check(self.num_samples > 0, "data.sources.num_samples", f"must be > 0, got {self.num_samples}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Training samples and their APB layout."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Where samples come from (at least one)."""
+    max_length: int = 10240
+    """Token budget of one laid-out sequence (anchor + block + question + answer)."""
+    query_aware: bool = True
+    """Splice the question into the anchor (APB); False: Locret's query-agnostic layout."""
+    anchor_len: int = 1024
+    """Anchor block length in tokens."""
+    block_len: int | None = None
+    """Context tokens per block; None: all the context after the anchor that fits max_length."""
+    query_offset: int = 16
+    """Context tokens before the spliced question in the anchor."""
+    min_block_len: int = 16
+    """Samples whose block would be shorter are refused (before training starts)."""
+    chat_template: bool = True
+    """Wrap question/answer with the tokenizer's chat template when it has one."""
+    seed: int = 0
+    """Seed of the sampler's shuffling (and of synthetic generation)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "data.sources", "needs at least one source")
+        _check(self.max_length > 0, "data.max_length", f"must be > 0, got {self.max_length}")
+        _check(self.anchor_len >= 0, "data.anchor_len", f"must be >= 0, got {self.anchor_len}")
+        _check(
+            0 <= self.query_offset <= self.anchor_len,
+            "data.query_offset",
+            f"must be in [0, anchor_len={self.anchor_len}], got {self.query_offset}",
+        )
+        if self.block_len is not None:
+            _check(self.block_len > 0, "data.block_len", f"must be > 0, got {self.block_len}")
+        _check(self.min_block_len > 0, "data.min_block_len", f"must be > 0, got {self.min_block_len}")
+        _check(
+            self.anchor_len + self.min_block_len < self.max_length,
+            "data.max_length",
+            f"{self.max_length} leaves no room for anchor {self.anchor_len} + block {self.min_block_len}",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW with warmup then linear decay (Locret's recipe)."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup optimizer steps."""
+    max_steps: int | None = None
+    """Optimizer steps in all; None: `epochs` passes over the data."""
+    epochs: int = 1
+    """Passes over the data when max_steps is None."""
+    micro_batch_size: int = 1
+    """Samples per forward per rank (1: sequences differ in length and are not padded)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0: off)."""
+    smooth_weight: float = 0.0025
+    """Weight of the smoothness term of the loss."""
+    label_chunk_elements: int = 1 << 26
+    """Label scores formed at once (memory bound of the label computation)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            f"must be two values in [0, 1), got {self.betas}",
+        )
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.max_steps is not None:
+            _check(self.max_steps > 0, "optim.max_steps", f"must be > 0, got {self.max_steps}")
+        _check(self.epochs > 0, "optim.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.micro_batch_size == 1, "optim.micro_batch_size", "only 1 is supported (use grad_accum)")
+        _check(self.grad_accum > 0, "optim.grad_accum", f"must be > 0, got {self.grad_accum}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.smooth_weight >= 0, "optim.smooth_weight", f"must be >= 0, got {self.smooth_weight}")
+        _check(self.label_chunk_elements > 0, "optim.label_chunk_elements", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class DeepSpeedConfig:
+    """DeepSpeed settings; the engine's JSON is generated from these."""
+
+    zero_stage: int = 0
+    """ZeRO stage of the heads' optimizer (0-3). Stage 3 also shards the frozen base across ranks."""
+    bf16: bool = True
+    """Train the heads in bf16 with fp32 master weights (the base runs in model.dtype)."""
+    offload_optimizer: bool = False
+    """Keep the heads' optimizer state on the CPU (ZeRO >= 1)."""
+    offload_param: bool = False
+    """Keep the base's parameters on the CPU between uses (ZeRO-3 only)."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        _check(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "deepspeed.offload_optimizer",
+            "needs zero_stage >= 1",
+        )
+        _check(
+            not self.offload_param or self.zero_stage == 3, "deepspeed.offload_param", "needs zero_stage 3"
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """Console and TensorBoard logging (rank 0 only)."""
+
+    every: int = 1
+    """Log every N optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events under <output_dir>/tensorboard."""
+    tqdm: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _check(self.every > 0, "logging.every", f"must be > 0, got {self.every}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Periodic checkpoints of heads, optimizer, scheduler, sampler and RNG states."""
+
+    every: int = 100
+    """Save every N optimizer steps (0: only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted."""
+    resume: bool = True
+    """Resume from the newest checkpoint in <output_dir>/checkpoints if there is one."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ExportConfig:
+    """The adapter written at the end."""
+
+    folder: str | None = None
+    """Adapter folder; None: <output_dir>/adapter."""
+    push_to_hub: str | None = None
+    """Hub repo id (`user/name`) to push the adapter to; None: no push."""
+    private: bool = True
+    """Create the Hub repo as private."""
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub is not None:
+            _check(
+                self.push_to_hub.count("/") == 1,
+                "export.push_to_hub",
+                f"must be user/name, got {self.push_to_hub!r}",
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """A whole training run."""
+
+    output_dir: str
+    """Run folder: resolved config, checkpoints, TensorBoard events, metrics.jsonl, adapter."""
+    seed: int = 0
+    """Seed of everything random in training (heads' init, RNG state)."""
+    model: ModelConfig
+    """The frozen base model."""
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    """The retaining heads."""
+    data: DataConfig
+    """Samples and layout."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Adapter export."""
+
+    @property
+    def adapter_folder(self) -> Path:
+        return Path(self.export.folder) if self.export.folder else Path(self.output_dir) / "adapter"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def deepspeed_config(self, world_size: int) -> dict[str, Any]:
+        """The DeepSpeed JSON of the heads' engine."""
+        ds = self.deepspeed
+        zero: dict[str, Any] = {"stage": ds.zero_stage}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if ds.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        return {
+            "train_micro_batch_size_per_gpu": self.optim.micro_batch_size,
+            "gradient_accumulation_steps": self.optim.grad_accum,
+            "train_batch_size": self.optim.micro_batch_size * self.optim.grad_accum * world_size,
+            "gradient_clipping": self.optim.grad_clip,
+            "bf16": {"enabled": ds.bf16},
+            "zero_optimization": zero,
+            "steps_per_print": 10**9,  # our own logger prints each step
+            "wall_clock_breakdown": False,
+        }
+
+    def base_deepspeed_config(self, world_size: int) -> dict[str, Any]:
+        """The DeepSpeed JSON of the frozen base's inference engine (ZeRO-3 only: parameter sharding)."""
+        zero: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+        if self.deepspeed.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        return {
+            "train_micro_batch_size_per_gpu": 1,
+            "train_batch_size": world_size,
+            "bf16": {"enabled": self.model.dtype == "bfloat16"},
+            "fp16": {"enabled": self.model.dtype == "float16"},
+            "zero_optimization": zero,
+            "steps_per_print": 10**9,
+        }
+
+
+# ------------------------------------------------------------------------------------ YAML -> dataclasses
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ValueError(f"{key}: must not be null")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ValueError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in args if a is not type(None))
+        raise ValueError(f"{key}: expected {names}, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads `5e-4` (no dot) as a string; accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported config type {hint!r}")  # our own bug, not the user's
+
+
+def _build(cls: type, data: Any, key: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{key or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = ", ".join(f"{key}.{u}" if key else u for u in unknown)
+        raise ValueError(f"unknown config key {where}; known keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{key}.{name}" if key else name)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"missing config key {', '.join(f'{key}.{m}' if key else m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - guarded by the checks above
+        raise ValueError(f"{key or 'config'}: {err}") from err
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from parsed YAML (ValueError naming the key on any problem)."""
+    return _build(RunConfig, data, "")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config; `overrides` maps dotted keys (`optim.max_steps`) to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_dict(data)
+
+
+def save_resolved(config: RunConfig, folder: str | Path) -> Path:
+    """Write the resolved config (every default filled in) as config.yaml and the DeepSpeed JSON."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def dump_deepspeed(config: RunConfig, folder: str | Path, world_size: int) -> Path:
+    path = Path(folder) / "deepspeed.json"
+    path.write_text(json.dumps(config.deepspeed_config(world_size), indent=2, sort_keys=True))
+    return path

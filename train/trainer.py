@@ -1,0 +1,491 @@
+"""The training run: build (tokenizer, samples, frozen base, heads, DeepSpeed engine), train, export.
+
+Only the heads module goes into the DeepSpeed engine, so the optimizer never sees a base parameter.
+The base is frozen and runs under ``torch.no_grad``; with ``deepspeed.zero_stage: 3`` it is loaded
+sharded (``HfDeepSpeedConfig`` + ``from_pretrained`` under ``zero.Init``) and wrapped in a separate
+DeepSpeed inference engine that gathers each layer's weights for its forward, so a base larger than
+one GPU (Yi-34B) trains on several.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from apb.data.layout import HostLayout, LayoutParams, build_host_layout
+from apb.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from apb.train.config import RunConfig, dump_deepspeed, save_resolved
+from apb.train.step import HeadsStack, micro_step, prepare_base
+from torch import nn
+
+from apb.heads import ModelShape, RetainingHeads
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+@dataclass(frozen=True, slots=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group started by the deepspeed launcher or torchrun; a world of 1 otherwise."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group above
+    return DistInfo(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device
+    )
+
+
+def close_distributed() -> None:
+    """Tear the process group down on every rank before the interpreter exits.
+
+    Without it the gloo process group's C++ worker threads are still joinable while Python finalises,
+    and `std::thread`'s destructor calls `std::terminate` ("terminate called without an active
+    exception", exit code 134) on some runs.
+    """
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def build_tokenizer(config: RunConfig) -> Any:
+    name = config.model.tokenizer or config.model.name_or_path
+    if name == "builtin:tiny":
+        from apb.data.tiny_tokenizer import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def layout_params(config: RunConfig) -> LayoutParams:
+    d = config.data
+    return LayoutParams(
+        anchor_len=d.anchor_len,
+        block_len=d.block_len,
+        query_offset=d.query_offset,
+        query_aware=d.query_aware,
+        max_length=d.max_length,
+        min_block_len=d.min_block_len,
+    )
+
+
+def load_tokenized_samples(config: RunConfig, tokenizer: Any) -> list[Any]:
+    """Every source's samples, tokenised (ValueError on a missing file or field)."""
+    from apb.data.synthetic import make_samples
+    from apb.data.tokenization import tokenize_sample
+
+    d = config.data
+    samples = []
+    for i, source in enumerate(d.sources):
+        if source.path is not None:
+            if not Path(source.path).is_file():
+                raise ValueError(f"data.sources[{i}].path: file {source.path} does not exist")
+            from apb.data.sources import load_local_samples  # noqa: PLC0415 (H3a's loader)
+
+            items = load_local_samples(source.path)
+            if source.num_samples is not None:
+                items = items[: source.num_samples]
+        else:
+            context_tokens = source.context_tokens or (d.max_length - d.anchor_len)
+            items = make_samples(
+                [t.strip() for t in source.synthetic.split(",")],
+                source.num_samples or 64,
+                context_length=context_tokens,
+                tokenizer=tokenizer,
+                seed=d.seed,
+                split="train",
+            )
+        samples.extend(items)
+    return [
+        tokenize_sample(s, tokenizer, max_length=d.max_length, use_chat_template=d.chat_template)
+        for s in samples
+    ]
+
+
+def build_layouts(samples: list[Any], params: LayoutParams) -> list[HostLayout]:
+    """Lay out every sample now, so a too-short sample fails before training starts."""
+    layouts = []
+    for i, s in enumerate(samples):
+        try:
+            layouts.append(build_host_layout(s.context_ids, s.question_ids, s.answer_ids, params))
+        except ValueError as err:
+            raise ValueError(f"sample {i}: {err}") from err
+    return layouts
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def _model_config(config: RunConfig) -> Any:
+    from transformers import AutoConfig
+
+    m = config.model
+    if m.from_config is not None:
+        kwargs = dict(m.from_config)
+        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return AutoConfig.from_pretrained(m.name_or_path)
+
+
+def check_model_supported(model_config: Any) -> None:
+    """ValueError before any weights load if the heads do not support this model type."""
+    from apb.heads import SUPPORTED_MODEL_TYPES
+
+    if model_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model.name_or_path: model_type {model_config.model_type!r} has no retaining-head support; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def base_param_bytes(model_config: Any, dtype: torch.dtype) -> int:
+    """Bytes of the base's weights, counted on the meta device (no memory used)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return sum(p.numel() for p in model.parameters()) * torch.tensor([], dtype=dtype).element_size()
+
+
+def check_zero_stage_fits(config: RunConfig, model_config: Any, dist_info: DistInfo) -> None:
+    """ValueError if the base cannot fit one accelerator under the configured ZeRO stage."""
+    if dist_info.device.type != "cuda":
+        return
+    need = base_param_bytes(model_config, _DTYPES[config.model.dtype])
+    have = torch.cuda.get_device_properties(dist_info.device).total_memory
+    stage = config.deepspeed.zero_stage
+    per_gpu = need / dist_info.world_size if stage == 3 else need
+    if config.deepspeed.offload_param:
+        return
+    # Keep ~25% of the GPU for activations of a long sequence, the heads and their optimizer.
+    if per_gpu > 0.75 * have:
+        hint = (
+            "use deepspeed.zero_stage: 3 to shard the base across GPUs"
+            if stage < 3
+            else "use more GPUs or deepspeed.offload_param: true"
+        )
+        raise ValueError(
+            f"deepspeed.zero_stage: the base's weights need {need / 2**30:.1f} GiB "
+            f"({per_gpu / 2**30:.1f} GiB per GPU at stage {stage}, world size {dist_info.world_size}) but a "
+            f"GPU has {have / 2**30:.1f} GiB; {hint}"
+        )
+
+
+def load_base(config: RunConfig, model_config: Any, dist_info: DistInfo) -> tuple[nn.Module, Any]:
+    """The frozen base on this rank's device (sharded under ZeRO-3); returns (model, keep_alive)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = _DTYPES[config.model.dtype]
+    keep_alive = None
+    if config.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Must exist (and stay referenced) while the model is created: from_pretrained then
+        # materialises each weight directly as this rank's shard.
+        keep_alive = HfDeepSpeedConfig(config.base_deepspeed_config(dist_info.world_size))
+    m = config.model
+    if m.from_config is not None:
+        torch.manual_seed(m.seed)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype)
+    if config.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        engine = deepspeed.initialize(model=model, config=config.base_deepspeed_config(dist_info.world_size))[
+            0
+        ]
+        engine.module.eval()
+        model = engine.module
+        keep_alive = (keep_alive, engine)
+    else:
+        model.to(dist_info.device)
+    return model, keep_alive
+
+
+def lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warmup to 1, then linear decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Builds everything from a RunConfig; `train()` runs to the last step; `export()` writes the adapter."""
+
+    def __init__(self, config: RunConfig, dist_info: DistInfo):
+        self.config = config
+        self.dist = dist_info
+        self.output_dir = Path(config.output_dir)
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_loss: float | None = None
+        self.writer = None
+        self._keep_alive = None
+
+    # ---- build
+    def build(self) -> Trainer:
+        import deepspeed
+        from apb.data.sampler import ResumableSampler
+
+        cfg = self.config
+        model_config = _model_config(cfg)
+        check_model_supported(model_config)
+        check_zero_stage_fits(cfg, model_config, self.dist)
+        tokenizer = build_tokenizer(cfg)
+        samples = load_tokenized_samples(cfg, tokenizer)
+        self.layouts = build_layouts(samples, layout_params(cfg))
+        if self.dist.is_main:
+            save_resolved(cfg, self.output_dir)
+            dump_deepspeed(cfg, self.output_dir, self.dist.world_size)
+
+        self.base, self._keep_alive = load_base(cfg, model_config, self.dist)
+        self.capture = prepare_base(self.base)
+
+        torch.manual_seed(cfg.seed)
+        heads = RetainingHeads(
+            ModelShape.from_model(self.base), hidden_size=cfg.heads.hidden_size, act=cfg.heads.act
+        )
+        heads.reset_parameters(cfg.heads.init_std)
+        self.heads_stack = HeadsStack(heads).to(self.dist.device)
+
+        self.sampler = ResumableSampler(
+            len(self.layouts), seed=cfg.data.seed, rank=self.dist.rank, world_size=self.dist.world_size
+        )
+        micro_per_epoch = len(self.sampler)
+        steps_per_epoch = micro_per_epoch // cfg.optim.grad_accum
+        if cfg.optim.max_steps is None and steps_per_epoch == 0:
+            raise ValueError(
+                f"data: {len(self.layouts)} samples over {self.dist.world_size} ranks give no full optimizer "
+                f"step of grad_accum {cfg.optim.grad_accum}"
+            )
+        self.total_steps = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
+
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(
+            self.heads_stack.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, self.total_steps))
+        # A torch optimizer (not DeepSpeed's fused Adam) avoids JIT-compiling C++ ops on first use.
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.heads_stack,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=cfg.deepspeed_config(self.dist.world_size),
+        )
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        if cfg.checkpoint.resume:
+            found = latest_checkpoint(self.output_dir)
+            if found is not None:
+                state = load_checkpoint(self.engine, found)
+                self.step = state["step"]
+                self.tokens_seen = state["tokens_seen"]
+                self.last_loss = state.get("last_loss")
+                self.sampler.load_state_dict(state["sampler"])
+        if self.dist.is_main and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        num_params = sum(p.numel() for p in heads.parameters())
+        logger.info(
+            "built: %s base (%d layers), heads %.1fM params, %d samples, %d steps, world size %d, ZeRO %d",
+            ModelShape.from_model(self.base).model_type,
+            heads.shape.num_layers,
+            num_params / 1e6,
+            len(self.layouts),
+            self.total_steps,
+            self.dist.world_size,
+            cfg.deepspeed.zero_stage,
+        )
+        return self
+
+    # ---- train
+    def _next_layout(self) -> HostLayout:
+        return self.layouts[next(self.sampler)]  # the sampler runs on over epochs by itself
+
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        device = self.dist.device
+        num_layers = len(self.capture.layers)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=None if (self.dist.is_main and cfg.logging.tqdm) else True,  # None: off when not a TTY
+            desc="train",
+            dynamic_ncols=True,
+        )
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # [loss, fit, smoothness, tokens, fit per layer...] summed over micro-steps, then over ranks.
+            totals = torch.zeros(4 + num_layers, dtype=torch.float64, device=device)
+            for _ in range(cfg.optim.grad_accum):
+                layout = self._next_layout()
+                result = micro_step(
+                    self.base,
+                    self.capture,
+                    self.engine,
+                    layout,
+                    smooth_weight=cfg.optim.smooth_weight,
+                    chunk_elements=cfg.optim.label_chunk_elements,
+                )
+                self.engine.backward(result.loss)
+                self.engine.step()
+                totals[0] += result.loss.detach().double()
+                totals[1] += result.fit.double()
+                totals[2] += result.smoothness.double()
+                totals[3] += layout.num_tokens
+                totals[4:] += result.fit_per_layer.double().to(device)
+            dist.all_reduce(totals)
+            num_micro = cfg.optim.grad_accum * self.dist.world_size
+            self.step += 1
+            step_tokens = int(totals[3].item())
+            self.tokens_seen += step_tokens
+            elapsed = time.perf_counter() - start
+            self.last_loss = float(totals[0] / num_micro)
+            metrics = {
+                "step": self.step,
+                "loss": self.last_loss,
+                "fit": float(totals[1] / num_micro),
+                "smoothness": float(totals[2] / num_micro),
+                "lr": float(self.engine.get_lr()[0]),
+                "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                "tokens_per_s": step_tokens / elapsed,
+                "tokens_seen": self.tokens_seen,
+            }
+            if device.type == "cuda":
+                metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            fit_per_layer = (totals[4:] / num_micro).tolist()
+            if self.dist.is_main:
+                self._log(metrics, fit_per_layer, bar)
+            if (
+                cfg.checkpoint.every
+                and self.step % cfg.checkpoint.every == 0
+                and self.step < self.total_steps
+            ):
+                self.save()
+        bar.close()
+        self.save()
+        return {"steps": self.step, "tokens_seen": self.tokens_seen, "final_loss": self.last_loss}
+
+    def _log(self, metrics: dict[str, Any], fit_per_layer: list[float], bar: Any) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if self.step % self.config.logging.every == 0:
+            line = (
+                f"step {self.step}/{self.total_steps} loss {metrics['loss']:.5f} fit {metrics['fit']:.5f} "
+                f"lr {metrics['lr']:.2e} grad_norm {metrics['grad_norm']:.3f} "
+                f"tok/s {metrics['tokens_per_s']:.0f}"
+            )
+            if "gpu_mem_gib" in metrics:
+                line += f" mem {metrics['gpu_mem_gib']:.1f}GiB"
+            bar.write(line) if self.config.logging.tqdm else logger.info(line)
+        if self.writer is not None:
+            for name in ("loss", "fit", "smoothness", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gib"):
+                if name in metrics and metrics[name] is not None and math.isfinite(metrics[name]):
+                    self.writer.add_scalar(f"train/{name}", metrics[name], self.step)
+            for i, value in enumerate(fit_per_layer):
+                self.writer.add_scalar(f"label_fit/layer_{i:02d}", value, self.step)
+
+    def save(self) -> Path:
+        state = {
+            "tokens_seen": self.tokens_seen,
+            "last_loss": self.last_loss,
+            "sampler": self.sampler.state_dict(),
+            "total_steps": self.total_steps,
+        }
+        from apb.train.export import heads_state
+
+        heads = heads_state(self.heads_stack.heads, zero3=self.config.deepspeed.zero_stage == 3)
+        return save_checkpoint(
+            self.engine,
+            self.output_dir,
+            self.step,
+            state,
+            self.config.checkpoint.keep_last,
+            heads_state=heads,
+        )
+
+    # ---- export
+    def export(self) -> Path:
+        from apb.train.export import export_heads
+
+        folder = export_heads(
+            self.heads_stack.heads,
+            self.config,
+            steps=self.step,
+            tokens_seen=self.tokens_seen,
+            final_loss=self.last_loss,
+            zero3=self.config.deepspeed.zero_stage == 3,
+        )
+        return folder
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.capture.remove() if hasattr(self, "capture") else None
+
+
+def _as_float(value: Any) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
