@@ -206,6 +206,7 @@ class APBModel(nn.Module):
                 counts.append(min(config.passing_len, available))
         stores: dict[int, list[LayerKV]] = {}
         self.last_prefill_times = {}
+        self._passing_indices: dict[int, dict[int, torch.Tensor]] = {}
         for host in comm.hosts:
             start, end = blocks[host]
             local = context[:, start:end]
@@ -234,8 +235,7 @@ class APBModel(nn.Module):
             _sync(context.device)
             self.last_prefill_times[host] = time.perf_counter() - started
             stores[host] = state.store
-            if state.record_indices:
-                self._passing_indices = getattr(self, "_passing_indices", {})
+            if state.record_indices:  # tests read what each host passed
                 self._passing_indices[host] = state.passing_indices
             logger.debug(
                 "host %d prefill: %d tokens in %.3fs", host, local.shape[1], self.last_prefill_times[host]

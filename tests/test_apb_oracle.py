@@ -1,0 +1,101 @@
+"""Exactness oracle: APB in exact mode (no anchor, pass everything) == the plain model.
+
+Tolerance: fp32 everywhere; APB only regroups the same dot products (per-host blocks, log-sum-exp
+merges instead of one softmax), so logits differ by float reassociation, measured ~2e-7 on these
+tiny models. atol=1e-5 leaves room for other BLAS builds while still catching any masking or
+position error (those move logits by >1e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model
+
+from apb import APBConfig, APBModel
+
+ATOL = 1e-5
+NUM_CONTEXT, NUM_QUERY = 37, 5  # 37 is prime: no host count divides it
+
+
+def _ids(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _plain_query_logits(model, context: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.cat([context, query], dim=1)).logits[:, -query.shape[1] :]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_mode_equals_plain_model(family):
+    model = tiny_model(family)
+    context, query = _ids(1, 1, NUM_CONTEXT), _ids(2, 1, NUM_QUERY)
+    expected = _plain_query_logits(model, context, query)
+    apbm = APBModel(model)
+    for num_hosts in (1, 2, 3, 4):
+        logits = apbm.prefill(context, query, config=APBConfig.exact(), num_hosts=num_hosts)
+        assert logits.shape == expected.shape
+        err = (logits - expected).abs().max().item()
+        assert err < ATOL, f"{family} H={num_hosts}: max |APB - plain| = {err:.2e}"
+    # The wrapped model itself is unchanged: "apb" attention delegates to sdpa outside APB calls.
+    assert torch.equal(_plain_query_logits(model, context, query), expected)
+
+
+def test_exact_mode_batch_of_two_matches_rows():
+    model = tiny_model("qwen2")
+    context, query = _ids(3, 2, 23), _ids(4, 2, 3)
+    apbm = APBModel(model)
+    logits = apbm.prefill(context, query, config=APBConfig.exact(), num_hosts=3)
+    expected = _plain_query_logits(model, context, query)
+    assert (logits - expected).abs().max().item() < ATOL
+
+
+def test_exact_mode_passing_through_heads_equals_plain_model():
+    """passing_len >= every block: the heads' top-k + gather path must still select everything."""
+    from apb import build_heads
+
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    apbm = APBModel(model, build_heads(model, hidden_size=16))
+    context, query = _ids(5, 1, NUM_CONTEXT), _ids(6, 1, NUM_QUERY)
+    logits = apbm.prefill(context, query, config=APBConfig(anchor_len=0, passing_len=1000), num_hosts=4)
+    assert (logits - _plain_query_logits(model, context, query)).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_generate_matches_model_generate(family):
+    model = tiny_model(family)
+    context, query = _ids(7, 1, NUM_CONTEXT), _ids(8, 1, NUM_QUERY)
+    prompt = torch.cat([context, query], dim=1)
+    # explicit all-ones mask: otherwise generate masks every prompt token equal to pad_token_id
+    gen_kwargs = dict(
+        max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt)
+    )
+    expected = model.generate(prompt, **gen_kwargs)[:, prompt.shape[1] :]
+    apbm = APBModel(model)
+    for num_hosts in (2, 3):
+        ids, logits = apbm.generate(
+            context,
+            query,
+            config=APBConfig.exact(),
+            num_hosts=num_hosts,
+            max_new_tokens=12,
+            return_logits=True,
+        )
+        assert torch.equal(ids, expected), f"{family} H={num_hosts}: {ids.tolist()} != {expected.tolist()}"
+        with torch.no_grad():  # step logits == full forward over prompt + generated tokens
+            full = model(torch.cat([prompt, ids], dim=1)).logits[:, prompt.shape[1] - 1 : -1]
+        assert (logits - full).abs().max().item() < ATOL
+    # model.generate still works after APB ran (HF cache path untouched).
+    again = model.generate(prompt, **gen_kwargs)[:, prompt.shape[1] :]
+    assert torch.equal(again, expected)
+
+
+def test_star_with_two_hosts_is_exact():
+    """Star with H=2: host 1's anchor is host 0's whole block, so host 1 sees the full prefix."""
+    model = tiny_model("mistral")
+    context, query = _ids(9, 1, 36), _ids(10, 1, 4)
+    apbm = APBModel(model)
+    logits = apbm.prefill(context, query, config=APBConfig.star(36, 2), num_hosts=2)
+    assert (logits - _plain_query_logits(model, context, query)).abs().max().item() < ATOL

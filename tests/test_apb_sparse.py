@@ -1,0 +1,261 @@
+"""Sparse APB: the mask, the passing-block selection, Star, presets and refusals.
+
+The end-to-end checks compare APB with an independent oracle: one plain forward of the unmodified
+model over all hosts' inputs laid side by side ([anchor_1 | local_1] ... | query) with a hand-built
+4-D visibility mask and explicit position ids. When every layer and KV head passes the same tokens
+(planted head scores that depend only on the position), that single mask is exactly APB. fp32,
+atol=1e-5 (reassociation only, see test_apb_oracle.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from apb.kernels.reference import apb_attention_ref, apb_mask
+from conftest import tiny_model
+
+from apb import APBConfig, APBModel, build_heads
+from apb.attention import partial_attention, select_passing
+from apb.backends import apb_mask_mod, decomposed_apb_attention, get_backend
+from apb.config import split_blocks
+
+ATOL = 1e-5
+
+
+def _ids(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- mask and attention pieces
+
+
+def test_mask_builder_hand_written_case():
+    # 2 passing keys, 2 anchor tokens, 3 local tokens; rows = [a0 a1 l0 l1 l2], cols = [p0 p1 a0 a1 l0 l1 l2]
+    expected = torch.tensor(
+        [
+            [0, 0, 1, 0, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(apb_mask(2, 2, 3), expected)
+
+
+def test_flex_mask_mod_matches_mask_builder():
+    from torch.nn.attention.flex_attention import create_mask
+
+    for num_passing, num_anchor, num_local in [(2, 2, 3), (0, 0, 5), (7, 0, 4), (0, 3, 6), (5, 4, 1)]:
+        rows, cols = num_anchor + num_local, num_passing + num_anchor + num_local
+        flex = create_mask(apb_mask_mod(num_passing, num_anchor), None, None, rows, cols, device="cpu")
+        assert torch.equal(flex[0, 0], apb_mask(num_passing, num_anchor, num_local))
+
+
+def test_decomposed_backend_matches_reference():
+    """The flash-attn backend's decomposition (anchor causal; local = full prefix + causal local)."""
+
+    def attend(q, k, v, causal, scale):  # same-length causal, as flash_attn_func does
+        return partial_attention(q, k, v, scale=scale, num_prefix=0 if causal else None)
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=g)
+    k, v = torch.randn(2, 2, 14, 8, generator=g), torch.randn(2, 2, 14, 8, generator=g)
+    out, lse = decomposed_apb_attention(attend, q, k, v, num_passing=5, num_anchor=3, softmax_scale=0.3)
+    ref_out, ref_lse = apb_attention_ref(q, k, v, num_passing=5, num_anchor=3, softmax_scale=0.3)
+    assert (out - ref_out).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+
+
+def test_backend_registry():
+    assert get_backend("auto", "cpu") is get_backend("reference", "cpu")
+    with pytest.raises(ValueError, match="unknown APB attention backend 'nope'"):
+        get_backend("nope", "cpu")
+
+
+def test_select_passing_planted_peaks():
+    scores = torch.full((1, 20, 2), -1.0)
+    scores[0, 10, 0] = 5.0  # head 0: one peak -> pooled plateau 8..12 (kernel 5)
+    scores[0, 3, 1], scores[0, 15, 1] = 4.0, 3.0  # head 1: plateaus 1..5 and 13..17
+    idx = select_passing(scores, 5, pool_kernel=5)
+    assert idx[0, 0].tolist() == [8, 9, 10, 11, 12]
+    assert idx[0, 1].tolist() == [1, 2, 3, 4, 5]
+    # excluded (anchor) positions are never chosen, even when they score highest
+    idx = select_passing(scores, 5, pool_kernel=1, num_excluded=4)
+    assert 3 not in idx[0, 1].tolist() and 15 in idx[0, 1].tolist()
+    assert min(idx[0, 1].tolist()) >= 4
+
+
+# ---------------------------------------------------------------- end-to-end against the 4-D mask oracle
+
+
+def _pooled(scores: list[float], kernel: int) -> list[float]:
+    """Independent sliding max (plain python), stride 1, same length."""
+    left = (kernel - 1) // 2
+    return [max(scores[max(0, i - left) : i - left + kernel]) for i in range(len(scores))]
+
+
+def _oracle_logits(model, context, query, anchor, blocks, passed):
+    """One plain forward over [seg_0 | seg_1 | ... | query] with APB's visibility as a 4-D mask.
+    passed[j]: global positions host j passes to later hosts (same for every layer and head)."""
+    tokens = []  # (host, kind, position, token id)
+    for host, (start, end) in enumerate(blocks):
+        if host > 0:
+            tokens += [(host, "anchor", i, int(t)) for i, t in enumerate(anchor)]
+        tokens += [(host, "local", p, int(context[p])) for p in range(start, end)]
+    n = len(context)
+    tokens += [(len(blocks), "query", n + i, int(t)) for i, t in enumerate(query)]
+
+    def visible(a, b):
+        (ha, ka, pa, _), (hb, kb, pb, _) = a, b
+        if ka == "query":
+            return kb == "local" or (kb == "query" and pb <= pa)
+        if ka == "anchor":
+            return hb == ha and kb == "anchor" and pb <= pa
+        own = hb == ha and (kb == "anchor" or (kb == "local" and pb <= pa))
+        return own or (hb < ha and kb == "local" and pb in passed[hb])
+
+    mask = torch.tensor([[visible(a, b) for b in tokens] for a in tokens])[None, None]
+    ids = torch.tensor([[t[3] for t in tokens]])
+    positions = torch.tensor([[t[2] for t in tokens]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=positions, attention_mask=mask).logits
+    return logits[:, -len(query) :]
+
+
+def _planted_heads(monkeypatch, heads, blocks, num_layers, planted):
+    """Make the heads score each local token by `planted[global position]`, on every head and layer.
+    Hosts run in order and call the heads once per layer, so the call count names the host."""
+    calls = {"n": 0}
+
+    def forward(layer_idx, q, k, v):
+        host = calls["n"] // num_layers
+        calls["n"] += 1
+        start, end = blocks[host]
+        assert q.shape[1] == end - start
+        return planted[start:end].view(1, -1, 1).expand(q.shape[0], -1, heads.shape.num_kv_heads).clone()
+
+    monkeypatch.setattr(heads, "forward", forward)
+
+
+@pytest.mark.parametrize(
+    ("family", "query_in_anchor", "pool_kernel"),
+    [("llama", False, 5), ("qwen3", True, 3), ("mistral", True, 1)],
+)
+def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, pool_kernel):
+    model = tiny_model(family)
+    torch.manual_seed(0)
+    heads = build_heads(model, hidden_size=16)
+    apbm = APBModel(model, heads)
+    num_context, num_hosts, passing = 49, 4, 3
+    context, query = _ids(11, num_context), _ids(12, 3)
+    config = APBConfig(
+        anchor_len=7,
+        passing_len=passing,
+        query_in_anchor=query_in_anchor,
+        query_offset=2,
+        pool_kernel=pool_kernel,
+    )
+    blocks = split_blocks(num_context, num_hosts)
+    planted = torch.randn(num_context, generator=torch.Generator().manual_seed(3))
+    _planted_heads(monkeypatch, heads, blocks, model.config.num_hidden_layers, planted)
+    apbm._record_passing = True
+    logits = apbm.prefill(context, query, config=config, num_hosts=num_hosts)
+
+    passed = []
+    for host, (start, end) in enumerate(blocks):
+        if host == num_hosts - 1:
+            passed.append(set())
+            continue
+        chosen = {tuple(idx[0, h].tolist()) for idx in apbm._passing_indices[host].values() for h in range(2)}
+        assert len(chosen) == 1, f"host {host}: layers/heads chose different tokens {chosen}"
+        (local,) = chosen
+        # a valid top-k of the pooled planted scores (pooling makes plateaus, so ties are legitimate)
+        excluded = config.anchor_len if host == 0 else 0
+        pooled = _pooled(planted[start:end].tolist(), pool_kernel)
+        rest = [pooled[i] for i in range(excluded, end - start) if i not in local]
+        assert len(local) == passing and min(local) >= excluded
+        assert min(pooled[i] for i in local) >= max(rest, default=float("-inf"))
+        passed.append({start + i for i in local})
+    assert {h for h, per_layer in apbm._passing_indices.items() if per_layer} == {
+        0,
+        1,
+        2,
+    }  # last sends nothing
+    anchor = torch.cat([context[:2], query, context[2 : 7 - 3]]) if query_in_anchor else context[:7]
+    expected = _oracle_logits(model, context, query, anchor, blocks, passed)
+    assert (logits[0] - expected[0]).abs().max().item() < ATOL
+    # and the sparse result really differs from full attention (the test could fail)
+    with torch.no_grad():
+        full = model(torch.cat([context, query])[None]).logits[:, -3:]
+    assert (logits - full).abs().max().item() > 1e-3
+
+
+def test_star_matches_mask_oracle_and_apb_with_no_passing():
+    model = tiny_model("qwen2")
+    apbm = APBModel(model)
+    context, query = _ids(13, 30), _ids(14, 2)
+    blocks = split_blocks(30, 3)
+    star = apbm.prefill(context, query, config=APBConfig.star(30, 3), num_hosts=3)
+    expected = _oracle_logits(model, context, query, context[:10], blocks, [set(), set(), set()])
+    assert (star[0] - expected[0]).abs().max().item() < ATOL
+    same = apbm.prefill(context, query, config=APBConfig(anchor_len=10, passing_len=0), num_hosts=3)
+    assert torch.equal(star, same)
+
+
+def test_keep_all_with_anchor_matches_mask_oracle():
+    """passing_len=None with an anchor: every non-anchor token of earlier hosts is passed, no heads."""
+    model = tiny_model("llama")
+    apbm = APBModel(model)
+    context, query = _ids(15, 26), _ids(16, 2)
+    blocks = split_blocks(26, 3)
+    logits = apbm.prefill(context, query, config=APBConfig(anchor_len=4), num_hosts=3)
+    passed = [set(range(4, 8)), set(range(8, 17)), set()]
+    expected = _oracle_logits(model, context, query, context[:4], blocks, passed)
+    assert (logits[0] - expected[0]).abs().max().item() < ATOL
+
+
+# ---------------------------------------------------------------- config presets and bad input
+
+
+def test_for_length_matches_design_table():
+    table = {32: (1024, 512), 64: (2048, 1024), 128: (4096, 2048), 256: (8192, 4096), 512: (8192, 8192)}
+    for k_tokens, (anchor, passing) in table.items():
+        cfg = APBConfig.for_length(k_tokens * 1024, 8)
+        assert (cfg.anchor_len, cfg.passing_len, cfg.query_in_anchor) == (anchor, passing, True)
+    star = APBConfig.star(1000, 4)
+    assert (star.anchor_len, star.passing_len) == (250, 0)
+    assert APBConfig.exact().is_exact and not APBConfig.exact().needs_heads
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="anchor_len"):
+        APBConfig(anchor_len=-1)
+    with pytest.raises(ValueError, match="passing_len"):
+        APBConfig(passing_len=-2)
+    with pytest.raises(ValueError, match="pool_kernel"):
+        APBConfig(pool_kernel=0)
+    with pytest.raises(ValueError, match="query_in_anchor"):
+        APBConfig(query_in_anchor=True)
+
+
+def test_bad_input_errors():
+    model = tiny_model("llama")
+    apbm = APBModel(model)
+    with pytest.raises(ValueError, match="context of 3 tokens is too short for 4 hosts: need at least 4"):
+        apbm.prefill(_ids(0, 3), _ids(1, 2), config=APBConfig.exact(), num_hosts=4)
+    with pytest.raises(ValueError, match="too short for anchor_len=8 with 4 hosts.*need at least 32"):
+        apbm.prefill(_ids(0, 20), _ids(1, 2), config=APBConfig(anchor_len=8, passing_len=0), num_hosts=4)
+    with pytest.raises(
+        ValueError, match="query of 7 tokens does not fit in the anchor: anchor_len=8 holds at most 6"
+    ):
+        cfg = APBConfig(anchor_len=8, passing_len=0, query_in_anchor=True, query_offset=2)
+        apbm.prefill(_ids(0, 40), _ids(1, 7), config=cfg, num_hosts=4)
+    with pytest.raises(ValueError, match=r"different lengths \[3, 2\]"):
+        apbm.prefill([[1, 2, 3], [4, 5]], [[1], [2]], config=APBConfig.exact(), num_hosts=1)
+    with pytest.raises(ValueError, match="passing_len=2 .* has none attached"):
+        apbm.prefill(_ids(0, 20), _ids(1, 2), config=APBConfig(anchor_len=2, passing_len=2), num_hosts=2)
+    with pytest.raises(ValueError, match="no config given and no retaining heads"):
+        apbm.prefill(_ids(0, 20), _ids(1, 2), num_hosts=2)
+    with pytest.raises(ValueError, match="built for another model.*num_kv_heads: heads 1 vs model 2"):
+        APBModel(model, build_heads(tiny_model("llama", num_key_value_heads=1)))
