@@ -1,0 +1,176 @@
+"""Real processes (gloo on the CPU, spawned from pytest) give the same numbers as the simulation.
+
+One spawn of 3 ranks runs every scenario (each spawn costs seconds of interpreter start-up); the
+in-process simulation with num_hosts=3 runs the same scenarios and the results are compared:
+logits to atol=1e-5 (fp32; the two paths run the same ops in the same order, differences can only
+come from BLAS threading), token ids exactly, and every rank must hold the same ids and stop step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_model
+
+from apb import APBConfig, APBModel, build_heads
+from apb.decode import StopCriteria, sample_next_token
+
+NUM_HOSTS = 3
+ATOL = 1e-5
+
+
+class _DigitTokenizer:
+    """Decodes ids as space-separated numbers: enough for stop strings."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+
+def _ids(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _scenarios(num_hosts: int | None) -> dict[str, torch.Tensor]:
+    """Everything compared between 1 and N processes; num_hosts=None inside a process group."""
+    torch.set_num_threads(1)
+    out: dict[str, torch.Tensor] = {}
+    context, query = _ids(1, 1, 37), _ids(2, 1, 4)
+    exact = APBConfig.exact()
+
+    llama = APBModel(tiny_model("llama"))
+    out["exact_logits"] = llama.prefill(context, query, config=exact, num_hosts=num_hosts)
+    out["greedy"] = llama.generate(context, query, config=exact, num_hosts=num_hosts, max_new_tokens=6)
+    sampled = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=123, max_new_tokens=8)
+    out["sampled"] = llama.generate(context, query, config=exact, num_hosts=num_hosts, **sampled)
+    eos = int(out["greedy"][0, 2])  # greedy hits this at step 2 (or earlier)
+    out["eos"] = llama.generate(
+        context, query, config=exact, num_hosts=num_hosts, max_new_tokens=6, eos_token_id=eos
+    )
+    stop = " ".join(str(i) for i in out["greedy"][0, 1:3].tolist())
+    out["stop"] = llama.generate(
+        context,
+        query,
+        config=exact,
+        num_hosts=num_hosts,
+        max_new_tokens=6,
+        stop_strings=[stop],
+        tokenizer=_DigitTokenizer(),
+    )
+
+    model = tiny_model("qwen3")
+    torch.manual_seed(5)
+    qwen = APBModel(model, build_heads(model, hidden_size=16))
+    sparse = APBConfig(anchor_len=8, passing_len=3, query_in_anchor=True, query_offset=2)
+    out["sparse_logits"] = qwen.prefill(context, query, config=sparse, num_hosts=num_hosts)
+    out["star_logits"] = qwen.prefill(
+        context, query, config=APBConfig.star(37, NUM_HOSTS), num_hosts=num_hosts
+    )
+    return out
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = _scenarios(None)
+        try:
+            APBModel(tiny_model("llama")).prefill(
+                _ids(1, 37), _ids(2, 4), config=APBConfig.exact(), num_hosts=2
+            )
+        except ValueError as err:
+            results["mismatch_error"] = str(err)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> list[dict]:
+    out_dir = str(tmp_path_factory.mktemp("apb_dist"))
+    mp.spawn(_worker, args=(NUM_HOSTS, _free_port(), out_dir), nprocs=NUM_HOSTS, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(NUM_HOSTS)]
+
+
+@pytest.fixture(scope="module")
+def simulated() -> dict:
+    threads = torch.get_num_threads()
+    try:
+        return _scenarios(NUM_HOSTS)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_processes_match_simulation(spawned, simulated):
+    for rank, results in enumerate(spawned):
+        for name in ("exact_logits", "sparse_logits", "star_logits"):
+            err = (results[name] - simulated[name]).abs().max().item()
+            assert err < ATOL, f"rank {rank} {name}: max |dist - sim| = {err:.2e}"
+        for name in ("greedy", "sampled", "eos", "stop"):
+            assert torch.equal(results[name], simulated[name]), (rank, name, results[name], simulated[name])
+        assert "world size 3" in results["mismatch_error"]
+
+
+@pytest.mark.slow
+def test_eos_and_stop_strings_stop_every_host_together(spawned, simulated):
+    greedy = simulated["greedy"][0].tolist()
+    eos_step = greedy.index(greedy[2])
+    assert simulated["eos"][0].tolist() == greedy[: eos_step + 1]
+    assert simulated["stop"][0].tolist() == greedy[:3]
+    for results in spawned:  # every rank stopped at the same step with the same tokens
+        assert results["eos"].shape == simulated["eos"].shape
+        assert results["stop"].shape == simulated["stop"].shape
+
+
+# ---------------------------------------------------------------- sampling (in process)
+
+
+def test_sampling_is_reproducible_under_a_seed():
+    apbm = APBModel(tiny_model("llama"))
+    context, query = _ids(3, 1, 30), _ids(4, 1, 3)
+    kwargs = dict(config=APBConfig.exact(), max_new_tokens=10, do_sample=True, temperature=1.5, seed=7)
+    one_host = apbm.generate(context, query, num_hosts=1, **kwargs)
+    assert torch.equal(one_host, apbm.generate(context, query, num_hosts=1, **kwargs))
+    assert torch.equal(one_host, apbm.generate(context, query, num_hosts=3, **kwargs))
+    others = [apbm.generate(context, query, num_hosts=1, **{**kwargs, "seed": s}) for s in (8, 9, 10)]
+    assert any(not torch.equal(one_host, o) for o in others), "the seed changes nothing"
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits).item() == 1
+    # top_k=1 and a tiny top_p both leave only the argmax
+    assert {sample_next_token(logits, do_sample=True, top_k=1, generator=g).item() for _ in range(20)} == {1}
+    assert {sample_next_token(logits, do_sample=True, top_p=0.01, generator=g).item() for _ in range(20)} == {
+        1
+    }
+    # top_k=2 never leaves the two best
+    assert {sample_next_token(logits, do_sample=True, top_k=2, generator=g).item() for _ in range(50)} == {
+        1,
+        2,
+    }
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next_token(logits, do_sample=True, temperature=0.0)
+
+
+def test_stop_criteria_rows():
+    stop = StopCriteria(2, eos_token_id=[5, 6], stop_strings="7 8", tokenizer=_DigitTokenizer())
+    assert not stop.update(torch.tensor([[1], [5]]))
+    assert stop.finished == [False, True]
+    assert stop.update(torch.tensor([[7, 8], [5, 0]]))
+    with pytest.raises(ValueError, match="tokenizer"):
+        StopCriteria(1, stop_strings=["x"])
