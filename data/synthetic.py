@@ -283,12 +283,17 @@ def fit_context(
     probe_text = "".join(probe)
     chars_per_token = max(len(probe_text) / max(count_tokens(probe_text), 1), 0.5)
     min_chars = int(context_length * chars_per_token * 1.3) + 4000
-    while True:
+    for _ in range(8):
         units = haystack.units(rng, min_chars)
         full = _assemble(units, needles, depths, len(units))
         if count_tokens(full) > context_length:
             break
         min_chars *= 2  # the text ran out before the budget: get more
+    else:
+        raise ValueError(
+            f"{min_chars} characters of haystack {haystack.name!r} still fit in {context_length} tokens: "
+            "does the token counter count this text?"
+        )
     lo, hi = 0, len(units)  # count(lo) <= budget < count(hi)
     lo_tokens = base
     while hi - lo > 1:

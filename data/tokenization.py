@@ -22,8 +22,10 @@ budget when made, so they need no truncation when the budget leaves room for que
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from apb.data.sample import Sample, TokenizedSample
 
 QUESTION_SEPARATOR = "\n\n"
@@ -146,4 +148,58 @@ def tokenize_sample(
         answer_ids=answer_ids,
         task=sample.task,
         num_truncated=num_truncated,
+    )
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Map-style view of `samples` (a list or a `SyntheticDataset`) tokenised on access.
+
+    Item ``i`` is ``tokenize_sample(samples[i], tokenizer, **options)``, a `TokenizedSample` of lists.
+    Pair it with `ResumableSampler` for training: the sampler owns the order and the resume point.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tokenizer: Any,
+        *,
+        use_chat_template: bool = True,
+        max_length: int | None = None,
+        truncation: str = "middle",
+        system_prompt: str | None = None,
+    ) -> None:
+        if truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+        self.samples = samples
+        self.tokenizer = tokenizer
+        self.options = {
+            "use_chat_template": use_chat_template,
+            "max_length": max_length,
+            "truncation": truncation,
+            "system_prompt": system_prompt,
+        }
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> TokenizedSample:
+        return tokenize_sample(self.samples[index], self.tokenizer, **self.options)
+
+
+def prompt_overhead(
+    tokenizer: Any, *, use_chat_template: bool = True, question: str = "", system_prompt: str | None = None
+) -> int:
+    """Tokens a prompt adds around the context: chat header, separator, `question`, assistant header.
+
+    ``total_length - prompt_overhead(tok, question=q) - answer_tokens`` is the `context_length` to ask
+    the synthetic tasks for when a whole sequence must fit ``total_length`` (e.g. a model's window).
+    """
+    probe = Sample(context="x", question=question or "?", answer="")
+    tokenized = tokenize_sample(
+        probe, tokenizer, use_chat_template=use_chat_template, system_prompt=system_prompt
+    )
+    return (
+        len(tokenized.context_ids)
+        + len(tokenized.question_ids)
+        - len(tokenizer.encode("x", add_special_tokens=False))
     )

@@ -15,6 +15,7 @@ from apb.data import (
     ResumableSampler,
     Sample,
     SyntheticDataset,
+    TokenizedDataset,
     build_tiny_tokenizer,
     fetch_shakespeare,
     load_haystack,
@@ -22,6 +23,7 @@ from apb.data import (
     load_samples,
     make_sample,
     make_samples,
+    prompt_overhead,
     render_prompt,
     score,
     source_from_dict,
@@ -327,6 +329,21 @@ def test_tokenize_sample_plain_and_truncation(tok):
         tokenize_sample(sample, tok, max_length=len(full.question_ids) + len(full.answer_ids))
     with pytest.raises(ValueError, match="truncation"):
         tokenize_sample(sample, tok, truncation="start")
+
+
+def test_tokenized_dataset_and_prompt_overhead(tok):
+    samples = make_samples(["single_needle", "qa_haystack"], 4, context_length=300, tokenizer=tok)
+    dataset = TokenizedDataset(samples, tok, max_length=200)
+    assert len(dataset) == 4
+    assert dataset[1] == tokenize_sample(samples[1], tok, max_length=200)
+    assert all(len(dataset[i]) == 200 for i in range(4))
+    for use_chat_template in (True, False):
+        for sample in samples:
+            tokenized = tokenize_sample(sample, tok, use_chat_template=use_chat_template)
+            overhead = prompt_overhead(tok, use_chat_template=use_chat_template, question=sample.question)
+            prompt = len(tokenized.context_ids) + len(tokenized.question_ids)
+            # One token of slack: a token may merge across the context/separator boundary.
+            assert abs(prompt - sample.meta["num_context_tokens"] - overhead) <= 1
 
 
 # ------------------------------------------------------------------------------------------ sampler
