@@ -72,34 +72,13 @@ class HeadsConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class SourceConfig:
-    """One data source: a local json/jsonl/parquet file, or a built-in synthetic task."""
-
-    path: str | None = None
-    """Local file (json, jsonl or parquet) with `context`/`question`/`answer` or chat `messages`."""
-    synthetic: str | None = None
-    """Built-in synthetic task name (see `apb.data`)."""
-    num_samples: int | None = None
-    """Samples to take (synthetic: to generate); None: the whole file."""
-    context_tokens: int | None = None
-    """Synthetic tasks: approximate context length in tokens; None: data.max_length."""
-
-    def __post_init__(self) -> None:
-        _check(
-            (self.path is None) != (self.synthetic is None),
-            "data.sources",
-            "set exactly one of path, synthetic",
-        )
-        if self.num_samples is not None:
-            _check(self.num_samples > 0, "data.sources.num_samples", f"must be > 0, got {self.num_samples}")
-
-
-@dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Training samples and their APB layout."""
 
-    sources: list[SourceConfig] = field(default_factory=list)
-    """Where samples come from (at least one)."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Where samples come from (at least one): `{path, field?, limit?}` for a local json/jsonl/parquet
+    file, `{tasks?, num_samples, context_length, seed?, split?, haystack?}` for built-in synthetic
+    tasks (`apb.data.sources`)."""
     max_length: int = 10240
     """Token budget of one laid-out sequence (anchor + block + question + answer)."""
     query_aware: bool = True
@@ -117,8 +96,21 @@ class DataConfig:
     seed: int = 0
     """Seed of the sampler's shuffling (and of synthetic generation)."""
 
+    def resolved_sources(self) -> list[Any]:
+        """The sources as `apb.data.sources.LocalSource` / `SyntheticSource` (ValueError naming the key)."""
+        from apb.data.sources import source_from_dict
+
+        resolved = []
+        for i, spec in enumerate(self.sources):
+            try:
+                resolved.append(source_from_dict(spec))
+            except ValueError as err:
+                raise ValueError(f"data.sources[{i}]: {err}") from err
+        return resolved
+
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "data.sources", "needs at least one source")
+        self.resolved_sources()  # validates every source now
         _check(self.max_length > 0, "data.max_length", f"must be > 0, got {self.max_length}")
         _check(self.anchor_len >= 0, "data.anchor_len", f"must be >= 0, got {self.anchor_len}")
         _check(

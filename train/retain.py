@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = yaml.safe_load(value)
     try:
         config = load_config(args.config, overrides)
+        from apb.train.trainer import check_sources
+
+        check_sources(config)  # a missing data file is reported before any process group or model
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer = Trainer(config, dist_info)
     try:
-        trainer.build()
+        try:
+            trainer.build()
+        except ValueError as err:  # bad input: one clear line, before any training
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
         result = trainer.train()
         folder = trainer.export()
         if dist_info.is_main:

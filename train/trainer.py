@@ -116,33 +116,24 @@ def layout_params(config: RunConfig) -> LayoutParams:
     )
 
 
+def check_sources(config: RunConfig) -> list[Any]:
+    """The data sources, each checked (files exist) before anything heavy is loaded."""
+    sources = config.data.resolved_sources()
+    for i, source in enumerate(sources):
+        try:
+            source.check()
+        except FileNotFoundError as err:
+            raise ValueError(f"data.sources[{i}]: {err}") from err
+    return sources
+
+
 def load_tokenized_samples(config: RunConfig, tokenizer: Any) -> list[Any]:
     """Every source's samples, tokenised (ValueError on a missing file or field)."""
-    from apb.data.synthetic import make_samples
+    from apb.data.sources import load_samples
     from apb.data.tokenization import tokenize_sample
 
     d = config.data
-    samples = []
-    for i, source in enumerate(d.sources):
-        if source.path is not None:
-            if not Path(source.path).is_file():
-                raise ValueError(f"data.sources[{i}].path: file {source.path} does not exist")
-            from apb.data.sources import load_local_samples  # noqa: PLC0415 (H3a's loader)
-
-            items = load_local_samples(source.path)
-            if source.num_samples is not None:
-                items = items[: source.num_samples]
-        else:
-            context_tokens = source.context_tokens or (d.max_length - d.anchor_len)
-            items = make_samples(
-                [t.strip() for t in source.synthetic.split(",")],
-                source.num_samples or 64,
-                context_length=context_tokens,
-                tokenizer=tokenizer,
-                seed=d.seed,
-                split="train",
-            )
-        samples.extend(items)
+    samples = load_samples(check_sources(config), tokenizer)
     return [
         tokenize_sample(s, tokenizer, max_length=d.max_length, use_chat_template=d.chat_template)
         for s in samples
@@ -285,6 +276,7 @@ class Trainer:
         model_config = _model_config(cfg)
         check_model_supported(model_config)
         check_zero_stage_fits(cfg, model_config, self.dist)
+        check_sources(cfg)
         tokenizer = build_tokenizer(cfg)
         samples = load_tokenized_samples(cfg, tokenizer)
         self.layouts = build_layouts(samples, layout_params(cfg))
