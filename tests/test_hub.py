@@ -253,3 +253,20 @@ def test_only_rank0_writes_and_pushes(tmp_path):
     written = load_file(tmp_path / "adapter" / WEIGHTS_NAME)
     assert all(torch.equal(written[k], ranks[0]["state"][k]) for k in written)
     assert not all(torch.equal(written[k], ranks[1]["state"][k]) for k in written)
+
+
+def test_push_script_hands_its_arguments_to_push_to_hub(recording_api, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("push_to_hub_cli", SCRIPT)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    folder = save_adapter(build_heads(tiny_model("llama"), hidden_size=16), tmp_path / "adapter")
+    assert cli.main([str(folder), "user/heads", "--private", "--revision", "dev"]) == 0
+    calls = dict(recording_api)
+    assert calls["create_repo"]["private"] is True
+    assert calls["create_branch"]["branch"] == "dev"
+    assert (
+        Path(calls["upload_folder"]["folder_path"]) == folder and calls["upload_folder"]["revision"] == "dev"
+    )
+    assert "pushed" in capsys.readouterr().out
