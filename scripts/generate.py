@@ -1,0 +1,206 @@
+"""Answer a question about a long document with APB (or Star / exact / full attention for comparison).
+
+One process simulating H hosts:
+    python scripts/generate.py --model PATH --adapter ADAPTER --context-file doc.txt --question "..." --hosts 4
+One host per rank:
+    torchrun --nproc-per-node 4 scripts/generate.py --model PATH --adapter ADAPTER --context-file doc.txt --question "..."
+Smoke test without downloads (random tiny Llama, random heads, byte tokenizer):
+    python scripts/generate.py --tiny --hosts 3 --max-new-tokens 8
+
+Prints the answer and the context-prefill time of every host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import apb
+from apb import APBConfig, APBModel
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..258 (0 pad, 1 bos, 2 eos): the --tiny model's tokenizer."""
+
+    eos_token_id = 2
+    vocab_size = 259
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF model path or id (omit with --tiny)")
+    p.add_argument("--gguf-file", help="load --model's weights from this GGUF file in the model folder")
+    p.add_argument("--adapter", help="retaining-heads adapter: folder, Hub id or legacy .bin")
+    p.add_argument("--tiny", action="store_true", help="random tiny Llama + random heads, no downloads")
+    p.add_argument("--context-file", help="text file holding the context (default with --tiny: generated)")
+    p.add_argument("--question", default="What is the secret word?", help="the question (the query)")
+    p.add_argument(
+        "--hosts", type=int, default=None, help="hosts simulated in one process (not under torchrun)"
+    )
+    p.add_argument("--mode", choices=["apb", "star", "exact", "full"], default="apb")
+    p.add_argument("--anchor-len", type=int, help="override the preset's anchor length (apb mode)")
+    p.add_argument("--passing-len", type=int, help="override the preset's passing length (apb mode)")
+    p.add_argument(
+        "--backend", default="auto", help="attention backend: auto, reference, flex, flash, triton"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    args = p.parse_args()
+    if not args.tiny and not args.model:
+        p.error("--model is required (or --tiny)")
+    return args
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE: one host per rank. Otherwise one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def load(args: argparse.Namespace, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    if args.tiny:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=ByteTokenizer.vocab_size,
+            max_position_embeddings=1 << 16,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        tokenizer = ByteTokenizer()
+    else:
+        kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=dtype, attn_implementation="sdpa", **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
+    model = model.to(device).eval()
+    heads = None
+    if args.adapter:
+        heads, _ = apb.load_heads(model, args.adapter)
+    elif args.tiny:
+        heads = apb.build_heads(model, hidden_size=64)
+    return model, tokenizer, heads
+
+
+def main() -> None:
+    args = parse_args()
+    rank, world, device = setup_distributed()
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    model, tokenizer, heads = load(args, device)
+
+    if args.context_file:
+        with open(args.context_file, encoding="utf-8") as f:
+            context_text = f.read()
+    else:
+        context_text = (
+            "The grass is green. The sky is blue. " * 40
+            + "The secret word is 'apple'. "
+            + ("The sun is yellow. " * 40)
+        )
+    context_ids = tokenizer.encode(context_text, add_special_tokens=False)
+    query_ids = tokenizer.encode(f"\n\nQuestion: {args.question}\nAnswer:", add_special_tokens=False)
+    num_hosts = world if world > 1 else (args.hosts or 1)
+    print0(
+        f"context {len(context_ids)} tokens, query {len(query_ids)} tokens, mode {args.mode}, {num_hosts} hosts"
+    )
+
+    gen = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+    )
+    started = time.perf_counter()
+    if args.mode == "full":
+        if world > 1:
+            raise SystemExit("--mode full runs in one process (the unmodified model); drop torchrun")
+        torch.manual_seed(args.seed)
+        prompt = torch.tensor([context_ids + query_ids], device=device)
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            pad_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stop_strings=args.stop,
+            tokenizer=tokenizer if args.stop else None,
+            **gen,
+        )
+        ids = out[0, prompt.shape[1] :].tolist()
+        times = {}
+    else:
+        n = len(context_ids)
+        if args.mode == "exact":
+            config = APBConfig.exact(backend=args.backend)
+        elif args.mode == "star":
+            config = APBConfig.star(n, num_hosts, backend=args.backend)
+        else:
+            overrides = {
+                k: v
+                for k, v in (("anchor_len", args.anchor_len), ("passing_len", args.passing_len))
+                if v is not None
+            }
+            config = APBConfig.for_length(n, num_hosts, backend=args.backend, **overrides)
+        apbm = APBModel(model, heads)
+        out = apbm.generate(
+            context_ids,
+            query_ids,
+            config=config,
+            num_hosts=None if world > 1 else num_hosts,
+            eos_token_id=tokenizer.eos_token_id,
+            stop_strings=args.stop,
+            tokenizer=tokenizer,
+            seed=args.seed,
+            **gen,
+        )
+        ids = out[0].tolist()
+        times = dict(apbm.last_prefill_times)
+        if world > 1:
+            gathered: list[dict] = [{} for _ in range(world)]
+            dist.all_gather_object(gathered, times)
+            times = {h: t for d in gathered for h, t in d.items()}
+        print0(f"config: {config}")
+    elapsed = time.perf_counter() - started
+    for host in sorted(times):
+        print0(f"prefill host {host}: {times[host] * 1000:.1f} ms")
+    print0(
+        f"answer ({len(ids)} tokens, {elapsed:.2f}s total): {tokenizer.decode(ids, skip_special_tokens=True)!r}"
+    )
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
