@@ -115,7 +115,7 @@ class AdapterConfig:
         heads: RetainingHeads,
         *,
         base_model_name_or_path: str | None = None,
-        apb_defaults: Mapping[str, Any] | None = None,
+        apb_defaults: Any = None,  # a mapping or a config dataclass (apb.APBConfig)
         training: Mapping[str, Any] | None = None,
     ) -> AdapterConfig:
         """The config describing `heads` (their shape, hidden size and activation)."""
@@ -129,7 +129,7 @@ class AdapterConfig:
             head_dim=shape.head_dim,
             head_hidden_size=heads.hidden_size,
             head_act=heads.act_name,
-            apb=dict(apb_defaults or {}),
+            apb=_plain_dict(apb_defaults),
             training=dict(training or {}),
         )
 
@@ -179,6 +179,15 @@ class AdapterConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def _plain_dict(settings: Any) -> dict[str, Any]:
+    """A mapping or a dataclass instance (e.g. `apb.APBConfig`) as a plain dict; None -> {}."""
+    if settings is None:
+        return {}
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        return dataclasses.asdict(settings)
+    return dict(settings)
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -309,7 +318,7 @@ def save_adapter(
     folder: str | os.PathLike,
     *,
     base_model_name_or_path: str | None = None,
-    apb_defaults: Mapping[str, Any] | None = None,
+    apb_defaults: Any = None,  # a mapping or a config dataclass (apb.APBConfig)
     training: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
 ) -> Path:

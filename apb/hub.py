@@ -30,7 +30,7 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str | None = None,
     base_model_name_or_path: str | None = None,
-    apb_defaults: Mapping[str, Any] | None = None,
+    apb_defaults: Any = None,
     training: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
 ) -> Any:

@@ -272,3 +272,11 @@ def test_missing_paths_are_clear_errors(llama, tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="must be a legacy Locret/APB .bin"):
         load_heads(llama, tmp_path / "weights.safetensors")
+
+
+def test_apb_defaults_may_be_a_config_dataclass(llama, tmp_path):
+    from apb.config import APBConfig
+
+    folder = save_adapter(build_heads(llama, hidden_size=HIDDEN), tmp_path / "a", apb_defaults=APBConfig())
+    config = AdapterConfig.from_file(folder)
+    assert config.apb["pool_kernel"] == APBConfig().pool_kernel and "anchor_len" in config.apb
