@@ -62,7 +62,7 @@ def export_heads(
     Collective under torch.distributed: rank 0 writes, every rank returns the folder.
     """
     folder = Path(folder) if folder is not None else config.adapter_folder
-    base = config.model.name_or_path or f"random {config.model.from_config.get('model_type')} (from_config)"
+    base = config.model.name_or_path or ""  # a from_config model has no id to load it by
     training = {
         "config": config.to_dict(),
         "steps": steps,
