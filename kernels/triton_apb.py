@@ -27,13 +27,21 @@ logger = logging.getLogger(__name__)
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 
     HAS_TRITON = True
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - triton < 3.4
+        TensorDescriptor = None
 except ImportError:  # pragma: no cover - triton is optional (CPU installs without it use the reference)
     HAS_TRITON = False
 
 _LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+# Whether CUDA GPUs of compute capability >= 9 load K/V through TMA descriptors by default
+# (APB_TRITON_TMA=0/1 overrides); set from the H100 measurements in benchmarks/RESULTS.md.
+USE_TMA_ON_HOPPER = False
 
 if HAS_TRITON:
 
@@ -66,6 +74,7 @@ if HAS_TRITON:
         len_bucket,  # autotune key only: a coarse bucket of num_queries, so new lengths reuse configs
         qk_scale,  # softmax_scale * log2(e)
         GROUP: tl.constexpr,
+        USE_TMA: tl.constexpr,  # K, V are host TensorDescriptors over [batch * kv_heads * keys, head_dim]
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -81,8 +90,14 @@ if HAS_TRITON:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-        k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-        v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+        # Row of this (batch, kv head)'s first key in the flattened TMA view (unused by pointer loads).
+        kv_row0 = (off_b * (num_heads // GROUP) + off_kvh) * num_keys
+        if USE_TMA:
+            k_base = K
+            v_base = V
+        else:
+            k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+            v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
 
         q = tl.load(
             q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
@@ -104,19 +119,19 @@ if HAS_TRITON:
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
             lo, full_end, num_passing, num_anchor, qk_scale,
-            BLOCK_N, False,
+            kv_row0, BLOCK_N, False, USE_TMA,
         )  # fmt: skip
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
             full_end, hi, num_passing, num_anchor, qk_scale,
-            BLOCK_N, True,
+            kv_row0, BLOCK_N, True, USE_TMA,
         )  # fmt: skip
         # The one tile holding both anchor and local rows: its local rows also see the passing keys.
         mixed = ((m0 < num_anchor) & (m0 + BLOCK_M > num_anchor)).to(tl.int32)
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
             0, num_passing * mixed, num_passing, num_anchor, qk_scale,
-            BLOCK_N, True,
+            kv_row0, BLOCK_N, True, USE_TMA,
         )  # fmt: skip
 
         # Every real row sees at least its own key, so l_i > 0; padded rows are not stored.
@@ -149,14 +164,22 @@ if HAS_TRITON:
         num_passing,
         num_anchor,
         qk_scale,
+        kv_row0,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,
+        USE_TMA: tl.constexpr,
     ):
         offs_n = tl.arange(0, BLOCK_N)
         for start_n in range(start, end, BLOCK_N):
             cols = start_n + offs_n
             if MASKED:
                 in_range = cols < end  # end <= num_keys; also keeps phase 3 inside the passing keys
+            if USE_TMA:
+                # Rows past this head's keys belong to the next head (or are zero past the tensor);
+                # their scores are masked to -inf below, so they add p = 0.
+                k = k_base.load([kv_row0 + start_n, 0])
+                v = v_base.load([kv_row0 + start_n, 0])
+            elif MASKED:
                 k = tl.load(
                     k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0
                 )
@@ -189,11 +212,19 @@ if HAS_TRITON:
             m_i = m_new
         return acc, l_i, m_i
 
+    def _set_block_shapes(nargs) -> None:
+        # TMA descriptors carry the tile shape, which depends on the config being tried.
+        if nargs.get("USE_TMA"):
+            for name in ("K", "V"):
+                nargs[name].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
     def _configs() -> list[triton.Config]:
         """Candidates for the autotuner; tuned on an H100 (benchmarks/RESULTS.md)."""
-        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
+        shapes = [(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3)]
         return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes
+            )
             for bm, bn, w, s in shapes
         ]
 
@@ -203,19 +234,33 @@ if HAS_TRITON:
             return [c for c in configs if c.kwargs["BLOCK_N"] <= 64] or configs
         return configs
 
-    _apb_fwd_autotuned = triton.autotune(
+    def _quick_bench(kernel_call, quantiles):
+        # Short timing runs: a first call in a new length bucket tunes in well under a second.
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+    _autotune_kwargs = dict(
         configs=_configs(),
-        key=["HEAD_DIM", "GROUP", "len_bucket"],
+        key=["HEAD_DIM", "GROUP", "len_bucket", "USE_TMA"],
         prune_configs_by={"early_config_prune": _prune},
-    )(_apb_fwd_kernel)
+    )
+    try:
+        _apb_fwd_autotuned = triton.autotune(**_autotune_kwargs, do_bench=_quick_bench)(_apb_fwd_kernel)
+    except TypeError:  # pragma: no cover - triton without a do_bench hook
+        _apb_fwd_autotuned = triton.autotune(**_autotune_kwargs)(_apb_fwd_kernel)
 
 
 def len_bucket(num_queries: int) -> int:
-    """Coarse bucket of the query length (powers of 4 from 256 to 16K) for the autotune key."""
+    """Coarse bucket of the query length (powers of 2 from 256 to 64K) for the autotune key."""
     bucket = 256
-    while bucket < num_queries and bucket < 16384:
-        bucket *= 4
+    while bucket < num_queries and bucket < 65536:
+        bucket *= 2
     return bucket
+
+
+def _tma_default() -> bool:
+    if os.environ.get("APB_TRITON_TMA") is not None:
+        return os.environ["APB_TRITON_TMA"] == "1"
+    return USE_TMA_ON_HOPPER and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 def _check_shapes(
@@ -264,6 +309,7 @@ def apb_attention_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """APB attention through the Triton kernel (fp16/bf16; CUDA, or any device under TRITON_INTERPRET=1).
 
@@ -271,6 +317,7 @@ def apb_attention_triton(
     k, v: [batch, num_kv_heads, num_passing + num_anchor + num_local, head_dim]
     Returns out [batch, num_heads, num_queries, head_dim] (q's dtype) and lse [batch, num_heads, num_queries]
     (fp32, natural log). Giving `block_m` and `block_n` bypasses the autotuner (tests, sweeps).
+    `use_tma` loads K/V tiles through Hopper's tensor memory accelerator (default: `_tma_default()`).
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -292,8 +339,18 @@ def apb_attention_triton(
     lse = torch.empty((batch, num_heads, num_queries), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
+    if use_tma is None:
+        use_tma = q.is_cuda and _tma_default()
+    k_arg, v_arg = k, v
+    if use_tma:
+        k, v = k.contiguous(), v.contiguous()
+        # Placeholder tile shape; the launch below (or the autotuner's pre_hook) sets the real one.
+        k_arg, v_arg = (
+            TensorDescriptor(t, [t.numel() // head_dim, head_dim], [head_dim, 1], [block_n or 64, head_dim])
+            for t in (k, v)
+        )
     args = (
-        q, k, v, out, lse,
+        q, k_arg, v_arg, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -305,9 +362,12 @@ def apb_attention_triton(
     if block_m is not None or block_n is not None:
         bm, bn = block_m or 128, block_n or 64
         grid = (batch * num_heads, triton.cdiv(num_queries, bm))
+        if use_tma:
+            k_arg.block_shape = v_arg.block_shape = [bn, head_dim]
         _apb_fwd_kernel[grid](
             *args,
             GROUP=group,
+            USE_TMA=use_tma,
             HEAD_DIM=head_dim,
             BLOCK_M=bm,
             BLOCK_N=bn,
@@ -319,7 +379,7 @@ def apb_attention_triton(
         def grid(meta):
             return (batch * num_heads, triton.cdiv(num_queries, meta["BLOCK_M"]))
 
-        _apb_fwd_autotuned[grid](*args, GROUP=group, HEAD_DIM=head_dim)
+        _apb_fwd_autotuned[grid](*args, GROUP=group, HEAD_DIM=head_dim, USE_TMA=use_tma)
     return out, lse
 
 

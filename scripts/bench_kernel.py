@@ -187,30 +187,27 @@ def main_sweep(context: str, head_dim: int) -> None:
     pairs = visible_pairs(num_passing, num_anchor, num_local)
     q, k, v = make_inputs(num_passing, num_anchor, num_local, head_dim=head_dim)
     results = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    if bm == 64 and warps == 8:
-                        continue
-                    try:
-                        fn = lambda bm=bm, bn=bn, warps=warps, stages=stages: apb_attention_triton(  # noqa: E731
-                            q, k, v, num_passing=num_passing, num_anchor=num_anchor,
-                            block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
-                        )  # fmt: skip
-                        fn()
-                        ms = bench_ms(fn)
-                    except Exception as e:  # noqa: BLE001 - out of shared memory etc.
-                        print(f"BM={bm} BN={bn} w={warps} s={stages}: {type(e).__name__}", flush=True)
-                        continue
-                    results.append((ms, bm, bn, warps, stages))
-                    print(
-                        f"BM={bm} BN={bn} w={warps} s={stages}: {ms:.3f} ms {tflops(pairs, ms, head_dim):.0f} TF/s",
-                        flush=True,
-                    )
+    shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3),
+              (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]  # fmt: skip
+    for use_tma in (False, True):
+        for bm, bn, warps, stages in shapes:
+            try:
+                fn = lambda bm=bm, bn=bn, warps=warps, stages=stages, use_tma=use_tma: apb_attention_triton(  # noqa: E731
+                    q, k, v, num_passing=num_passing, num_anchor=num_anchor,
+                    block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, use_tma=use_tma,
+                )  # fmt: skip
+                fn()
+                ms = bench_ms(fn)
+            except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+                print(f"tma={use_tma} BM={bm} BN={bn} w={warps} s={stages}: {type(e).__name__}", flush=True)
+                continue
+            results.append((ms, bm, bn, warps, stages, use_tma))
+            print(f"tma={use_tma} BM={bm} BN={bn} w={warps} s={stages}: {ms:.3f} ms "
+                  f"{tflops(pairs, ms, head_dim):.0f} TF/s", flush=True)  # fmt: skip
     results.sort()
     print(f"best for {context} d={head_dim}: " + ", ".join(
-        f"({bm},{bn},w{w},s{s}) {ms:.2f}ms {tflops(pairs, ms, head_dim):.0f}TF/s" for ms, bm, bn, w, s in results[:5]
+        f"({bm},{bn},w{w},s{s},tma={t}) {ms:.2f}ms {tflops(pairs, ms, head_dim):.0f}TF/s"
+        for ms, bm, bn, w, s, t in results[:6]
     ))  # fmt: skip
 
 

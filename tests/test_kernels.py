@@ -133,9 +133,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         v = torch.randn(c["B"], c["KV"], nk, c["D"], generator=gen).half()
         if c.get("strided"):  # q as a transpose of [batch, queries, heads, dim], as attention modules give it
             q = q.transpose(1, 2).contiguous().transpose(1, 2)
-        out, lse = apb_attention_triton(q, k, v, num_passing=c["P"], num_anchor=c["A"],
-                                        block_m=c["BM"], block_n=c["BN"], num_warps=4, num_stages=1)
-        torch.save(dict(q=q, k=k, v=v, out=out, lse=lse), c["path"])
+        for use_tma in (False, True):  # pointer loads and TMA descriptor loads of K/V
+            out, lse = apb_attention_triton(q, k, v, num_passing=c["P"], num_anchor=c["A"], use_tma=use_tma,
+                                            block_m=c["BM"], block_n=c["BN"], num_warps=4, num_stages=1)
+            torch.save(dict(q=q, k=k, v=v, out=out, lse=lse), c["path"] + f".tma{int(use_tma)}")
     print("ok")
     """
 )
@@ -167,8 +168,11 @@ def test_kernel_under_interpreter(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for c in cases:
-        r = torch.load(c["path"])
-        _check_against_refs(r["q"], r["k"], r["v"], r["out"], r["lse"], num_passing=c["P"], num_anchor=c["A"])
+        for use_tma in (0, 1):
+            r = torch.load(c["path"] + f".tma{use_tma}")
+            _check_against_refs(
+                r["q"], r["k"], r["v"], r["out"], r["lse"], num_passing=c["P"], num_anchor=c["A"]
+            )
 
 
 # ---------------------------------------------------------------- GPU
@@ -201,6 +205,22 @@ def test_kernel_gpu_fp16_batch_and_strides(num_passing, num_anchor, num_local):
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [batch, queries, heads, dim] memory, as HF gives it
     out, lse = apb_attention(q, k, v, num_passing=num_passing, num_anchor=num_anchor)
     _check_against_refs(q, k, v, out, lse, num_passing=num_passing, num_anchor=num_anchor)
+
+
+@pytest.mark.single_gpu
+@needs_cuda
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("num_passing,num_anchor,num_local", [(0, 0, 1), (517, 129, 1000), (1000, 300, 4133)])
+def test_kernel_gpu_both_load_paths(use_tma, num_passing, num_anchor, num_local):
+    """Pointer and TMA loads of K/V, whichever is the default, at a fixed config and autotuned."""
+    from apb.kernels.triton_apb import apb_attention_triton
+
+    q, k, v = _inputs(2, 8, 2, num_passing, num_anchor, num_local, 128, torch.bfloat16, "cuda")
+    for config in (dict(block_m=128, block_n=64, num_warps=8, num_stages=3), {}):
+        out, lse = apb_attention_triton(
+            q, k, v, num_passing=num_passing, num_anchor=num_anchor, use_tma=use_tma, **config
+        )
+        _check_against_refs(q, k, v, out, lse, num_passing=num_passing, num_anchor=num_anchor)
 
 
 def _num_compiled() -> int:
