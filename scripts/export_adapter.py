@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from apb.train.checkpoint import STATE_NAME, checkpoint_root, latest_checkpoint
 from apb.train.config import config_from_dict
 from apb.train.export import export_heads, heads_from_checkpoint

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 from apb.heads import ProjectionCapture
 
@@ -124,8 +125,8 @@ def label_attention(
     -> ([batch, seq, num_heads, head_dim], None), the shape transformers' attention functions return.
 
     The trainer feeds one unpadded sequence per row and no attention mask, so attention is plain
-    causal attention; a mask, if a transformers version builds one, is ignored on purpose (this
-    registered name has no mask function, so transformers passes None).
+    causal attention; the mask function registered for this name builds nothing, and a mask passed
+    anyway is ignored on purpose.
     """
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     request = _ACTIVE[-1] if _ACTIVE else None
@@ -158,7 +159,15 @@ def label_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The label attention is always plain causal (is_causal=True): no mask tensor is ever needed."""
+    return None
+
+
 AttentionInterface.register(ATTN_NAME, label_attention)
+# Registering a mask function too makes every transformers 5.x build no mask for this name (some
+# versions look the name up and fail on an unregistered one).
+AttentionMaskInterface.register(ATTN_NAME, _no_mask)
 
 
 def use_label_attention(model: nn.Module) -> None:
