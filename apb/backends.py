@@ -86,27 +86,36 @@ def _flex(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if "compiled" not in _FLEX_STATE:
-        _FLEX_STATE["compiled"] = torch.compile(flex_attention, dynamic=False)
+        # Each host has its own (queries, keys) shape; let dynamo go dynamic instead of giving up
+        # (falling back to eager flex materialises the full score matrix).
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < 64:
+            torch._dynamo.config.recompile_limit = 64
+        if getattr(torch._dynamo.config, "cache_size_limit", 64) < 64:
+            torch._dynamo.config.cache_size_limit = 64
+        _FLEX_STATE["compiled"] = torch.compile(flex_attention)
         _FLEX_STATE["masks"] = {}
     masks: dict = _FLEX_STATE["masks"]  # type: ignore[assignment]
     num_queries, num_keys = q.shape[2], k.shape[2]
     key = (num_passing, num_anchor, num_queries, num_keys, q.device)
     block_mask = masks.get(key)
     if block_mask is None:
-        # Built once per shape (prefill: per host; every layer reuses it).
+        # Built once per shape (prefill: per host; every layer reuses it). The sizes are captured as
+        # tensors so the compiled kernel is not specialised on each host's numbers.
+        sizes = torch.tensor([num_passing, num_anchor], device=q.device)
         block_mask = create_block_mask(
-            apb_mask_mod(num_passing, num_anchor), None, None, num_queries, num_keys, device=q.device
+            apb_mask_mod(sizes[0], sizes[1]), None, None, num_queries, num_keys, device=q.device
         )
         masks[key] = block_mask
     group = q.shape[1] // k.shape[1]
     kwargs = {"block_mask": block_mask, "scale": softmax_scale, "enable_gqa": group > 1}
     try:
         from torch.nn.attention.flex_attention import AuxRequest
-
-        out, aux = _FLEX_STATE["compiled"](q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
-        lse = aux.lse
     except ImportError:  # torch < 2.9
         out, lse = _FLEX_STATE["compiled"](q, k, v, return_lse=True, **kwargs)
+    else:
+        out, aux = _FLEX_STATE["compiled"](q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+        lse = aux.lse
     return out, lse.float()
 
 

@@ -1,0 +1,74 @@
+"""GPU checks: the flex_attention backend against the plain reference, and the oracle on CUDA.
+
+Skipped without CUDA (never touching CUDA at import). Tolerances follow FlashAttention's rule: the
+backend's error against an fp32 reference is at most twice the error of the reference run in the
+backend's own precision, plus a small floor for fp32 (flex's fp32 path may use TF32-free but
+differently ordered sums: 1e-5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from apb.kernels.reference import apb_attention_ref
+from conftest import FAMILIES, tiny_model
+
+from apb import APBConfig, APBModel, build_heads
+from apb.backends import get_backend
+
+pytestmark = [
+    pytest.mark.single_gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SHAPES = [(0, 0, 300), (512, 128, 1000), (77, 33, 129), (1000, 0, 257)]  # (passing, anchor, local)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_backend_matches_reference(dtype):
+    flex = get_backend("flex", "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for num_passing, num_anchor, num_local in SHAPES:
+        q = torch.randn(2, 8, num_anchor + num_local, 64, device="cuda", generator=g)
+        k = torch.randn(2, 2, num_passing + num_anchor + num_local, 64, device="cuda", generator=g)
+        v = torch.randn_like(k)
+        kwargs = dict(num_passing=num_passing, num_anchor=num_anchor, softmax_scale=0.125)
+        ref_out, ref_lse = apb_attention_ref(q, k, v, **kwargs)
+        low_out, _ = apb_attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
+        out, lse = flex(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
+        floor = 1e-5 if dtype == torch.float32 else 1e-3
+        out_err = (out.float() - ref_out).abs().max().item()
+        low_err = (low_out.float() - ref_out).abs().max().item()
+        assert out_err <= 2 * low_err + floor, (num_passing, num_anchor, num_local, out_err, low_err)
+        assert (lse - ref_lse).abs().max().item() < (1e-4 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("backend", ["flex", "reference"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_mode_oracle_on_cuda(family, backend):
+    model = tiny_model(family).cuda()
+    g = torch.Generator().manual_seed(1)
+    context = torch.randint(0, 128, (1, 301), generator=g).cuda()
+    query = torch.randint(0, 128, (1, 7), generator=g).cuda()
+    with torch.no_grad():
+        expected = model(torch.cat([context, query], dim=1)).logits[:, -7:]
+    apbm = APBModel(model)
+    for num_hosts in (2, 3, 4):
+        logits = apbm.prefill(context, query, config=APBConfig.exact(backend=backend), num_hosts=num_hosts)
+        err = (logits - expected).abs().max().item()
+        print(f"{family} {backend} H={num_hosts}: max err {err:.2e}")
+        assert err < 1e-4, f"{family} {backend} H={num_hosts}: {err:.2e}"
+
+
+def test_sparse_flex_equals_reference_bf16():
+    model = tiny_model("qwen3").cuda().to(torch.bfloat16)
+    torch.manual_seed(0)
+    apbm = APBModel(model, build_heads(model, hidden_size=32, dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(2)
+    context = torch.randint(0, 128, (1, 517), generator=g).cuda()
+    query = torch.randint(0, 128, (1, 5), generator=g).cuda()
+    cfg = dict(anchor_len=64, passing_len=20, query_in_anchor=True)
+    ref = apbm.prefill(context, query, config=APBConfig(**cfg, backend="reference"), num_hosts=4).float()
+    flex = apbm.prefill(context, query, config=APBConfig(**cfg, backend="flex"), num_hosts=4).float()
+    # bf16 activations: both backends round differently; logits of a random tiny model are O(1)
+    assert (flex - ref).abs().max().item() < 5e-2
