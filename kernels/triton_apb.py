@@ -41,7 +41,7 @@ _LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 # Whether CUDA GPUs of compute capability >= 9 load K/V through TMA descriptors by default
 # (APB_TRITON_TMA=0/1 overrides); set from the H100 measurements in benchmarks/RESULTS.md.
-USE_TMA_ON_HOPPER = False
+USE_TMA_ON_HOPPER = True
 
 if HAS_TRITON:
 
@@ -220,7 +220,7 @@ if HAS_TRITON:
 
     def _configs() -> list[triton.Config]:
         """Candidates for the autotuner; tuned on an H100 (benchmarks/RESULTS.md)."""
-        shapes = [(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3)]
+        shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
         return [
             triton.Config(
                 {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes
@@ -228,11 +228,20 @@ if HAS_TRITON:
             for bm, bn, w, s in shapes
         ]
 
+    # Per head dim, the candidates worth timing (H100 sweep at 128K, benchmarks/RESULTS.md): the
+    # best large-length tile plus (64, 64) for short inputs where 128-row tiles leave SMs idle.
+    _CANDIDATES = {
+        32: {(128, 64), (64, 64)},
+        64: {(128, 64), (64, 128), (64, 64)},
+        128: {(128, 128), (128, 64), (64, 64)},
+        256: {(64, 64), (64, 32)},
+    }
+
     def _prune(configs, named_args, **kwargs):
-        # Head dim 256 needs smaller key tiles to fit shared memory.
-        if named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM", 128)) >= 256:
-            return [c for c in configs if c.kwargs["BLOCK_N"] <= 64] or configs
-        return configs
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        wanted = _CANDIDATES.get(head_dim)
+        kept = [c for c in configs if wanted is None or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in wanted]
+        return kept or configs
 
     def _quick_bench(kernel_call, quantiles):
         # Short timing runs: a first call in a new length bucket tunes in well under a second.
@@ -340,10 +349,12 @@ def apb_attention_triton(
     if out.numel() == 0:
         return out, lse
     if use_tma is None:
-        use_tma = q.is_cuda and _tma_default()
-    k_arg, v_arg = k, v
+        use_tma = q.is_cuda and _tma_default() and TensorDescriptor is not None
     if use_tma:
         k, v = k.contiguous(), v.contiguous()
+        use_tma = k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0  # TMA needs 16-byte aligned bases
+    k_arg, v_arg = k, v
+    if use_tma:
         # Placeholder tile shape; the launch below (or the autotuner's pre_hook) sets the real one.
         k_arg, v_arg = (
             TensorDescriptor(t, [t.numel() // head_dim, head_dim], [head_dim, 1], [block_n or 64, head_dim])

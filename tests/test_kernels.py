@@ -162,6 +162,7 @@ def test_kernel_under_interpreter(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(cases)],
         env=env,
+        cwd=tmp_path,  # not the repo root: there `kernels/` would import as a top-level package
         capture_output=True,
         text=True,
         timeout=300,
@@ -221,6 +222,15 @@ def test_kernel_gpu_both_load_paths(use_tma, num_passing, num_anchor, num_local)
             q, k, v, num_passing=num_passing, num_anchor=num_anchor, use_tma=use_tma, **config
         )
         _check_against_refs(q, k, v, out, lse, num_passing=num_passing, num_anchor=num_anchor)
+
+
+@pytest.mark.single_gpu
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [16, 32, 256])
+def test_kernel_gpu_other_head_dims(head_dim):
+    q, k, v = _inputs(1, 4, 2, 517, 129, 1000, head_dim, torch.bfloat16, "cuda")
+    out, lse = apb_attention(q, k, v, num_passing=517, num_anchor=129)
+    _check_against_refs(q, k, v, out, lse, num_passing=517, num_anchor=129)
 
 
 def _num_compiled() -> int:
