@@ -86,14 +86,14 @@ def _flex(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if "compiled" not in _FLEX_STATE:
-        # Each host has its own (queries, keys) shape; let dynamo go dynamic instead of giving up
-        # (falling back to eager flex materialises the full score matrix).
-        limit = getattr(torch._dynamo.config, "recompile_limit", None)
-        if limit is not None and limit < 64:
-            torch._dynamo.config.recompile_limit = 64
-        if getattr(torch._dynamo.config, "cache_size_limit", 64) < 64:
-            torch._dynamo.config.cache_size_limit = 64
-        _FLEX_STATE["compiled"] = torch.compile(flex_attention)
+        # Static shapes: one compile per (queries, keys) shape, i.e. per host in simulation and once
+        # per rank when distributed. Dynamic-shape recompiles failed in Inductor (torch 2.11,
+        # head_dim 16: "NoValidChoicesError"). The limit is raised so simulating many hosts never
+        # falls back to eager flex, which materialises the full score matrix.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if getattr(torch._dynamo.config, name, 256) < 256:
+                setattr(torch._dynamo.config, name, 256)
+        _FLEX_STATE["compiled"] = torch.compile(flex_attention, dynamic=False)
         _FLEX_STATE["masks"] = {}
     masks: dict = _FLEX_STATE["masks"]  # type: ignore[assignment]
     num_queries, num_keys = q.shape[2], k.shape[2]

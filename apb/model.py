@@ -40,6 +40,14 @@ class APBModel(nn.Module):
         self.adapter_config = adapter_config
         self.capture = ProjectionCapture(model) if heads is not None else None
         install(model)
+        window = getattr(model.config, "sliding_window", None)
+        if window and getattr(model.config, "use_sliding_window", True):
+            logger.warning(
+                "%s uses a sliding window of %d tokens; APB attends over full blocks (like the reference), "
+                "so results differ from the model's own for contexts longer than the window",
+                self.shape.model_type,
+                window,
+            )
         self.last_prefill_times: dict[int, float] = {}
         """Seconds per host of the last context prefill (hosts of this process only)."""
 

@@ -24,13 +24,15 @@ pytestmark = [
 SHAPES = [(0, 0, 300), (512, 128, 1000), (77, 33, 129), (1000, 0, 257)]  # (passing, anchor, local)
 
 
+@pytest.mark.parametrize("head_dim", [16, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_backend_matches_reference(dtype):
+def test_flex_backend_matches_reference(dtype, head_dim):
     flex = get_backend("flex", "cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     for num_passing, num_anchor, num_local in SHAPES:
-        q = torch.randn(2, 8, num_anchor + num_local, 64, device="cuda", generator=g)
-        k = torch.randn(2, 2, num_passing + num_anchor + num_local, 64, device="cuda", generator=g)
+        # q laid out as transformers hands it over: [batch, seq, heads, dim] transposed (not contiguous)
+        q = torch.randn(2, num_anchor + num_local, 8, head_dim, device="cuda", generator=g).transpose(1, 2)
+        k = torch.randn(2, 2, num_passing + num_anchor + num_local, head_dim, device="cuda", generator=g)
         v = torch.randn_like(k)
         kwargs = dict(num_passing=num_passing, num_anchor=num_anchor, softmax_scale=0.125)
         ref_out, ref_lse = apb_attention_ref(q, k, v, **kwargs)
