@@ -1,6 +1,7 @@
 """apb-retain: retaining heads for a frozen LLM and APB sequence-parallel sparse prefill."""
 
 from apb.adapter import AdapterConfig, load_heads, save_adapter
+from apb.api import load
 from apb.config import APBConfig
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads, build_heads
 from apb.hub import push_to_hub
@@ -10,4 +11,4 @@ __version__ = "0.1.0"
 
 __all__ = ["ModelShape", "ProjectionCapture", "RetainingHeads", "build_heads", "__version__"]
 __all__ += ["AdapterConfig", "load_heads", "push_to_hub", "save_adapter"]
-__all__ += ["APBConfig", "APBModel"]
+__all__ += ["APBConfig", "APBModel", "load"]
