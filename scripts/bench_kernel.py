@@ -177,19 +177,23 @@ def main_table(contexts: list[str], skip: set[str], out_json: str | None) -> Non
         f"flex first {r.get('flex_first_s', float('nan')):.2f}, flex new length {r.get('flex_new_length_s', float('nan')):.2f}"
         for r in rows
     ))  # fmt: skip
+    from apb.kernels.triton_apb import _apb_fwd_autotuned
+
+    for key, config in _apb_fwd_autotuned.cache.items():
+        print(f"autotuned {key}: {config}")
     if out_json:
         with open(out_json, "w") as f:
             json.dump(rows, f, indent=1)
 
 
-def main_sweep(context: str, head_dim: int) -> None:
+def main_sweep(context: str, head_dim: int, tma_modes: tuple[bool, ...]) -> None:
     num_passing, num_anchor, num_local = apb_lengths(CONTEXTS[context])
     pairs = visible_pairs(num_passing, num_anchor, num_local)
     q, k, v = make_inputs(num_passing, num_anchor, num_local, head_dim=head_dim)
     results = []
     shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3),
               (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]  # fmt: skip
-    for use_tma in (False, True):
+    for use_tma in tma_modes:
         for bm, bn, warps, stages in shapes:
             try:
                 fn = lambda bm=bm, bn=bn, warps=warps, stages=stages, use_tma=use_tma: apb_attention_triton(  # noqa: E731
@@ -240,11 +244,14 @@ if __name__ == "__main__":
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--sweep", default=None, help="context to sweep tile configs at, e.g. 128K")
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument("--sweep-tma", default="both", choices=["both", "1", "0"])
     parser.add_argument("--first-call", action="store_true")
     parser.add_argument("--profile", action="store_true", help="run the kernel twice at 128K (for ncu)")
     args = parser.parse_args()
     if args.sweep:
-        main_sweep(args.sweep, args.head_dim)
+        main_sweep(
+            args.sweep, args.head_dim, {"both": (False, True), "1": (True,), "0": (False,)}[args.sweep_tma]
+        )
     elif args.profile:
         main_profile()
     elif args.first_call:

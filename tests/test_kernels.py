@@ -155,7 +155,18 @@ _INTERPRETER_CASES = [
 ]
 
 
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(
+    HAS_TRITON and _triton_version() < (3, 7),
+    reason="triton < 3.7's interpreter cannot loop over bounds derived from program ids (1-element arrays); "
+    "there the kernel is covered compiled by the single_gpu tests",
+)
 def test_kernel_under_interpreter(tmp_path):
     cases = [dict(c, path=str(tmp_path / f"case{i}.pt")) for i, c in enumerate(_INTERPRETER_CASES)]
     env = dict(os.environ, TRITON_INTERPRET="1")
