@@ -71,14 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,
     )
     trainer = Trainer(config, dist_info)
+    ok = False
     try:
         try:
             trainer.build()
         except ValueError as err:  # bad input: one clear line, before any training
             print(f"error: {err}", file=sys.stderr, flush=True)
+            ok = True  # every rank refuses the same config: the group is still in step
             return 2
         result = trainer.train()
         folder = trainer.export()
+        ok = True
         if dist_info.is_main:
             print(
                 f"done: {result['steps']} steps, {result['tokens_seen']} tokens, final loss "
@@ -87,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         trainer.close()
-        close_distributed()
+        # Destroy the process group while the interpreter is fully alive: left to interpreter
+        # shutdown, gloo's worker threads can still hold work objects whose tensors need the GIL,
+        # which aborts the process ("terminate called without an active exception", exit 134).
+        # The closing barrier runs only when every rank got here normally; after a failure on one
+        # rank it would wait for the others until the timeout.
+        close_distributed(barrier=ok)
     return 0
 
 

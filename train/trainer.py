@@ -9,7 +9,6 @@ one GPU (Yi-34B) trains on several.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -58,6 +57,8 @@ def _free_port() -> int:
 
 def init_distributed() -> DistInfo:
     """Join the process group started by the deepspeed launcher or torchrun; a world of 1 otherwise."""
+    # DeepSpeed's CPU accelerator JIT-builds a comm op on first use (~60 s): cache it across runs.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/apb-retain/torch_extensions"))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -77,15 +78,15 @@ def init_distributed() -> DistInfo:
     )
 
 
-def close_distributed() -> None:
-    """Tear the process group down on every rank before the interpreter exits.
+def close_distributed(barrier: bool = True) -> None:
+    """Destroy the process group on this rank (after a barrier when `barrier`), before interpreter exit.
 
-    Without it the gloo process group's C++ worker threads are still joinable while Python finalises,
-    and `std::thread`'s destructor calls `std::terminate` ("terminate called without an active
-    exception", exit code 134) on some runs.
+    Left to interpreter finalisation, gloo's C++ worker threads may still hold work objects whose
+    tensors need the GIL to be freed; that aborts the process with "terminate called without an
+    active exception" (exit 134) on some runs (pytorch/pytorch#190489, #179291).
     """
     if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
+        if barrier:
             dist.barrier()
         dist.destroy_process_group()
 
@@ -223,7 +224,11 @@ def load_base(config: RunConfig, model_config: Any, dist_info: DistInfo) -> tupl
     m = config.model
     if m.from_config is not None:
         torch.manual_seed(m.seed)
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        if config.deepspeed.zero_stage == 3:
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)  # zero.Init shards it
+        else:
+            with dist_info.device:  # random init right on the device (an 8B init on the CPU takes a minute)
+                model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype)
     if config.deepspeed.zero_stage == 3:
