@@ -1,0 +1,104 @@
+"""scripts/bench_prefill.py end to end on the CPU (tiny model, simulated hosts) and its comm model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_prefill.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_prefill_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_comm_model_matches_the_stated_formula(bench):
+    # Llama-3.1-8B, 128K, 8 hosts: passing 2048 per KV head, K+V in bf16 -> 8 MiB per host per layer;
+    # each GPU receives 7 of the 8 pieces per layer at 450 GB/s, 32 layers.
+    ms = bench.comm_ms(
+        num_layers=32,
+        num_hosts=8,
+        max_passing=2048,
+        num_kv_heads=8,
+        head_dim=128,
+        bytes_per_element=2,
+        bandwidth_gbps=450.0,
+    )
+    assert ms == pytest.approx(32 * 7 * 2048 * 8 * 128 * 2 * 2 / 450e9 * 1000)
+    assert ms == pytest.approx(4.176, abs=1e-3)
+    assert (
+        bench.comm_ms(
+            num_layers=32,
+            num_hosts=8,
+            max_passing=0,
+            num_kv_heads=8,
+            head_dim=128,
+            bytes_per_element=2,
+            bandwidth_gbps=450.0,
+        )
+        == 0.0
+    )
+
+
+def test_passing_counts_follow_the_apb_config(bench):
+    from apb import APBConfig
+
+    config = APBConfig.for_length(131072, 8)
+    assert (config.anchor_len, config.passing_len) == (4096, 2048)
+    assert bench.passing_counts(131072, 8, config) == [2048] * 7 + [0]
+    assert bench.passing_counts(131072, 8, APBConfig.star(131072, 8)) == [0] * 8
+
+
+def test_tiny_run_end_to_end(bench, tmp_path):
+    out = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    png = tmp_path / "r.png"
+    argv = ["--tiny", "--lengths", "1024", "--hosts", "2", "--out", str(out), "--markdown", str(md)]
+    results = bench.main([*argv, "--plot", str(png)])
+    saved = json.loads(out.read_text())
+    runs = {(r["method"], r["hosts"]): r for r in saved["runs"]}
+    assert set(runs) == {("full", 1), ("star", 2), ("apb", 2)}
+    assert all(r["status"] == "ok" and r["finite"] for r in runs.values())
+    full = runs[("full", 1)]
+    for key in (("star", 2), ("apb", 2)):
+        run = runs[key]
+        assert run["total_ms"] == pytest.approx(run["compute_ms"] + run["comm_ms"] + run["query_ms"])
+        assert run["compute_ms"] == max(run["host_ms"])
+        assert run["speedup_vs_full"] == pytest.approx(full["total_ms"] / run["total_ms"])
+        assert run["tokens_per_s"] == pytest.approx((1024 + 8) / (run["total_ms"] / 1000))
+    assert runs[("star", 2)]["comm_ms"] == 0.0
+    assert runs[("apb", 2)]["comm_ms"] > 0.0
+    assert runs[("apb", 2)]["speedup_vs_star"] == pytest.approx(
+        runs[("star", 2)]["total_ms"] / runs[("apb", 2)]["total_ms"]
+    )
+    assert saved["backend"] == "reference"
+    # breakdown: APB, Star and full; categories add up to the host's time (+ the modelled comm)
+    assert {b["method"] for b in saved["breakdown"]} == {"apb", "star", "full"}
+    for entry in saved["breakdown"]:
+        for host in entry["per_host"]:
+            cats = host["ms"]
+            assert set(cats) == set(bench.CATEGORIES)
+            assert all(v >= 0 for v in cats.values())
+            assert sum(cats.values()) == pytest.approx(host["host_ms"] + cats["comm"], rel=1e-6)
+            assert cats["ffn"] > 0 and cats["qkv"] > 0 and cats["attention"] > 0
+    apb_entry = next(b for b in saved["breakdown"] if b["method"] == "apb")
+    assert apb_entry["per_host"][0]["runs_heads"] and apb_entry["per_host"][0]["ms"]["heads"] > 0
+    assert not apb_entry["per_host"][-1]["runs_heads"]
+    assert "heads_share" in saved["targets"] and "apb_vs_star" in saved["targets"]
+    assert "| apb | 1K | 2 |" in md.read_text()
+    assert png.stat().st_size > 10_000
+    # re-rendering from the JSON gives the same numbers
+    again = bench.main(["--from-json", str(out)])
+    assert again["runs"] == results["runs"]
