@@ -115,3 +115,40 @@ def test_dry_run_prints_resolved_config_and_loads_nothing():
         timeout=120,
     )
     assert bad.returncode == 2 and "optim.lrr" in bad.stderr
+
+
+def test_unsupported_model_type_is_refused_before_loading():
+    from apb.train.trainer import check_model_supported
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="model_type 'gpt2' has no retaining-head support"):
+        check_model_supported(GPT2Config())
+
+
+def test_zero_stage_that_does_not_fit_is_refused(monkeypatch):
+    import torch
+    from apb.train import trainer
+    from transformers import LlamaConfig
+
+    yi34b = LlamaConfig(
+        hidden_size=7168,
+        intermediate_size=20480,
+        num_hidden_layers=60,
+        num_attention_heads=56,
+        num_key_value_heads=8,
+        vocab_size=64000,
+    )  # Yi-34B's shape, counted on the meta device
+    props = type("Props", (), {"total_memory": 80 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    config = load_config(ROOT / "configs" / "yi34b.yaml")
+    gpu = lambda n: trainer.DistInfo(rank=0, world_size=n, local_rank=0, device=torch.device("cuda", 0))  # noqa: E731
+    config.deepspeed.zero_stage = 1
+    with pytest.raises(
+        ValueError,
+        match=r"deepspeed.zero_stage: the base's weights need 6\d\.\d GiB.*use deepspeed.zero_stage: 3",
+    ):
+        trainer.check_zero_stage_fits(config, yi34b, gpu(8))
+    config.deepspeed.zero_stage = 3
+    trainer.check_zero_stage_fits(config, yi34b, gpu(8))  # 8.0 GiB per GPU: fits
+    with pytest.raises(ValueError, match="use more GPUs"):
+        trainer.check_zero_stage_fits(config, yi34b, gpu(1))

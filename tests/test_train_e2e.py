@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,9 @@ def test_deepspeed_two_ranks_trains_and_exports(tmp_path):
     assert sorted(losses) == list(range(1, 31))
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
     assert last < 0.9 * first, (first, last)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events written"
+    assert (run / "config.yaml").is_file() and (run / "deepspeed.json").is_file()
+    assert len(list((run / "checkpoints").glob("step_*"))) == 2  # keep_last: 2
 
     adapter = run / "adapter"
     heads, adapter_config = apb.load_heads(_tiny_base(), adapter)
@@ -103,6 +107,30 @@ def test_deepspeed_two_ranks_trains_and_exports(tmp_path):
     heads20, config20 = apb.load_heads(_tiny_base(), out)
     assert config20.training["steps"] == 20
     assert not torch.equal(heads20.layers[0].fc1.weight, heads.layers[0].fc1.weight)
+
+
+def test_zero3_shards_the_base_over_two_ranks(tmp_path):
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        str(ROOT / "train" / "retain.py"),
+    ]
+    cmd += ["--config", str(TINY), "--set", f"output_dir={run}", "--set", "logging.tqdm=false"]
+    cmd += ["--set", "deepspeed.zero_stage=3", "--set", "optim.max_steps=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count("exits successfully") == 2 and "terminate called" not in log
+    match = re.search(r"base \(2 layers, ([\d.]+)M params, ([\d.]+)M held by this rank\)", log)
+    assert match, log[-4000:]
+    total, local = float(match.group(1)), float(match.group(2))
+    assert local < 0.6 * total  # ZeRO-3: each rank holds about half of the frozen base
+    heads, config = apb.load_heads(_tiny_base(), run / "adapter")  # gathered from the shards for export
+    assert config.training["steps"] == 4 and heads.layers[0].fc1.weight.abs().sum() > 0
 
 
 def test_kill_and_resume_continues_the_same_loss_curve(tmp_path):

@@ -336,11 +336,18 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-        num_params = sum(p.numel() for p in heads.parameters())
+        num_params = sum(getattr(p, "ds_numel", p.numel()) for p in heads.parameters())
+        base_total = sum(getattr(p, "ds_numel", p.numel()) for p in self.base.parameters())
+        base_local = sum(
+            p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.base.parameters()
+        )
         logger.info(
-            "built: %s base (%d layers), heads %.1fM params, %d samples, %d steps, world size %d, ZeRO %d",
-            ModelShape.from_model(self.base).model_type,
+            "built: %s base (%d layers, %.3gM params, %.3gM held by this rank), heads %.3gM params, "
+            "%d samples, %d steps, world size %d, ZeRO %d",
+            heads.shape.model_type,
             heads.shape.num_layers,
+            base_total / 1e6,
+            base_local / 1e6,
             num_params / 1e6,
             len(self.layouts),
             self.total_steps,
