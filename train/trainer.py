@@ -379,6 +379,7 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats(device)
             # [loss, fit, smoothness, tokens, fit per layer...] summed over micro-steps, then over ranks.
             totals = torch.zeros(4 + num_layers, dtype=torch.float64, device=device)
+            lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler moves on in step())
             for _ in range(cfg.optim.grad_accum):
                 layout = self._next_layout()
                 result = micro_step(
@@ -408,7 +409,7 @@ class Trainer:
                 "loss": self.last_loss,
                 "fit": float(totals[1] / num_micro),
                 "smoothness": float(totals[2] / num_micro),
-                "lr": float(self.engine.get_lr()[0]),
+                "lr": lr,
                 "grad_norm": _as_float(self.engine.get_global_grad_norm()),
                 "tokens_per_s": step_tokens / elapsed,
                 "tokens_seen": self.tokens_seen,
