@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 RANK_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
-from apb.train.distributed import close_distributed
+from apb.train.process_group import close_distributed
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2)
 works = [dist.all_reduce(torch.randn(4096), async_op=True) for _ in range(50)]

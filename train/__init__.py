@@ -7,7 +7,7 @@ plain python; ``--dry-run``; ``--set key=value``). Modules:
 - `labels`: the registered attention function that computes Locret labels inside the forward.
 - `loss`: SmoothL1 + smoothness (`retain_loss`).
 - `step`: `base_forward` (no-grad base -> block q/k/v + labels), `micro_step`, `HeadsStack`.
-- `trainer`: `Trainer(config, dist).build() / train() / export()`; `distributed`: process group in/out.
+- `trainer`: `Trainer(config, dist).build() / train() / export()`; `process_group`: joining and leaving the process group.
 - `checkpoint`: save/resume (heads, optimizer, scheduler, sampler, RNG); `export`: adapter folders.
 
 Submodules are imported on use (nothing heavy at ``import apb.train``).

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# deepspeed config:\n" + json.dumps(config.deepspeed_config(world_size), indent=2))
         return 0
 
-    from apb.train.distributed import close_distributed, init_distributed
+    from apb.train.process_group import close_distributed, init_distributed
     from apb.train.trainer import Trainer
 
     dist_info = init_distributed()

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from apb.data.layout import HostLayout, LayoutParams, build_host_layout
 from apb.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from apb.train.config import RunConfig, dump_deepspeed, save_resolved
-from apb.train.distributed import DistInfo, close_distributed, init_distributed  # noqa: F401 (re-exported)
+from apb.train.process_group import DistInfo, close_distributed, init_distributed  # noqa: F401 (re-exported)
 from apb.train.step import HeadsStack, micro_step, prepare_base
 from torch import nn
 
