@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from apb.kernels.reference import apb_attention_ref
+from apb.kernels.reference import apb_attention_ref, decode_attention_ref
 from apb.kernels.triton_apb import _check_shapes, apb_attention_triton, triton_supported
 
 
@@ -35,3 +35,34 @@ def apb_attention(
     return apb_attention_ref(
         q, k, v, num_passing=num_passing, num_anchor=num_anchor, softmax_scale=softmax_scale
     )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_prefix: int | None,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few query rows (the query pass, a decoding step) over one host's keys, with lse for merging.
+
+    q: [batch, num_heads, t, head_dim]; k, v: [batch, num_kv_heads, S, head_dim].
+    num_prefix None: every key is visible (a host's cached block). Otherwise query i sees keys
+    ``j <= num_prefix + i`` (the cache, then the queries' own keys, causal): APB attention with
+    `num_passing = num_prefix` and no anchor.
+    Returns out [batch, num_heads, t, head_dim] in q's dtype and lse [batch, num_heads, t] (fp32).
+    fp16/bf16 CUDA tensors run the Triton kernel (all-visible as a causal mask shifted past the last key);
+    everything else runs `decode_attention_ref`.
+    """
+    t, num_keys = q.shape[2], k.shape[2]
+    fits = num_keys >= t if num_prefix is None else num_keys == num_prefix + t
+    if q.is_cuda and fits and triton_supported(q) and k.dtype == q.dtype and v.dtype == q.dtype:
+        if num_prefix is not None:
+            return apb_attention_triton(
+                q, k, v, num_passing=num_prefix, num_anchor=0, softmax_scale=softmax_scale
+            )
+        return apb_attention_triton(
+            q, k, v, num_passing=num_keys - t, num_anchor=0, softmax_scale=softmax_scale, causal_shift=t
+        )
+    return decode_attention_ref(q, k, v, num_prefix=num_prefix, softmax_scale=softmax_scale)

@@ -67,3 +67,42 @@ def apb_attention_ref(
         outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse[..., None]), vf))
         lses.append(lse)
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_prefix: int | None,
+    softmax_scale: float | None = None,
+    max_elements: int = 1 << 27,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few query rows over a key set, plainly (fp32 math), with the log-sum-exp for merging partials.
+
+    q: [batch, num_heads, t, head_dim]; k, v: [batch, num_kv_heads, S, head_dim].
+    num_prefix None: every key is visible. Otherwise query i sees keys ``j <= num_prefix + i`` (the last
+    t keys are the queries' own, causal). GQA without repeating K/V. Query rows are chunked so the score
+    tensor stays under `max_elements`.
+    Returns out [batch, num_heads, t, head_dim] in q's dtype and lse [batch, num_heads, t] (fp32).
+    """
+    batch, num_heads, t, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    kf, vf = k.float(), v.float()
+    qg = q.float().reshape(batch, num_kv_heads, group, t, head_dim)
+    chunk = max(1, min(t, max_elements // max(1, batch * num_heads * num_keys)))
+    outs, lses = [], []
+    for start in range(0, t, chunk):
+        qc = qg[:, :, :, start : start + chunk]
+        scores = torch.einsum("bkgtd,bksd->bkgts", qc, kf) * scale
+        if num_prefix is not None:
+            q_pos = torch.arange(start, start + qc.shape[3], device=q.device)[:, None] + num_prefix
+            visible = torch.arange(num_keys, device=q.device)[None, :] <= q_pos
+            scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.einsum("bkgts,bksd->bkgtd", torch.exp(scores - lse.unsqueeze(-1)), vf))
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(batch, num_heads, t, head_dim)
+    return out.to(q.dtype), torch.cat(lses, dim=3).reshape(batch, num_heads, t)

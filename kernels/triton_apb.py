@@ -46,7 +46,14 @@ USE_TMA_ON_HOPPER = True
 if HAS_TRITON:
 
     @triton.jit(
-        do_not_specialize=["num_queries", "num_keys", "num_passing", "num_anchor", "len_bucket"],
+        do_not_specialize=[
+            "num_queries",
+            "num_keys",
+            "num_passing",
+            "num_anchor",
+            "causal_shift",
+            "len_bucket",
+        ],
     )
     def _apb_fwd_kernel(
         Q,
@@ -71,6 +78,7 @@ if HAS_TRITON:
         num_keys,
         num_passing,
         num_anchor,
+        causal_shift,  # rows see `causal_shift` more keys past their diagonal (decoding: all keys); 0 for APB
         len_bucket,  # autotune key only: a coarse bucket of num_queries, so new lengths reuse configs
         qk_scale,  # softmax_scale * log2(e)
         GROUP: tl.constexpr,
@@ -112,25 +120,27 @@ if HAS_TRITON:
         # Tiles made only of local rows start at key 0; tiles with anchor rows start at the anchor.
         all_local = (m0 >= num_anchor).to(tl.int32)
         lo = num_passing * (1 - all_local)
-        diag = num_passing + m0 + 1  # keys < diag are visible to every row of this tile
+        diag_offset = num_passing + causal_shift  # row i sees keys <= diag_offset + i
+        # keys < diag are visible to every row of this tile (clamped: unmasked loads stay inside the keys)
+        diag = tl.minimum(diag_offset + m0 + 1, num_keys)
         full_end = lo + ((diag - lo) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(num_keys, num_passing + m0 + BLOCK_M)
+        hi = tl.minimum(num_keys, diag_offset + m0 + BLOCK_M)
 
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-            lo, full_end, num_passing, num_anchor, qk_scale,
+            lo, full_end, num_passing, diag_offset, num_anchor, qk_scale,
             kv_row0, BLOCK_N, False, USE_TMA,
         )  # fmt: skip
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-            full_end, hi, num_passing, num_anchor, qk_scale,
+            full_end, hi, num_passing, diag_offset, num_anchor, qk_scale,
             kv_row0, BLOCK_N, True, USE_TMA,
         )  # fmt: skip
         # The one tile holding both anchor and local rows: its local rows also see the passing keys.
         mixed = ((m0 < num_anchor) & (m0 + BLOCK_M > num_anchor)).to(tl.int32)
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-            0, num_passing * mixed, num_passing, num_anchor, qk_scale,
+            0, num_passing * mixed, num_passing, diag_offset, num_anchor, qk_scale,
             kv_row0, BLOCK_N, True, USE_TMA,
         )  # fmt: skip
 
@@ -162,6 +172,7 @@ if HAS_TRITON:
         start,
         end,
         num_passing,
+        diag_offset,
         num_anchor,
         qk_scale,
         kv_row0,
@@ -192,7 +203,7 @@ if HAS_TRITON:
             qk = tl.dot(q, tl.trans(k))
             if MASKED:
                 visible = (
-                    (cols[None, :] <= num_passing + offs_m[:, None])
+                    (cols[None, :] <= diag_offset + offs_m[:, None])
                     & in_range[None, :]
                     & ((cols[None, :] >= num_passing) | (offs_m[:, None] >= num_anchor))
                 )
@@ -319,6 +330,7 @@ def apb_attention_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_tma: bool | None = None,
+    causal_shift: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """APB attention through the Triton kernel (fp16/bf16; CUDA, or any device under TRITON_INTERPRET=1).
 
@@ -327,6 +339,8 @@ def apb_attention_triton(
     Returns out [batch, num_heads, num_queries, head_dim] (q's dtype) and lse [batch, num_heads, num_queries]
     (fp32, natural log). Giving `block_m` and `block_n` bypasses the autotuner (tests, sweeps).
     `use_tma` loads K/V tiles through Hopper's tensor memory accelerator (default: `_tma_default()`).
+    `causal_shift` lets every row see that many more keys past its diagonal (`decode_attention` uses it to
+    make all keys visible); APB attention itself uses 0.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -366,7 +380,7 @@ def apb_attention_triton(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        num_heads, num_queries, num_keys, num_passing, num_anchor, len_bucket(num_queries),
+        num_heads, num_queries, num_keys, num_passing, num_anchor, causal_shift, len_bucket(num_queries),
         scale * _LOG2E,
     )  # fmt: skip
     group = num_heads // num_kv_heads

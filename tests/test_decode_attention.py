@@ -1,0 +1,143 @@
+"""`decode_attention` (the query pass and decoding steps over one host's keys) vs plain references.
+
+Same rule as tests/test_kernels.py (FlashAttention's): the kernel's max error against an fp32 reference is
+at most 2x that of a reference computed in the kernel's own precision, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from apb.kernels import apb_attention_ref, decode_attention, decode_attention_ref
+from apb.kernels.triton_apb import HAS_TRITON
+
+OUT_FLOOR = 1e-5  # fp32 rounding of exp2/log2 on values of order 1; see tests/test_kernels.py
+LSE_FLOOR = 1e-4
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU for the Triton kernel"
+)
+
+
+def _inputs(num_heads, num_kv_heads, t, num_keys, head_dim, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed + 1000 * t + num_keys)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    return (
+        rand(1, num_heads, t, head_dim),
+        rand(1, num_kv_heads, num_keys, head_dim),
+        rand(1, num_kv_heads, num_keys, head_dim),
+    )
+
+
+def _lowp(q, k, v, num_prefix):
+    """All steps rounded to the inputs' dtype (FlashAttention's `attention_ref(upcast=False)`)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if num_prefix is not None:
+        rows = torch.arange(q.shape[2], device=q.device)[:, None] + num_prefix
+        scores = scores.masked_fill(torch.arange(k.shape[2], device=q.device)[None, :] > rows, float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1).to(v.dtype), v), torch.logsumexp(scores.float(), -1)
+
+
+def _check(q, k, v, out, lse, num_prefix):
+    ref_out, ref_lse = decode_attention_ref(q.float(), k.float(), v.float(), num_prefix=num_prefix)
+    low_out, low_lse = _lowp(q, k, v, num_prefix)
+    err = (out.double() - ref_out).abs().max().item()
+    low_err = (low_out.double() - ref_out).abs().max().item()
+    lse_err = (lse.double() - ref_lse).abs().max().item()
+    low_lse_err = (low_lse.double() - ref_lse).abs().max().item()
+    assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert err <= 2 * low_err + OUT_FLOOR, f"out error {err:.3g} > 2 x {low_err:.3g}"
+    assert lse_err <= 2 * low_lse_err + LSE_FLOOR, f"lse error {lse_err:.3g} > 2 x {low_lse_err:.3g}"
+
+
+@pytest.mark.parametrize("t,num_keys", [(1, 1), (1, 37), (5, 5), (7, 300)])
+def test_reference_all_visible_is_softmax_over_every_key(t, num_keys):
+    q, k, v = _inputs(4, 2, t, num_keys, 16, torch.float64, "cpu")
+    out, lse = decode_attention_ref(q, k, v, num_prefix=None)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = q @ kk.transpose(-1, -2) / 4.0
+    # The reference's math is fp32 whatever the inputs: fp32 rounding is the only difference.
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ vv, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,num_prefix", [(1, 0), (3, 10), (9, 250)])
+def test_reference_with_prefix_is_apb_attention_without_anchor(t, num_prefix):
+    q, k, v = _inputs(4, 1, t, num_prefix + t, 16, torch.float32, "cpu")
+    out, lse = decode_attention_ref(q, k, v, num_prefix=num_prefix)
+    ref_out, ref_lse = apb_attention_ref(q, k, v, num_passing=num_prefix, num_anchor=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_falls_back_to_the_reference():
+    q, k, v = _inputs(4, 2, 3, 40, 16, torch.float32, "cpu")
+    for num_prefix in (None, 37):
+        out, lse = decode_attention(q, k, v, num_prefix=num_prefix)
+        ref_out, ref_lse = decode_attention_ref(q, k, v, num_prefix=num_prefix)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from apb.kernels.triton_apb import apb_attention_triton
+    for case in json.loads(sys.argv[1]):
+        gen = torch.Generator().manual_seed(case["t"] * 101 + case["keys"])
+        q = torch.randn(1, case["heads"], case["t"], 16, generator=gen).half()
+        k = torch.randn(1, case["kv"], case["keys"], 16, generator=gen).half()
+        v = torch.randn(1, case["kv"], case["keys"], 16, generator=gen).half()
+        out, lse = apb_attention_triton(q, k, v, num_passing=case["keys"] - case["t"], num_anchor=0,
+                                        causal_shift=case["t"], block_m=16, block_n=16, use_tma=False)
+        torch.save(dict(q=q, k=k, v=v, out=out, lse=lse), case["path"])
+    """
+)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_all_visible_kernel_under_interpreter(tmp_path):
+    """The shifted-causal trick (every key visible) through Triton's interpreter, fp16, ragged tiles."""
+    cases = [
+        dict(t=1, keys=1, heads=2, kv=1),
+        dict(t=1, keys=45, heads=4, kv=2),
+        dict(t=5, keys=5, heads=2, kv=2),
+        dict(t=7, keys=70, heads=4, kv=1),
+        dict(t=20, keys=33, heads=2, kv=1),
+    ]
+    cases = [dict(c, path=str(tmp_path / f"c{i}.pt")) for i, c in enumerate(cases)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    # Run outside the checkout so the repo root's kernels/ folder is not on sys.path.
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(cases)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if "program-id" in proc.stderr or "ProgramID" in proc.stderr:
+        pytest.skip("this triton's interpreter cannot loop over program-id-derived bounds (needs >= 3.7)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case in cases:
+        r = torch.load(case["path"])
+        _check(r["q"], r["k"], r["v"], r["out"], r["lse"], None)
+
+
+@pytest.mark.single_gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,num_keys", [(1, 1), (1, 16384), (17, 17), (64, 20480), (64, 1000), (300, 4133)])
+@pytest.mark.parametrize("prefix", [False, True])
+def test_decode_attention_gpu(dtype, t, num_keys, prefix):
+    q, k, v = _inputs(32, 8, t, num_keys, 128, dtype, "cuda")
+    num_prefix = num_keys - t if prefix else None
+    out, lse = decode_attention(q, k, v, num_prefix=num_prefix)
+    _check(q, k, v, out, lse, num_prefix)
