@@ -99,3 +99,19 @@ def test_star_with_two_hosts_is_exact():
     apbm = APBModel(model)
     logits = apbm.prefill(context, query, config=APBConfig.star(36, 2), num_hosts=2)
     assert (logits - _plain_query_logits(model, context, query)).abs().max().item() < ATOL
+
+
+def test_eager_model_keeps_eager_outside_apb():
+    """A model loaded with attn_implementation="eager" delegates to eager (mask included) when idle."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    context, query = _ids(11, 1, 20), _ids(12, 1, 3)
+    expected = _plain_query_logits(model, context, query)
+    apbm = APBModel(model)
+    assert model.config._attn_implementation == "apb"
+    assert torch.equal(_plain_query_logits(model, context, query), expected)
+    logits = apbm.prefill(context, query, config=APBConfig.exact(), num_hosts=3)
+    assert (logits - expected).abs().max().item() < ATOL

@@ -259,3 +259,18 @@ def test_bad_input_errors():
         apbm.prefill(_ids(0, 20), _ids(1, 2), num_hosts=2)
     with pytest.raises(ValueError, match="built for another model.*num_kv_heads: heads 1 vs model 2"):
         APBModel(model, build_heads(tiny_model("llama", num_key_value_heads=1)))
+
+
+def test_flex_short_blocks_use_reference():
+    """Blocks shorter than FLEX_MIN_LEN skip flex (no compile): the answer is the reference's."""
+    from apb.backends import FLEX_MIN_LEN
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, FLEX_MIN_LEN - 28, 8, generator=g)
+    k, v = (
+        torch.randn(1, 2, FLEX_MIN_LEN - 8, 8, generator=g),
+        torch.randn(1, 2, FLEX_MIN_LEN - 8, 8, generator=g),
+    )
+    out, lse = get_backend("flex", "cpu")(q, k, v, num_passing=20, num_anchor=10, softmax_scale=0.3)
+    ref_out, ref_lse = apb_attention_ref(q, k, v, num_passing=20, num_anchor=10, softmax_scale=0.3)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
