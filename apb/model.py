@@ -100,8 +100,8 @@ class APBModel(nn.Module):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         context, query = self._inputs(context_ids, query_ids)
-        if eos_token_id is None and stop_strings is None and tokenizer is not None:
-            eos_token_id = tokenizer.eos_token_id
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
         stop = StopCriteria(context.shape[0], eos_token_id, stop_strings, tokenizer)
         comm = make_comm(num_hosts)
         decode = self._prefill_context(context, query, config, comm)
