@@ -31,6 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from apb.comm import Communicator
 from apb.heads import ProjectionCapture, RetainingHeads
+from apb.kernels import decode_attention
 
 ATTN_NAME = "apb"
 
@@ -55,46 +56,6 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[
         weight = torch.exp(s.float() - lse).nan_to_num(0.0).unsqueeze(-1)
         out = weight * o.float() if out is None else out + weight * o.float()
     return out, lse
-
-
-def partial_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float,
-    num_prefix: int | None = None,
-    max_elements: int = 1 << 27,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of a few query tokens over a key set, returning the log-sum-exp for merging.
-
-    q: [batch, num_heads, t, head_dim]; k, v: [batch, num_kv_heads, S, head_dim].
-    num_prefix None: every key visible. Otherwise query i sees keys ``j <= num_prefix + i``
-    (the last t keys are the queries' own, causal). GQA without repeating K/V.
-    Returns out [batch, num_heads, t, head_dim] fp32 and lse [batch, num_heads, t] fp32.
-    Query rows are chunked so the score tensor stays under `max_elements`.
-    """
-    batch, num_heads, t, head_dim = q.shape
-    num_kv_heads, num_keys = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
-    kf, vf = k.float(), v.float()
-    qg = q.float().reshape(batch, num_kv_heads, group, t, head_dim)
-    chunk = max(1, min(t, max_elements // max(1, batch * num_heads * num_keys)))
-    outs, lses = [], []
-    for start in range(0, t, chunk):
-        qc = qg[:, :, :, start : start + chunk]
-        rows = qc.shape[3]
-        scores = torch.einsum("bkgtd,bksd->bkgts", qc, kf) * scale
-        if num_prefix is not None:
-            q_pos = torch.arange(start, start + rows, device=q.device)[:, None] + num_prefix
-            visible = torch.arange(num_keys, device=q.device)[None, :] <= q_pos
-            scores = scores.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.unsqueeze(-1))
-        outs.append(torch.einsum("bkgts,bksd->bkgtd", probs, vf))
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).reshape(batch, num_heads, t, head_dim)
-    return out, torch.cat(lses, dim=3).reshape(batch, num_heads, t)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -208,14 +169,14 @@ class DecodeState:
         outs, lses = [], []
         for host in sorted(self.stores):
             k_ctx, v_ctx = self.stores[host][layer_idx]
-            out, lse = partial_attention(query, k_ctx, v_ctx, scale=scaling)
+            out, lse = decode_attention(query, k_ctx, v_ctx, num_prefix=None, softmax_scale=scaling)
             if host == self.last_host:
                 tail = self.tails.get(layer_idx)
                 k_new = key if tail is None else torch.cat([tail[0], key], dim=2)
                 v_new = value if tail is None else torch.cat([tail[1], value], dim=2)
                 self.tails[layer_idx] = (k_new, v_new)
-                out_new, lse_new = partial_attention(
-                    query, k_new, v_new, scale=scaling, num_prefix=k_new.shape[2] - t
+                out_new, lse_new = decode_attention(
+                    query, k_new, v_new, num_prefix=k_new.shape[2] - t, softmax_scale=scaling
                 )
                 out, lse = merge_partials([out, out_new], [lse, lse_new])
             outs.append(out)

@@ -9,7 +9,7 @@ Every backend has the signature of :func:`apb.kernels.reference.apb_attention_re
 
 Built in: "reference" (plain torch, any device), "flex" (torch flex_attention, CUDA), "flash"
 (flash-attn, only when importable), "triton" (``apb.kernels.apb_attention``, only when that exists).
-"auto" resolves to flex on CUDA and reference elsewhere.
+"auto" resolves to triton on CUDA (flex when triton is missing) and reference elsewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from apb.kernels.reference import apb_attention_ref
+from apb.kernels.triton_apb import HAS_TRITON
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,14 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str, device: torch.device | str) -> BackendFn:
-    """The backend function for `name` ("auto": flex on CUDA, reference otherwise)."""
+    """The backend function for `name` ("auto": triton, else flex, on CUDA; reference otherwise)."""
     _register_optional()
     if name == "auto":
-        name = "flex" if torch.device(device).type == "cuda" else "reference"
+        if torch.device(device).type != "cuda":
+            name = "reference"
+        else:
+            # The Triton kernel measured 1.30x flex_attention at 128K on an H100 (benchmarks/RESULTS.md).
+            name = "triton" if "triton" in _REGISTRY and HAS_TRITON else "flex"
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown APB attention backend {name!r}; available: {', '.join(available_backends())}"

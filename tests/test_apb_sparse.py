@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from apb.kernels.reference import apb_attention_ref, apb_mask
+from apb.kernels.reference import apb_attention_ref, apb_mask, decode_attention_ref
 from conftest import tiny_model
 
 from apb import APBConfig, APBModel, build_heads
-from apb.attention import partial_attention, select_passing
+from apb.attention import select_passing
 from apb.backends import apb_mask_mod, decomposed_apb_attention, get_backend
 from apb.config import split_blocks
 
@@ -57,7 +57,7 @@ def test_decomposed_backend_matches_reference():
     """The flash-attn backend's decomposition (anchor causal; local = full prefix + causal local)."""
 
     def attend(q, k, v, causal, scale):  # same-length causal, as flash_attn_func does
-        return partial_attention(q, k, v, scale=scale, num_prefix=0 if causal else None)
+        return decode_attention_ref(q, k, v, num_prefix=0 if causal else None, softmax_scale=scale)
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 9, 8, generator=g)
