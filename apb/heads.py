@@ -137,7 +137,8 @@ class RetainingHeads(nn.Module):
         self.hidden_size = hidden_size
         self.act_name = act
         self.layers = nn.ModuleList(
-            RetainingHead(shape.input_size, hidden_size, shape.num_kv_heads, act) for _ in range(shape.num_layers)
+            RetainingHead(shape.input_size, hidden_size, shape.num_kv_heads, act)
+            for _ in range(shape.num_layers)
         )
         self.reset_parameters()
 
