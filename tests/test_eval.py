@@ -1,0 +1,126 @@
+"""scripts/eval.py on a tiny random Llama and the tiny tokenizer: no downloads.
+
+The main claim checked: the teacher-forced score (one prefill over question + answer prefix + gold
+answer) equals greedy decoding's verdict, for full attention and for APB (sparse, 2 and 4 hosts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "eval.py"
+
+
+@pytest.fixture(scope="module")
+def ev():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("eval_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(SCRIPT.parent))
+
+
+@pytest.fixture(scope="module")
+def tiny(ev):
+    args = ev.argparse.Namespace(tiny=True, device="cpu", dtype="float32")
+    model, tokenizer = ev.load_model(args)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def items(ev, tiny):
+    _, tokenizer = tiny
+    return ev.build_items(
+        tokenizer,
+        tasks=("single_needle", "multi_value_needle"),
+        lengths=(2048,),
+        num_samples=1,
+        haystack="builtin",
+        progress=False,
+    )
+
+
+def test_items_fit_their_cell_and_spans_hold_the_expected_items(ev, tiny, items):
+    _, tokenizer = tiny
+    assert [i.task for i in items] == ["single_needle", "multi_value_needle"]
+    for item in items:
+        total = len(item.context_ids) + len(item.question_ids) + len(item.prefix_ids) + len(item.answer_ids)
+        assert item.length - ev.PROMPT_MARGIN - 64 < total <= item.length
+        assert len(item.spans) == len(item.expected)
+        for (start, end), expected in zip(item.spans, item.expected, strict=True):
+            assert tokenizer.decode(item.answer_ids[start:end]).strip() == expected
+    assert len(items[1].expected) == 4  # multi-value: four numbers, four spans
+
+
+def test_items_round_trip_through_the_saved_file(ev, items, tmp_path):
+    path = tmp_path / "items.json.gz"
+    ev.save_items(items, path)
+    assert ev.load_items(path) == items
+
+
+@pytest.mark.parametrize(("method", "num_hosts"), [("full", 1), ("apb-random", 2), ("star", 4)])
+def test_teacher_forcing_equals_greedy_decoding(ev, tiny, items, method, num_hosts):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    from apb import build_heads
+
+    evaluator = ev.Evaluator(model, tokenizer, {"random": build_heads(model, hidden_size=16)})
+    item = items[0]
+    greedy = evaluator.generate_ids(item, method, num_hosts, max_new_tokens=6)
+    assert len(greedy) >= 2
+    # The model's own greedy output as "gold": every span right; one token changed: that span wrong.
+    gold = dataclasses.replace(item, answer_ids=greedy, spans=[(0, 1), (1, len(greedy))], expected=["a", "b"])
+    assert evaluator.score_teacher(gold, method, num_hosts) == 1.0
+    wrong = (greedy[-1] + 1) % len(tokenizer)
+    bad = dataclasses.replace(gold, answer_ids=greedy[:-1] + [wrong])
+    assert evaluator.score_teacher(bad, method, num_hosts) == 0.5
+
+
+def test_summary_and_markdown(ev):
+    scores = {
+        "full": {"single_needle": {2048: [1.0, 0.0], 4096: [1.0, 1.0]}},
+        "star H=2": {"single_needle": {2048: [0.0, 0.0], 4096: [0.5, 0.5]}},
+    }
+    summary = ev.summarise(scores, (2048, 4096))
+    assert summary["full"]["cells"]["single_needle"] == {"2048": 50.0, "4096": 100.0}
+    assert summary["full"]["average"] == 75.0
+    assert summary["star H=2"]["per_length"] == {"2048": 0.0, "4096": 50.0}
+    table = ev.markdown(summary, ("single_needle",), (2048, 4096), {"full": 0.1, "star H=2": 0.2})
+    assert "| full | 50.0 | 100.0 | 75.0 | **75.0** | 0.100 |" in table
+    assert "| star H=2 | 0 | 50 |" in table
+
+
+def test_main_writes_every_method_and_host_count(ev, tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = [
+        "--tiny",
+        "--num-samples",
+        "1",
+        "--lengths",
+        "2048",
+        "--tasks",
+        "qa_haystack",
+        "--hosts",
+        "2",
+        "4",
+    ]
+    argv += ["--qa-adapter", str(tmp_path / "none"), "--qagn-adapter", str(tmp_path / "none")]
+    assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"full", "star H=2", "apb-random H=2", "star H=4", "apb-random H=4"}
+    assert result["samples_per_cell"] == 1
+    for summary in result["results"].values():
+        assert 0.0 <= summary["average"] <= 100.0
+    assert "apb-random H=4" in md.read_text()
