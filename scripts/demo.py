@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "--depth", type=float, default=0.35, help="where the needle goes (0 = start, 1 = end)"
     )
     parser.add_argument("--seed", type=int, default=0, help="which needle (eval split)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--tiny", action="store_true", help="tiny random model and built-in text: no downloads"

@@ -471,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/accuracy_results.json")
     parser.add_argument("--markdown", default="benchmarks/accuracy_results.md")
     parser.add_argument("--machine", default=None, help="machine description written into the results")
+    parser.add_argument(
+        "--append-to",
+        default=None,
+        help="an earlier results JSON on the same items: its method rows are kept and these added",
+    )
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be >= 1")
@@ -582,6 +587,15 @@ def write_results(args, summary, seconds, done_rounds, tasks, lengths, hosts, ex
         "results": summary,
         "examples": examples,
     }
+    if args.append_to:  # rows measured earlier on the same items (same seed, lengths, tasks)
+        earlier = json.loads(Path(args.append_to).read_text())
+        if earlier["samples_per_cell"] != done_rounds or earlier["lengths"] != list(lengths):
+            raise ValueError(f"{args.append_to} holds another eval set (samples per cell or lengths differ)")
+        summary = {**earlier["results"], **summary}
+        times = {**earlier["seconds_per_run"], **times}
+        result.update(results=summary, seconds_per_run=times)
+        result["command"] = earlier["command"] + " && " + result["command"]
+        result["elapsed_s"] = round(earlier["elapsed_s"] + elapsed, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:

@@ -19,4 +19,6 @@ for v in "${variants[@]}"; do
   rm -rf "adapters/smollm2-135m-${v}"
   mkdir -p adapters
   cp -r "runs/smollm2_${v}/adapter" "adapters/smollm2-135m-${v}"
+  # the adapter names its base by the Hub id, not by this machine's converted folder
+  sed -i "s#${base}#HuggingFaceTB/SmolLM2-135M-Instruct#g" "adapters/smollm2-135m-${v}"/{adapter_config.json,README.md}
 done
