@@ -589,6 +589,8 @@ def write_results(args, summary, seconds, done_rounds, tasks, lengths, hosts, ex
     }
     if args.append_to:  # rows measured earlier on the same items (same seed, lengths, tasks)
         earlier = json.loads(Path(args.append_to).read_text())
+        if done_rounds < earlier["samples_per_cell"]:
+            return  # merged once this run has as many samples per cell as the earlier one
         if earlier["samples_per_cell"] != done_rounds or earlier["lengths"] != list(lengths):
             raise ValueError(f"{args.append_to} holds another eval set (samples per cell or lengths differ)")
         summary = {**earlier["results"], **summary}
