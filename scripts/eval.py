@@ -402,22 +402,10 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     if args.tiny:  # a random-weight tiny Llama and the project's tiny tokenizer: tests and smoke runs
-        from apb.data import build_tiny_tokenizer
-        from transformers import AutoModelForCausalLM, LlamaConfig
+        from demo import tiny_model_and_tokenizer
 
-        tokenizer = build_tiny_tokenizer()
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=16384,
-        )
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        return model.to(device).eval(), tokenizer
+        model, tokenizer = tiny_model_and_tokenizer(seed=0)
+        return model.to(device=device, dtype=dtype), tokenizer
     if args.gguf:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
