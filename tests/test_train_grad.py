@@ -36,3 +36,18 @@ def test_loss_terms():
     assert torch.isclose(out.fit, torch.tensor(fit))
     assert torch.isclose(out.smoothness, torch.tensor(smooth))
     assert torch.isclose(out.loss, torch.tensor(fit + 0.5 * smooth))
+
+
+def test_zero0_grad_norm_is_the_heads_gradient_norm():
+    """ZeRO 0 with a torch optimizer records no global grad norm in DeepSpeed; the trainer computes it."""
+    from types import SimpleNamespace
+
+    from apb.train.trainer import _local_grad_norm
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    module(torch.randn(5, 3)).square().sum().backward()
+    expected = torch.cat([p.grad.flatten() for p in module.parameters()]).norm().item()
+    engine0 = SimpleNamespace(zero_optimization_stage=lambda: 0, module=module)
+    assert abs(_local_grad_norm(engine0) - expected) < 1e-5 * expected
+    engine2 = SimpleNamespace(zero_optimization_stage=lambda: 2, module=module)
+    assert _local_grad_norm(engine2) is None  # partitioned gradients: DeepSpeed's own norm is used

@@ -323,6 +323,7 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats(device)
             # [loss, fit, smoothness, tokens, fit per layer...] summed over micro-steps, then over ranks.
             totals = torch.zeros(4 + num_layers, dtype=torch.float64, device=device)
+            boundary_norm = None
             lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler moves on in step())
             for _ in range(cfg.optim.grad_accum):
                 layout = self._next_layout()
@@ -335,6 +336,8 @@ class Trainer:
                     chunk_elements=cfg.optim.label_chunk_elements,
                 )
                 self.engine.backward(result.loss)
+                if self.engine.is_gradient_accumulation_boundary():
+                    boundary_norm = _local_grad_norm(self.engine)
                 self.engine.step()
                 totals[0] += result.loss.detach().double()
                 totals[1] += result.fit.double()
@@ -354,7 +357,7 @@ class Trainer:
                 "fit": float(totals[1] / num_micro),
                 "smoothness": float(totals[2] / num_micro),
                 "lr": lr,
-                "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                "grad_norm": _as_float(_first_known(self.engine.get_global_grad_norm(), boundary_norm)),
                 "tokens_per_s": step_tokens / elapsed,
                 "tokens_seen": self.tokens_seen,
             }
@@ -432,6 +435,25 @@ class Trainer:
             self.writer.close()
             self.writer = None
         self.capture.remove() if hasattr(self, "capture") else None
+
+
+def _local_grad_norm(engine: Any) -> float | None:
+    """Gradient norm of the heads before the optimizer step, for ZeRO 0 only.
+
+    DeepSpeed records a global grad norm only inside its ZeRO / mixed-precision optimizer wrappers; with
+    ZeRO 0 and a plain torch optimizer `get_global_grad_norm()` stays None. There the gradients are whole
+    (and already averaged across ranks at the accumulation boundary) in `p.grad`, so the norm is plain.
+    """
+    if engine.zero_optimization_stage() != 0:
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+
+
+def _first_known(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
 
 
 def _as_float(value: Any) -> float:
