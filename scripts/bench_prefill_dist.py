@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Prefill speed with real hosts: one host per torch.distributed rank (NCCL on GPUs, gloo on the CPU).
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 scripts/bench_prefill_dist.py \\
+        --lengths 32768 65536 131072 --out $OUT/dist.json --markdown $OUT/dist.md \\
+        --simulated-json benchmarks/prefill_results.json
+    torchrun --nproc-per-node 2 scripts/bench_prefill_dist.py --tiny --out /tmp/d.json   # CPU, gloo
+
+Same model (bench_prefill.py's MODEL_SHAPES, random weights from one seed, then broadcast from rank
+0 so every rank surely holds the same weights), same input ids, same APB / Star configs as the
+simulated benchmark (bench_prefill.py is imported, not copied). Per setting, after a warm-up with
+`--warmup-layers` layers on every rank:
+
+- context ms: each rank's decoder call over its own block (CUDA events / perf_counter via the
+  decoder hooks of bench_prefill); the row reports the slowest rank;
+- comm ms: time inside `DistributedComm.exchange_passing` (the per-layer all-gather of passing blocks,
+  padding and stacking included), summed over layers, wrapped from this script for the duration.
+  It includes waiting for slower ranks to reach the collective; the row reports the largest rank;
+- query ms: the query pass (every rank over its cache, partials all-gathered), slowest rank;
+- total ms: wall time from a barrier to the end of `APBModel.prefill` on the slowest rank.
+
+Rank 0 also runs full attention (the unmodified model on one GPU) while the others wait; speedup =
+full total / distributed total. With `--simulated-json` (a bench_prefill.py results JSON) each row
+carries the simulated numbers of the same method, length and host count and real / simulated ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _load_bench_prefill():
+    """scripts/ is not a package: load bench_prefill.py next to this file by path."""
+    name = "bench_prefill_script"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().with_name("bench_prefill.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bp = _load_bench_prefill()
+
+
+class CommTimer:
+    """Wraps `DistributedComm.exchange_passing` while active: one (start, end) marker pair per call."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.marks: list[tuple[Any, Any]] = []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[CommTimer]:
+        from apb.comm import DistributedComm
+
+        original = DistributedComm.exchange_passing
+        timer = self
+
+        def timed(comm, *args, **kwargs):
+            start = timer.clock.mark()
+            try:
+                return original(comm, *args, **kwargs)
+            finally:
+                timer.marks.append((start, timer.clock.mark()))
+
+        self.marks = []
+        DistributedComm.exchange_passing = timed
+        try:
+            yield self
+        finally:
+            DistributedComm.exchange_passing = original
+
+    def total_ms(self) -> float:
+        """Sum over the recorded calls (call after `clock.sync()`)."""
+        return sum(self.clock.ms(s, e) for s, e in self.marks)
+
+
+class DistBench:
+    """bench_prefill.Bench on every rank (model, ids, configs, timers) plus the distributed timing."""
+
+    def __init__(self, cfg, args: argparse.Namespace, command: str):
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cfg = cfg
+        self.args = args
+        self.bench = bp.Bench(cfg, None, command)
+        for tensor in [
+            *self.bench.model.parameters(),
+            *self.bench.model.buffers(),
+            *self.bench.heads.parameters(),
+        ]:
+            dist.broadcast(tensor.data, src=0)
+        self.clock = self.bench.clock
+        self.comm_timer = CommTimer(self.clock)
+        self.simulated = json.loads(Path(args.simulated_json).read_text()) if args.simulated_json else None
+        meta = dict(self.bench.results["meta"])
+        meta.update(
+            command=command,
+            simulated_hosts=False,
+            world_size=self.world,
+            backend_dist=dist.get_backend(),
+            nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
+            timing="per rank: decoder hooks (CUDA events / perf_counter) for context and query; comm = time "
+            "inside DistributedComm.exchange_passing (includes waiting for slower ranks); total = wall from a "
+            f"barrier to the end of prefill on the slowest rank; warm-up {cfg.warmup_layers} layers; median of "
+            f"{cfg.repeats} run(s)",
+            simulated_json=str(args.simulated_json) if args.simulated_json else None,
+        )
+        meta.pop("comm_model", None)
+        self.results: dict[str, Any] = {"meta": meta, "backend": None, "runs": []}
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            self.bench.log(message)
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        finalize(self.results, self.simulated)
+        out = self.args.out
+        if out is None:
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        os.replace(tmp, out)
+
+    def _max(self, value: float) -> list[float]:
+        """Every rank's value (gathered), in rank order."""
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, float(value))
+        return values
+
+    def time_dist(self, method: str, length: int, backend: str) -> dict[str, Any]:
+        bench, hosts = self.bench, self.world
+        context, query = bench.ids(length)
+        config = bench.apb_config(method, length, hosts, backend)
+
+        def prefill():
+            return bench.apbm.prefill(context, query, config=config)
+
+        if self.cfg.warmup_layers:
+            with bench.few_layers(self.cfg.warmup_layers):
+                prefill()
+        self.clock.sync()
+        samples = []
+        for _ in range(self.cfg.repeats):
+            dist.barrier()
+            with bench.recorder.recording() as calls, self.comm_timer.active():
+                start = self.clock.mark()
+                wall0 = time.perf_counter()
+                logits = prefill()
+                end = self.clock.mark()
+                self.clock.sync()
+                wall = time.perf_counter() - wall0
+            context_ms = self.clock.ms(calls[0]["start"], calls[0]["end"])
+            query_ms = sum(self.clock.ms(c["start"], c["end"]) for c in calls[1:])
+            sample = {
+                "total": self._max(self.clock.ms(start, end)),
+                "wall": self._max(wall * 1000.0),
+                "context": self._max(context_ms),
+                "query": self._max(query_ms),
+                "comm": self._max(self.comm_timer.total_ms()),
+                "comm_calls": len(self.comm_timer.marks),
+            }
+            samples.append((max(sample["total"]), sample))
+        _, s = bp._median(samples)
+        finite = torch.tensor([int(torch.isfinite(logits).all())], device=logits.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return {
+            "method": method,
+            "length": length,
+            "hosts": hosts,
+            "status": "ok",
+            "backend": backend,
+            "anchor_len": config.anchor_len,
+            "passing_len": config.passing_len,
+            "passing_counts": bp.passing_counts(length, hosts, config),
+            "rank_context_ms": s["context"],
+            "rank_comm_ms": s["comm"],
+            "rank_query_ms": s["query"],
+            "rank_total_ms": s["total"],
+            "comm_calls": s["comm_calls"],
+            "compute_ms": max(s["context"]),
+            "comm_ms": max(s["comm"]),
+            "query_ms": max(s["query"]),
+            "total_ms": max(s["total"]),
+            "wall_ms": max(s["wall"]),
+            "finite": bool(finite.item()),
+        }
+
+    def time_full(self, length: int) -> dict[str, Any]:
+        """Rank 0 only (no collectives inside); the others wait at the next barrier."""
+        try:
+            return self.bench._time_full(length)
+        except torch.OutOfMemoryError as error:
+            self.bench.free(empty_cache=True)
+            return bp._skipped("full", length, 1, f"oom: {str(error)[:200]}")
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        backend = self.bench.select_backend() if len(cfg.backends) > 1 else cfg.backends[0]
+        chosen = [backend]
+        dist.broadcast_object_list(chosen, src=0)  # every rank uses rank 0's choice
+        self.results["backend"] = backend = chosen[0]
+        self.log(f"{self.world} ranks, backend {backend!r}")
+        for length in cfg.lengths:
+            if cfg.deadline_s and self.bench.elapsed() > cfg.deadline_s:
+                self.log(f"deadline reached: not starting {length}")
+                break
+            self.bench.free(empty_cache=True)
+            for method in cfg.methods:
+                if method == "full":
+                    if self.rank == 0:
+                        self._record(self.time_full(length))
+                    dist.barrier()
+                else:
+                    self._record(self.time_dist(method, length, backend))
+                self.bench.free()
+        self.save()
+        return self.results
+
+    def _record(self, run: dict[str, Any]) -> None:
+        self.results["runs"].append(run)
+        self.save()
+        if self.rank == 0:
+            label = f"{run['method']} {run['length']} x{run['hosts']}"
+            if run.get("status") != "ok":
+                self.log(f"{label}: {run['status']}")
+            else:
+                self.log(
+                    f"{label}: total {run['total_ms']:.1f} ms (context {run['compute_ms']:.1f}, comm "
+                    f"{run['comm_ms']:.2f}, query {run['query_ms']:.1f})"
+                )
+
+
+def finalize(results: dict[str, Any], simulated: dict[str, Any] | None) -> dict[str, Any]:
+    """tokens/s, speedup over full, and the simulated numbers of the same setting with real/sim ratios."""
+    query_len = results["meta"]["query_len"]
+    runs = results["runs"]
+    sim_runs = bp.finalize(simulated)["runs"] if simulated else []
+    for run in runs:
+        if run.get("status") != "ok":
+            continue
+        run["tokens_per_s"] = (run["length"] + query_len) / (run["total_ms"] / 1000.0)
+        full = bp._find(runs, "full", run["length"], 1)
+        ok = full is not None and full.get("status") == "ok"
+        run["speedup_vs_full"] = full["total_ms"] / run["total_ms"] if ok else None
+        if run["method"] == "apb":
+            star = bp._find(runs, "star", run["length"], run["hosts"])
+            ok = star is not None and star.get("status") == "ok"
+            run["speedup_vs_star"] = star["total_ms"] / run["total_ms"] if ok else None
+        sim = bp._find(sim_runs, run["method"], run["length"], run["hosts"])
+        if sim is None or sim.get("status") != "ok":
+            run["simulated"] = None
+            continue
+        run["simulated"] = {
+            k: sim.get(k) for k in ("compute_ms", "comm_ms", "query_ms", "total_ms", "speedup_vs_full")
+        }
+        run["real_over_sim_total"] = run["total_ms"] / sim["total_ms"]
+        run["real_over_sim_comm"] = run["comm_ms"] / sim["comm_ms"] if sim.get("comm_ms") else None
+        if run.get("speedup_vs_full") and sim.get("speedup_vs_full"):
+            run["real_over_sim_speedup"] = run["speedup_vs_full"] / sim["speedup_vs_full"]
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        f"**Real multi-process run**: {meta['world_size']} ranks ({meta['backend_dist']}), model shape "
+        f"`{meta['model_shape']}` ({meta['dtype']}, random weights), query {meta['query_len']} tokens, device "
+        f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date_utc']}, "
+        f"NCCL_NVLS_ENABLE={meta.get('nccl_nvls_enable')}. APB/Star backend `{results.get('backend')}`. "
+        "Comm = measured time inside the passing all-gather (includes waiting for slower ranks).",
+        "",
+        "| method | context | hosts | context ms (slowest rank) | comm ms (measured) | query ms | total ms "
+        "| tokens/s | speedup vs full | APB / Star | simulated total ms | simulated speedup | real / sim total "
+        "| real / sim speedup |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {"full": 0, "star": 1, "apb": 2}
+    for r in sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9))):
+        ctx = f"{r['length'] // 1024}K" if r["length"] >= 1024 else str(r["length"])
+        if r.get("status") != "ok":
+            lines.append(f"| {r['method']} | {ctx} | {r['hosts']} | {r['status']} |" + " |" * 10)
+            continue
+        sim = r.get("simulated") or {}
+        f = bp._fmt
+        lines.append(
+            f"| {r['method']} | {ctx} | {r['hosts']} | {f(r['compute_ms'])} | {f(r['comm_ms'])} | {f(r['query_ms'])} "
+            f"| {f(r['total_ms'])} | {r['tokens_per_s']:.0f} | {f(r.get('speedup_vs_full'), 'x')} "
+            f"| {f(r.get('speedup_vs_star'), 'x')} | {f(sim.get('total_ms'))} | {f(sim.get('speedup_vs_full'), 'x')} "
+            f"| {f(r.get('real_over_sim_total'))} | {f(r.get('real_over_sim_speedup'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-shape", default="llama8b", choices=sorted(bp.MODEL_SHAPES))
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--query-len", type=int)
+    p.add_argument("--methods", nargs="+")
+    p.add_argument(
+        "--backends", nargs="+", help="candidates; rank 0 picks the fastest (default: triton flex)"
+    )
+    p.add_argument("--warmup-layers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--deadline-s", type=float, default=0.0)
+    p.add_argument("--tiny", action="store_true", help="CPU (gloo): tiny model, fp32, short lengths")
+    p.add_argument("--simulated-json", type=Path, help="bench_prefill.py results to compare with")
+    p.add_argument("--out", type=Path, help="results JSON (rank 0; rewritten after every measurement)")
+    p.add_argument("--markdown", type=Path, help="write the table here (rank 0)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace, world: int):
+    kwargs: dict[str, Any] = dict(
+        model_shape=args.model_shape,
+        lengths=args.lengths,
+        hosts=[world],
+        primary_length=max(args.lengths),
+        warmup_layers=args.warmup_layers,
+        repeats=args.repeats,
+        breakdown=False,
+        deadline_s=args.deadline_s,
+    )
+    if args.tiny:
+        kwargs.update(
+            model_shape="tiny",
+            lengths=[1024] if args.lengths == parse_args([]).lengths else args.lengths,
+            primary_length=1024,
+            query_len=8,
+            backends=["reference"],
+            device="cpu",
+            dtype="float32",
+            head_hidden=32,
+            warmup_layers=1,
+        )
+        kwargs["primary_length"] = max(kwargs["lengths"])
+    for name in ("query_len", "methods", "backends"):
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    return bp.BenchConfig(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if "RANK" not in os.environ:
+        raise SystemExit("start with torchrun --nproc-per-node N (N >= 2): one host per rank")
+    use_cuda = not args.tiny
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: use --tiny for the CPU (gloo) smoke test")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=15))
+    try:
+        if dist.get_world_size() < 2:
+            raise SystemExit("needs at least 2 ranks (torchrun --nproc-per-node N, N >= 2)")
+        cfg = config_from_args(args, dist.get_world_size())
+        if not use_cuda:
+            torch.set_num_threads(1)
+        command = "torchrun --nproc-per-node {} scripts/bench_prefill_dist.py {}".format(
+            dist.get_world_size(), " ".join(sys.argv[1:] if argv is None else argv)
+        )
+        results = DistBench(cfg, args, command).run()
+        if dist.get_rank() == 0:
+            table = markdown(results)
+            print(table, flush=True)
+            if args.markdown:
+                args.markdown.parent.mkdir(parents=True, exist_ok=True)
+                args.markdown.write_text(table)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()
