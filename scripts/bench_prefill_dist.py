@@ -100,12 +100,15 @@ class DistBench:
         self.cfg = cfg
         self.args = args
         self.bench = bp.Bench(cfg, None, command)
-        for tensor in [
+        device = self.bench.device
+        tensors = [
             *self.bench.model.parameters(),
             *self.bench.model.buffers(),
             *self.bench.heads.parameters(),
-        ]:
-            dist.broadcast(tensor.data, src=0)
+        ]
+        for tensor in tensors:  # same seed already; the broadcast makes "same weights" certain
+            if tensor.device.type == device.type:  # NCCL moves CUDA tensors only
+                dist.broadcast(tensor.data, src=0)
         self.clock = self.bench.clock
         self.comm_timer = CommTimer(self.clock)
         self.simulated = json.loads(Path(args.simulated_json).read_text()) if args.simulated_json else None

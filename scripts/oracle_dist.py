@@ -63,7 +63,8 @@ def build_model(shape: dict[str, int], device: torch.device, dtype: torch.dtype,
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
     for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+        if tensor.device.type == device.type:  # NCCL moves CUDA tensors only
+            dist.broadcast(tensor.data, src=0)
     return model
 
 
@@ -133,12 +134,12 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
     # the single-device references, before APB is installed on the model
     model = build_model(shape, device, dtype, args.seed)
     with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits[:, -q:].float()
+        full = model(input_ids=ids, use_cache=False, logits_to_keep=q).logits.float()
         truth = None
         if dtype != torch.float32:
             fp32 = build_model(shape, device, torch.float32, args.seed)
             fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-            truth = fp32(input_ids=ids, use_cache=False).logits[:, -q:]
+            truth = fp32(input_ids=ids, use_cache=False, logits_to_keep=q).logits
             del fp32
     apbm = APBModel(model)
     exact = APBConfig.exact()
