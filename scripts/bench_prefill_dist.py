@@ -165,6 +165,7 @@ class DistBench:
         samples = []
         for _ in range(self.cfg.repeats):
             dist.barrier()
+            self.clock.sync()  # every rank starts from an idle GPU right after the barrier
             with bench.recorder.recording() as calls, self.comm_timer.active():
                 start = self.clock.mark()
                 wall0 = time.perf_counter()
