@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from apb.kernels.reference import apb_attention_ref, decode_attention_ref
-from apb.kernels.triton_apb import _check_shapes, apb_attention_triton, triton_supported
+from apb.kernels.reference import apb_attention_ref, check_shapes, decode_attention_ref
+from apb.kernels.triton_apb import apb_attention_triton, triton_supported
 
 
 def apb_attention(
@@ -27,7 +27,7 @@ def apb_attention(
     fp16/bf16 CUDA tensors with head_dim 16..256 (powers of two) run the Triton kernel; fp32, CPU
     tensors and other head dims run `apb_attention_ref`.
     """
-    _check_shapes(q, k, v, num_passing, num_anchor)
+    check_shapes(q, k, v, num_passing, num_anchor)
     if q.is_cuda and triton_supported(q) and k.dtype == q.dtype and v.dtype == q.dtype:
         return apb_attention_triton(
             q, k, v, num_passing=num_passing, num_anchor=num_anchor, softmax_scale=softmax_scale

@@ -25,6 +25,31 @@ def apb_mask(
     return torch.where(is_anchor_q, anchor_rows, local_rows)
 
 
+def check_shapes(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_passing: int, num_anchor: int
+) -> None:
+    """`ValueError` unless q [batch, heads, anchor + local, dim] and k, v
+    [batch, kv_heads, passing + anchor + local, dim] fit together (GQA: heads a multiple of kv_heads)."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"need q [batch, heads, queries, dim] and k, v of one shape [batch, kv_heads, keys, dim]; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    batch, num_heads, num_queries, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
+    if num_heads % k.shape[1]:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={k.shape[1]}")
+    if num_passing < 0 or num_anchor < 0:
+        raise ValueError(f"num_passing={num_passing} and num_anchor={num_anchor} must be >= 0")
+    num_local = num_queries - num_anchor
+    if num_local < 0 or k.shape[2] != num_passing + num_queries:
+        raise ValueError(
+            f"shapes do not fit: {num_queries} queries, {k.shape[2]} keys, num_passing={num_passing}, "
+            f"num_anchor={num_anchor} (need keys = passing + queries, queries >= anchor)"
+        )
+
+
 def apb_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -43,18 +68,11 @@ def apb_attention_ref(
     lse: [batch, num_heads, num_anchor + num_local] (fp32, natural log).
     Query rows are processed `chunk_size` at a time so memory stays O(chunk * keys).
     """
+    check_shapes(q, k, v, num_passing, num_anchor)
     batch, num_heads, num_queries, head_dim = q.shape
-    num_kv_heads, num_keys = k.shape[1], k.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     num_local = num_queries - num_anchor
-    if num_local < 0 or num_keys != num_passing + num_anchor + num_local:
-        raise ValueError(
-            f"shapes do not fit: {num_queries} queries, {num_keys} keys, num_passing={num_passing}, "
-            f"num_anchor={num_anchor} (need keys = passing + queries)"
-        )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    group = num_heads // num_kv_heads
+    group = num_heads // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
     mask = apb_mask(num_passing, num_anchor, num_local, device=q.device)

@@ -21,6 +21,7 @@ import math
 import os
 
 import torch
+from apb.kernels.reference import check_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -283,29 +284,6 @@ def _tma_default() -> bool:
     return USE_TMA_ON_HOPPER and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def _check_shapes(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_passing: int, num_anchor: int
-) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(
-            f"need q [batch, heads, queries, dim] and k, v of one shape [batch, kv_heads, keys, dim]; "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    batch, num_heads, num_queries, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or head_dim")
-    if num_heads % k.shape[1]:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={k.shape[1]}")
-    if num_passing < 0 or num_anchor < 0:
-        raise ValueError(f"num_passing={num_passing} and num_anchor={num_anchor} must be >= 0")
-    num_local = num_queries - num_anchor
-    if num_local < 0 or k.shape[2] != num_passing + num_queries:
-        raise ValueError(
-            f"shapes do not fit: {num_queries} queries, {k.shape[2]} keys, num_passing={num_passing}, "
-            f"num_anchor={num_anchor} (need keys = passing + queries, queries >= anchor)"
-        )
-
-
 def triton_supported(q: torch.Tensor) -> bool:
     """Whether `apb_attention_triton` takes q's device, dtype and head_dim (interpreted on the CPU)."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -344,7 +322,7 @@ def apb_attention_triton(
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
-    _check_shapes(q, k, v, num_passing, num_anchor)
+    check_shapes(q, k, v, num_passing, num_anchor)
     if not triton_supported(q):
         raise ValueError(
             f"the Triton kernel takes fp16/bf16 CUDA tensors with head_dim in {SUPPORTED_HEAD_DIMS}; "
