@@ -63,12 +63,19 @@ class APBModel(nn.Module):
         query_ids: TokenIds,
         config: APBConfig | None = None,
         num_hosts: int | None = None,
+        anchor_query_ids: TokenIds | None = None,
     ) -> torch.Tensor:
         """APB prefill of the context, then the query on top. Returns the query tokens' logits
-        [batch, len(query), vocab] (the same on every host)."""
+        [batch, len(query), vocab] (the same on every host).
+
+        `anchor_query_ids` are the tokens spliced into the anchor (default: all of `query_ids`). Pass
+        the question alone when `query_ids` goes on past it (an answer prefix, gold answer tokens to
+        score): the anchor then holds what a user would have asked, as at decode time.
+        """
         context, query = self._inputs(context_ids, query_ids)
+        anchor_query = self._anchor_query(anchor_query_ids, query)
         comm = make_comm(num_hosts)
-        decode = self._prefill_context(context, query, config, comm)
+        decode = self._prefill_context(context, anchor_query, config, comm)
         hidden = self._run_tokens(decode, query, start=context.shape[1])
         return self._lm_head(hidden)
 
@@ -89,6 +96,7 @@ class APBModel(nn.Module):
         tokenizer: Any = None,
         seed: int | None = None,
         return_logits: bool = False,
+        anchor_query_ids: TokenIds | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Prefill, then generate up to `max_new_tokens` tokens after the query.
 
@@ -96,15 +104,17 @@ class APBModel(nn.Module):
         `return_logits` also the logits each token was chosen from [batch, steps, vocab]. Tokens are
         chosen on the last host (seeded `torch.Generator`) and broadcast, so any number of processes
         gives the same tokens; EOS / stop strings stop every host at the same step.
+        `anchor_query_ids`: the tokens spliced into the anchor, as in `prefill` (default: `query_ids`).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         context, query = self._inputs(context_ids, query_ids)
+        anchor_query = self._anchor_query(anchor_query_ids, query)
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
         stop = StopCriteria(context.shape[0], eos_token_id, stop_strings, tokenizer)
         comm = make_comm(num_hosts)
-        decode = self._prefill_context(context, query, config, comm)
+        decode = self._prefill_context(context, anchor_query, config, comm)
         hidden = self._run_tokens(decode, query, start=context.shape[1])
         logits = self._lm_head(hidden[:, -1:])[:, 0]
         generator = None
@@ -158,6 +168,18 @@ class APBModel(nn.Module):
             raise ValueError("query_ids is empty: APB needs at least one query token")
         return context, query
 
+    def _anchor_query(self, anchor_query_ids: TokenIds | None, query: torch.Tensor) -> torch.Tensor:
+        if anchor_query_ids is None:
+            return query
+        anchor_query = _as_batch(anchor_query_ids, "anchor_query_ids", self.device)
+        if anchor_query.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"anchor_query_ids batch {anchor_query.shape[0]} != query batch {query.shape[0]}"
+            )
+        if anchor_query.shape[1] < 1:
+            raise ValueError("anchor_query_ids is empty: pass None to splice query_ids into the anchor")
+        return anchor_query
+
     def _resolve_config(
         self, config: APBConfig | None, num_context: int, num_hosts: int, num_query: int
     ) -> APBConfig:
@@ -191,14 +213,14 @@ class APBModel(nn.Module):
         return config
 
     def _prefill_context(
-        self, context: torch.Tensor, query: torch.Tensor, config: APBConfig | None, comm: Communicator
+        self, context: torch.Tensor, anchor_query: torch.Tensor, config: APBConfig | None, comm: Communicator
     ) -> DecodeState:
         num_hosts = comm.num_hosts
         num_context = context.shape[1]
-        config = self._resolve_config(config, num_context, num_hosts, query.shape[1])
+        config = self._resolve_config(config, num_context, num_hosts, anchor_query.shape[1])
         blocks = split_blocks(num_context, num_hosts)
         backend = get_backend(config.backend, self.device)
-        anchor = self._anchor(context, query, config) if num_hosts > 1 else context[:, :0]
+        anchor = self._anchor(context, anchor_query, config) if num_hosts > 1 else context[:, :0]
         num_anchor = anchor.shape[1]
         num_excluded = [
             min(num_anchor, end - start) if host == 0 else 0 for host, (start, end) in enumerate(blocks)

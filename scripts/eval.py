@@ -257,17 +257,17 @@ class Evaluator:
         else:
             if method in HEADS_OF:
                 self.apb.heads = self.heads[HEADS_OF[method]]
-            from apb.comm import make_comm
-
-            context = _tensor(item.context_ids, device)
-            config = self.config(method, context.shape[1], num_hosts)
+            config = self.config(method, len(item.context_ids), num_hosts)
             # The anchor gets the question only; the answer prefix and gold answer run on the last host
-            # after the prefill, like tokens being decoded (APBModel.prefill would splice them all).
-            decode = self.apb._prefill_context(
-                context, _tensor(item.question_ids, device), config, make_comm(num_hosts)
+            # after the prefill, like tokens being decoded.
+            logits = self.apb.prefill(
+                _tensor(item.context_ids, device),
+                _tensor(tail, device),
+                config=config,
+                num_hosts=num_hosts,
+                anchor_query_ids=_tensor(item.question_ids, device),
             )
-            hidden = self.apb._run_tokens(decode, _tensor(tail, device), start=context.shape[1])
-            hidden = hidden[:, first:]
+            return logits[0, first:].float()
         return self.model.get_output_embeddings()(hidden)[0].float()
 
     def score_teacher(self, item: EvalItem, method: str, num_hosts: int) -> float:
@@ -293,24 +293,17 @@ class Evaluator:
         else:
             if method in HEADS_OF:
                 self.apb.heads = self.heads[HEADS_OF[method]]
-            from apb.comm import make_comm
-
-            context = _tensor(item.context_ids, device)
-            config = self.config(method, context.shape[1], num_hosts)
-            decode = self.apb._prefill_context(
-                context, _tensor(item.question_ids, device), config, make_comm(num_hosts)
+            config = self.config(method, len(item.context_ids), num_hosts)
+            out = self.apb.generate(
+                _tensor(item.context_ids, device),
+                _tensor(item.question_ids + item.prefix_ids, device),
+                config=config,
+                num_hosts=num_hosts,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                anchor_query_ids=_tensor(item.question_ids, device),
             )
-            position = context.shape[1]
-            step_ids = _tensor(item.question_ids + item.prefix_ids, device)
-            new = []
-            for _ in range(max_new_tokens):
-                hidden = self.apb._run_tokens(decode, step_ids, start=position)
-                position += step_ids.shape[1]
-                token = int(self.model.get_output_embeddings()(hidden[:, -1])[0].argmax())
-                new.append(token)
-                if token == eos:
-                    break
-                step_ids = _tensor([token], device)
+            new = [int(t) for t in out[0]]
         return new[: new.index(eos)] if eos in new else new
 
     def generate_text(self, item: EvalItem, method: str, num_hosts: int, max_new_tokens: int = 48) -> str:

@@ -215,6 +215,41 @@ def test_keep_all_with_anchor_matches_mask_oracle():
     assert (logits[0] - expected[0]).abs().max().item() < ATOL
 
 
+def test_anchor_query_ids_splice_only_the_question():
+    """query_ids = question + more tokens (an answer prefix); only the question goes into the anchor."""
+    model = tiny_model("llama")
+    apbm = APBModel(model)
+    context, question, more = _ids(17, 36), _ids(18, 3), _ids(19, 4)
+    query = torch.cat([question, more])
+    config = APBConfig(anchor_len=10, passing_len=0, query_in_anchor=True, query_offset=2)
+    blocks = split_blocks(36, 3)
+    logits = apbm.prefill(context, query, config=config, num_hosts=3, anchor_query_ids=question)
+    anchor = torch.cat([context[:2], question, context[2:7]])
+    expected = _oracle_logits(model, context, query, anchor, blocks, [set(), set(), set()])
+    assert (logits[0] - expected[0]).abs().max().item() < ATOL
+    # the default splices all of query_ids, which here is a different anchor (the test could fail)
+    default = apbm.prefill(context, query, config=config, num_hosts=3)
+    assert (default - logits).abs().max().item() > 1e-3
+    assert torch.equal(
+        default, apbm.prefill(context, query, config=config, num_hosts=3, anchor_query_ids=query)
+    )
+    # generate splices the same anchor: its first step is the prefill's last row
+    ids, step_logits = apbm.generate(
+        context,
+        query,
+        config=config,
+        num_hosts=3,
+        max_new_tokens=1,
+        anchor_query_ids=question,
+        return_logits=True,
+    )
+    assert (step_logits[0, 0] - logits[0, -1]).abs().max().item() < ATOL
+    with pytest.raises(ValueError, match="anchor_query_ids is empty"):
+        apbm.prefill(context, query, config=config, num_hosts=3, anchor_query_ids=[])
+    with pytest.raises(ValueError, match="anchor_query_ids batch 2 != query batch 1"):
+        apbm.prefill(context, query, config=config, num_hosts=3, anchor_query_ids=[[1, 2], [3, 4]])
+
+
 # ---------------------------------------------------------------- config presets and bad input
 
 
