@@ -60,7 +60,12 @@ LENGTHS = (2048, 4096, 8192)
 PROMPT_MARGIN = 224
 """Tokens kept free of context in each length: chat header, question, answer prefix and answer."""
 METHODS = ("full", "star", "apb-qa", "apb-qagn", "apb-random")
-HEADS_OF = {"apb-qa": "qa", "apb-qagn": "qagn", "apb-random": "random"}
+"""Built-in methods; every ``--adapter NAME=PATH`` adds ``apb-NAME``."""
+
+
+def heads_name(method: str) -> str | None:
+    """The head set an APB method runs with (``apb-qa`` -> ``qa``); None for full and Star."""
+    return method[len("apb-") :] if method.startswith("apb-") else None
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -255,8 +260,8 @@ class Evaluator:
             hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
             hidden = hidden[:, len(item.context_ids) + first :]
         else:
-            if method in HEADS_OF:
-                self.apb.heads = self.heads[HEADS_OF[method]]
+            if heads_name(method):
+                self.apb.heads = self.heads[heads_name(method)]
             config = self.config(method, len(item.context_ids), num_hosts)
             # The anchor gets the question only; the answer prefix and gold answer run on the last host
             # after the prefill, like tokens being decoded.
@@ -291,8 +296,8 @@ class Evaluator:
             )
             new = [int(t) for t in out[0, ids.shape[1] :]]
         else:
-            if method in HEADS_OF:
-                self.apb.heads = self.heads[HEADS_OF[method]]
+            if heads_name(method):
+                self.apb.heads = self.heads[heads_name(method)]
             config = self.config(method, len(item.context_ids), num_hosts)
             out = self.apb.generate(
                 _tensor(item.context_ids, device),
@@ -416,7 +421,7 @@ def load_head_sets(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     dtype = next(model.parameters()).dtype
     heads = {}
     hidden = None
-    for name, path in (("qa", args.qa_adapter), ("qagn", args.qagn_adapter)):
+    for name, path in (("qa", args.qa_adapter), ("qagn", args.qagn_adapter), *extra_adapters(args)):
         if path is None or not Path(path).exists():
             print(f"no {name} adapter at {path}: its APB rows are skipped", flush=True)
             continue
@@ -425,6 +430,19 @@ def load_head_sets(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     heads["random"] = build_heads(model, hidden_size=hidden or args.random_hidden_size, dtype=dtype)
     return heads
+
+
+def extra_adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--adapter NAME=PATH`` pairs (method ``apb-NAME``)."""
+    pairs = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in ("qa", "qagn", "random"):
+            raise ValueError(
+                f"--adapter {spec!r}: expected NAME=PATH with a NAME other than qa, qagn, random"
+            )
+        pairs.append((name, path))
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,6 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("teacher", "generate"), default="teacher")
     parser.add_argument("--qa-adapter", default="adapters/smollm2-135m-qa")
     parser.add_argument("--qagn-adapter", default="adapters/smollm2-135m-qagn")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="one more head set, evaluated as method apb-NAME (repeatable; e.g. qa256=runs/qa256/adapter)",
+    )
     parser.add_argument("--random-hidden-size", type=int, default=64)
     parser.add_argument("--backend", default="reference", help="APB attention backend (apb.backends)")
     parser.add_argument("--device", default=None)
@@ -452,6 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/accuracy_results.json")
     parser.add_argument("--markdown", default="benchmarks/accuracy_results.md")
     parser.add_argument("--machine", default=None, help="machine description written into the results")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="results JSON of an interrupted run on the same items and methods: continue after its rounds "
+        "(a missing file starts afresh)",
+    )
     parser.add_argument(
         "--append-to",
         default=None,
@@ -485,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {len(items)} items to {args.prepare} in {time.perf_counter() - started:.0f}s")
         return 0
     heads = load_head_sets(model, args)
-    methods = tuple(m for m in args.methods if m not in HEADS_OF or HEADS_OF[m] in heads)
+    wanted = [*args.methods, *(f"apb-{name}" for name, _ in extra_adapters(args))]
+    methods = tuple(m for m in wanted if heads_name(m) is None or heads_name(m) in heads)
     evaluator = Evaluator(model, tokenizer, heads, backend=args.backend)
     keys = method_keys(hosts, methods)
     scores: dict[str, dict[str, dict[int, list[float]]]] = {
@@ -495,10 +527,15 @@ def main(argv: list[str] | None = None) -> int:
     examples: list[dict[str, Any]] = []
     num_rounds = max(i.index for i in items) + 1
     by_round = [[i for i in items if i.index == r] for r in range(num_rounds)]
+    done_rounds = 0
+    if args.resume and Path(args.resume).exists():
+        done_rounds = resume_from(args.resume, scores, seconds, tasks, lengths, hosts)
+        print(f"resuming {args.resume}: {done_rounds} samples per cell already done", flush=True)
     setup_s = time.perf_counter() - started
     print(f"{len(items)} items, {len(keys)} method configs, setup {setup_s:.0f}s", flush=True)
-    done_rounds = 0
     for r, round_items in enumerate(by_round):
+        if r < done_rounds:
+            continue
         round_start = time.perf_counter()
         for item in round_items:
             for method, num_hosts in keys:
@@ -526,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(scores, lengths)
         avg = ", ".join(f"{k} {v['average']:.1f}" for k, v in summary.items())
         print(f"round {r + 1}/{num_rounds} in {round_s:.1f}s (total {elapsed:.0f}s): {avg}", flush=True)
-        write_results(args, summary, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed)
+        write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed)
         if (
             args.time_budget is not None
             and elapsed + 1.15 * round_s > args.time_budget
@@ -540,7 +577,85 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_results(args, summary, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed) -> None:
+def resume_from(
+    path: str,
+    scores: dict[str, dict[str, dict[int, list[float]]]],
+    seconds: dict[str, list[float]],
+    tasks: tuple[str, ...],
+    lengths: tuple[int, ...],
+    hosts: tuple[int, ...],
+) -> int:
+    """Fill `scores` / `seconds` with an earlier run's raw values; returns its samples per cell."""
+    earlier = json.loads(Path(path).read_text())
+    if "raw_scores" not in earlier:
+        raise ValueError(f"{path} has no raw scores to resume from (written by an older eval.py)")
+    same = (earlier["tasks"], earlier["lengths"], earlier["hosts"]) == (
+        list(tasks),
+        list(lengths),
+        list(hosts),
+    )
+    if not same or set(earlier["raw_scores"]) != set(scores):
+        raise ValueError(
+            f"{path} is another evaluation: tasks/lengths/hosts {earlier['tasks']}/{earlier['lengths']}/"
+            f"{earlier['hosts']} and methods {sorted(earlier['raw_scores'])}; this run has {list(tasks)}/"
+            f"{list(lengths)}/{list(hosts)} and {sorted(scores)}"
+        )
+    for key, by_task in earlier["raw_scores"].items():
+        for task, by_len in by_task.items():
+            for n, values in by_len.items():
+                scores[key][task][int(n)].extend(values)
+        seconds[key].extend(earlier["raw_seconds"][key])
+    return int(earlier["samples_per_cell"])
+
+
+def paired_differences(
+    scores: dict[str, dict[str, dict[int, list[float]]]], hosts: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """Mean per-sample score difference (points) with a 95% normal interval, for the comparisons the
+    targets name: every method vs full, APB vs Star at the same host count, qa vs qagn / random.
+
+    Samples are paired: the same item under both methods. The interval is 1.96 standard errors of
+    the mean difference over all items (every cell has the same number of items)."""
+
+    def flat(key: str) -> list[float]:
+        return [v for by_len in scores[key].values() for vals in by_len.values() for v in vals]
+
+    pairs: list[tuple[str, str]] = []
+    for key in scores:
+        if key != "full" and "full" in scores:
+            pairs.append((key, "full"))
+    for h in hosts:
+        star = label("star", h)
+        for key in scores:
+            if key.startswith("apb-") and key.endswith(f" H={h}"):
+                if star in scores:
+                    pairs.append((key, star))
+                for other in ("apb-qagn", "apb-random"):
+                    if key == label("apb-qa", h) and label(other, h) in scores:
+                        pairs.append((key, label(other, h)))
+    out = []
+    for a, b in pairs:
+        xa, xb = flat(a), flat(b)
+        if not xa or len(xa) != len(xb):
+            continue
+        diffs = [100 * (p - q) for p, q in zip(xa, xb, strict=True)]
+        mean = sum(diffs) / len(diffs)
+        var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+        half = 1.96 * (var / len(diffs)) ** 0.5
+        out.append({"a": a, "b": b, "diff": mean, "ci95": half, "n": len(diffs)})
+    return out
+
+
+def paired_markdown(paired: list[dict[str, Any]]) -> str:
+    lines = ["", "Paired differences (points, mean over every sample, ± 95% interval):", ""]
+    lines += ["| comparison | difference | n |", "|---|---|---|"]
+    lines += [f"| {p['a']} − {p['b']} | {p['diff']:+.1f} ± {p['ci95']:.1f} | {p['n']} |" for p in paired]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed) -> None:
+    summary = summarise(scores, lengths)
+    paired = paired_differences(scores, hosts)
     times = {k: (sum(v) / len(v) if v else float("nan")) for k, v in seconds.items()}
     device = (
         "cuda: " + torch.cuda.get_device_name()
@@ -566,7 +681,13 @@ def write_results(args, summary, seconds, done_rounds, tasks, lengths, hosts, ex
         "elapsed_s": round(elapsed, 1),
         "seconds_per_run": times,
         "results": summary,
+        "paired": paired,
         "examples": examples,
+        "raw_scores": {
+            k: {t: {str(n): v for n, v in by_len.items()} for t, by_len in by_task.items()}
+            for k, by_task in scores.items()
+        },
+        "raw_seconds": seconds,
     }
     if args.append_to:  # rows measured earlier on the same items (same seed, lengths, tasks)
         earlier = json.loads(Path(args.append_to).read_text())
@@ -577,12 +698,14 @@ def write_results(args, summary, seconds, done_rounds, tasks, lengths, hosts, ex
         summary = {**earlier["results"], **summary}
         times = {**earlier["seconds_per_run"], **times}
         result.update(results=summary, seconds_per_run=times)
+        result["raw_scores"] = {**earlier.get("raw_scores", {}), **result["raw_scores"]}
+        result["raw_seconds"] = {**earlier.get("raw_seconds", {}), **result["raw_seconds"]}
         result["command"] = earlier["command"] + " && " + result["command"]
         result["elapsed_s"] = round(earlier["elapsed_s"] + elapsed, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(markdown(summary, tasks, lengths, times))
+        Path(args.markdown).write_text(markdown(summary, tasks, lengths, times) + paired_markdown(paired))
 
 
 if __name__ == "__main__":

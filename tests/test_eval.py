@@ -124,3 +124,55 @@ def test_main_writes_every_method_and_host_count(ev, tmp_path):
     for summary in result["results"].values():
         assert 0.0 <= summary["average"] <= 100.0
     assert "apb-random H=4" in md.read_text()
+
+
+def test_paired_differences_hand_computed(ev):
+    scores = {
+        "full": {"single_needle": {2048: [1.0, 0.0, 1.0, 1.0]}},
+        "star H=2": {"single_needle": {2048: [0.0, 0.0, 1.0, 1.0]}},
+        "apb-qa H=2": {"single_needle": {2048: [1.0, 1.0, 1.0, 1.0]}},
+    }
+    paired = {(p["a"], p["b"]): p for p in ev.paired_differences(scores, (2,))}
+    assert set(paired) == {("star H=2", "full"), ("apb-qa H=2", "full"), ("apb-qa H=2", "star H=2")}
+    qa_star = paired[("apb-qa H=2", "star H=2")]  # differences 100, 100, 0, 0: mean 50, sd 57.735
+    assert qa_star["diff"] == 50.0 and qa_star["n"] == 4
+    assert qa_star["ci95"] == pytest.approx(1.96 * 57.735027 / 2, rel=1e-6)
+    assert paired[("star H=2", "full")]["diff"] == -25.0
+    assert "| apb-qa H=2 − star H=2 | +50.0 ± 56.6 | 4 |" in ev.paired_markdown(list(paired.values()))
+
+
+def test_main_resumes_and_evaluates_extra_adapters(ev, tiny, tmp_path):
+    from apb import build_heads, save_adapter
+
+    model, _ = tiny
+    torch.manual_seed(1)
+    save_adapter(build_heads(model, hidden_size=8), tmp_path / "extra")
+    out = tmp_path / "r.json"
+    argv = [
+        "--tiny",
+        "--lengths",
+        "2048",
+        "--tasks",
+        "single_needle",
+        "--hosts",
+        "2",
+        "--methods",
+        "full",
+        "star",
+    ]
+    argv += ["--adapter", f"h8={tmp_path / 'extra'}", "--out", str(out), "--markdown", str(tmp_path / "r.md")]
+    argv += ["--qa-adapter", "none", "--qagn-adapter", "none"]
+    assert ev.main([*argv, "--num-samples", "1"]) == 0
+    first = json.loads(out.read_text())
+    assert set(first["results"]) == {"full", "star H=2", "apb-h8 H=2"}
+    assert ev.main([*argv, "--num-samples", "2", "--resume", str(out)]) == 0
+    second = json.loads(out.read_text())
+    assert second["samples_per_cell"] == 2
+    for key, by_task in first["raw_scores"].items():
+        kept = second["raw_scores"][key]["single_needle"]["2048"]
+        assert len(kept) == 2 and kept[:1] == by_task["single_needle"]["2048"]
+    assert "apb-h8 H=2 − star H=2" in (tmp_path / "r.md").read_text()
+    with pytest.raises(ValueError, match="another evaluation"):
+        ev.main([*argv, "--num-samples", "2", "--resume", str(out), "--hosts", "2", "4"])
+    with pytest.raises(ValueError, match="expected NAME=PATH"):
+        ev.main([*argv, "--adapter", "qa=x", "--num-samples", "1"])
