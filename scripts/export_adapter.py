@@ -3,6 +3,7 @@
     python scripts/export_adapter.py runs/tiny                          # newest checkpoint -> runs/tiny/adapter
     python scripts/export_adapter.py runs/tiny --checkpoint step_00000010 --out /tmp/adapter10
     python scripts/export_adapter.py runs/tiny --push-to-hub user/name
+    python scripts/export_adapter.py runs/smollm2_qa --hub-id HuggingFaceTB/SmolLM2-135M-Instruct
 
 Reads the run's resolved config.yaml and the checkpoint's heads.safetensors and trainer_state.json; no
 base weights are loaded (the heads' shape comes from the model config on the meta device).
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="checkpoint folder or tag (step_00000100); default: the newest")
     parser.add_argument("--out", help="adapter folder; default: the config's export folder")
     parser.add_argument("--push-to-hub", metavar="USER/NAME", help="also push the adapter to this Hub repo")
+    parser.add_argument(
+        "--hub-id",
+        metavar="NAME",
+        help="Hub id the adapter records as its base (model.hub_id); default: the run's, else its model path",
+    )
     args = parser.parse_args(argv)
 
     run = Path(args.run)
@@ -37,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     data = yaml.safe_load(config_file.read_text())
     if args.push_to_hub:
         data.setdefault("export", {})["push_to_hub"] = args.push_to_hub
-    config = config_from_dict(data)
+    if args.hub_id:
+        data.setdefault("model", {})["hub_id"] = args.hub_id
+    try:
+        config = config_from_dict(data)
+    except ValueError as err:
+        print(f"error: {config_file}: {err}", file=sys.stderr)
+        return 2
     if args.checkpoint:
         folder = Path(args.checkpoint)
         if not folder.is_dir():

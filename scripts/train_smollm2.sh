@@ -14,11 +14,11 @@ base=$(python scripts/assets.py | sed -n 's/^smollm2 hf folder: //p')
 for v in "${variants[@]}"; do
   start=$(date +%s)
   deepspeed --master_port "${MASTER_PORT:-$((29600 + RANDOM % 300))}" train/retain.py \
-    --config "configs/smollm2_${v}.yaml" --set "model.name_or_path=${base}" "$@"
+    --config "configs/smollm2_${v}.yaml" --set "model.name_or_path=${base}" \
+    --set "model.hub_id=HuggingFaceTB/SmolLM2-135M-Instruct" "$@"
   echo "smollm2_${v}: trained in $(( $(date +%s) - start ))s"
   rm -rf "adapters/smollm2-135m-${v}"
   mkdir -p adapters
+  # model.hub_id: the adapter names its base by the Hub id, not by this machine's converted folder
   cp -r "runs/smollm2_${v}/adapter" "adapters/smollm2-135m-${v}"
-  # the adapter names its base by the Hub id, not by this machine's converted folder
-  sed -i "s#${base}#HuggingFaceTB/SmolLM2-135M-Instruct#g" "adapters/smollm2-135m-${v}"/{adapter_config.json,README.md}
 done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,73 @@ def test_zero_stage_that_does_not_fit_is_refused(monkeypatch):
     trainer.check_zero_stage_fits(config, yi34b, gpu(8))  # 8.0 GiB per GPU: fits
     with pytest.raises(ValueError, match="use more GPUs"):
         trainer.check_zero_stage_fits(config, yi34b, gpu(1))
+
+
+def test_hub_id_round_trips_and_names_the_base():
+    config = config_from_dict(_with("model.hub_id", "HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert config.model.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config.model.base_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False)))
+    assert again == config
+    local = copy.deepcopy(TINY)
+    local["model"] = {"name_or_path": "/root/.cache/x/smollm2-hf", "dtype": "float32"}
+    default = config_from_dict(local)
+    assert default.model.hub_id is None and default.model.base_name == "/root/.cache/x/smollm2-hf"
+    assert config_from_dict(TINY).model.base_name == ""  # from_config: no name to record
+
+
+@pytest.mark.parametrize("hub_id", ["/root/.cache/smollm2-hf", "./local", "a/b/c", "has space"])
+def test_hub_id_must_be_a_repo_id(hub_id):
+    with pytest.raises(ValueError, match="model.hub_id: must be a Hub repo id"):
+        config_from_dict(_with("model.hub_id", hub_id))
+
+
+def test_set_addresses_list_elements(tmp_path):
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        {
+            "data.sources[0].num_samples": 2000,
+            "data.sources[0].tasks[1]": "qa_haystack",
+            "optim.betas[1]": 0.99,  # not in tiny.yaml: the default (0.9, 0.95) is indexed
+            "model.from_config.num_hidden_layers": 3,
+        },
+    )
+    source = config.data.sources[0]
+    assert source["num_samples"] == 2000 and source["context_length"] == 400
+    assert source["tasks"][:2] == ["single_needle", "qa_haystack"] and len(source["tasks"]) == 5
+    assert config.optim.betas == (0.9, 0.99) and config.model.from_config["num_hidden_layers"] == 3
+    assert config.data.resolved_sources()[0].num_samples == 2000
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (
+            "data.sources[1].num_samples",
+            r"data.sources\[1\]: index out of range \(data.sources has 1 element",
+        ),
+        ("optim.betas[2]", r"optim.betas\[2\]: index out of range \(optim.betas has 2 element"),
+        ("data.max_length[0]", r"data.max_length\[0\]: data.max_length is not a list \(type int\)"),
+        ("data.sources[0].num_samples[0]", r"data.sources\[0\].num_samples\[0\]: .* is not a list"),
+        ("data.sourcess[0].num_samples", "unknown config key data.sourcess; known keys here: sources,"),
+        ("optim.lr.warm", "unknown config key optim.lr.warm: optim.lr is not a section"),
+        ("data.sources[0].num_sampless", r"data.sources\[0\]: .*unknown key"),
+        ("data.sources.0.context_length", r"bad config key 'data.sources.0.context_length' \(write a list"),
+        ("data.sources[-1].num_samples", "bad config key"),
+    ],
+)
+def test_set_with_a_bad_key_is_refused_with_key_named(key, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(ROOT / "configs" / "tiny.yaml", {key: 5})
+
+
+def test_retain_cli_set_with_an_index(capsys):
+    spec = importlib.util.spec_from_file_location("retain_script", ROOT / "train" / "retain.py")
+    retain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(retain)
+    config = str(ROOT / "configs" / "tiny.yaml")
+    assert retain.main(["--config", config, "--dry-run", "--set", "data.sources[0].num_samples=7"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out.split("# deepspeed config:")[0])
+    assert resolved["data"]["sources"][0]["num_samples"] == 7
+    assert retain.main(["--config", config, "--dry-run", "--set", "data.sources[3].seed=1"]) == 2
+    assert r"data.sources[3]: index out of range" in capsys.readouterr().err

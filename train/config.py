@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,8 +39,26 @@ class ModelConfig:
     """Tokenizer id/folder; None: `name_or_path`; `builtin:tiny`: the project's tiny test tokenizer."""
     seed: int = 0
     """Seed of the random init for `from_config` models."""
+    hub_id: str | None = None
+    """Hub repo id the exported adapter records as its base (`base_model_name_or_path`, model card);
+    None: `name_or_path`. Set it when `name_or_path` is a local copy of a Hub model."""
+
+    @property
+    def base_name(self) -> str:
+        """The base model's name in the adapter: `hub_id`, else `name_or_path`, else "" (from_config)."""
+        return self.hub_id or self.name_or_path or ""
 
     def __post_init__(self) -> None:
+        if self.hub_id is not None:
+            from huggingface_hub.errors import HFValidationError
+            from huggingface_hub.utils import validate_repo_id
+
+            try:
+                validate_repo_id(self.hub_id)
+            except HFValidationError as err:
+                raise ValueError(
+                    f"model.hub_id: must be a Hub repo id (name or namespace/name), got {self.hub_id!r}"
+                ) from err
         _check(
             (self.name_or_path is None) != (self.from_config is None),
             "model",
@@ -423,18 +442,119 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, data, "")
 
 
+_KEY_PART = re.compile(r"([A-Za-z_]\w*)((?:\[\d+\])*)")
+OVERRIDE_SYNTAX = "dotted names with [index] for list elements, e.g. data.sources[0].num_samples"
+
+
+def _parse_key(dotted: str) -> list[str | int]:
+    """`data.sources[0].num_samples` -> ["data", "sources", 0, "num_samples"]."""
+    steps: list[str | int] = []
+    for part in dotted.split("."):
+        match = _KEY_PART.fullmatch(part)
+        if match is None:
+            hint = f" (write a list element as name[{part}])" if part.isdigit() else ""
+            raise ValueError(f"bad config key {dotted!r}{hint}: expected {OVERRIDE_SYNTAX}")
+        steps.append(match.group(1))
+        steps += [int(i) for i in re.findall(r"\d+", match.group(2))]
+    return steps
+
+
+def _strip_none(hint: Any) -> Any:
+    """`X | None` -> X; any other union -> Any (the override is checked when the config is built)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else Any
+    return hint
+
+
+def _is_sequence(hint: Any) -> bool:
+    return hint is Any or typing.get_origin(hint) in (list, tuple)
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
+
+
+def _missing_child(cls: Any, name: str, next_step: str | int) -> Any:
+    """The container to create for a key absent from the YAML: a copy of the field's default list or
+    tuple when an index follows (so `optim.betas[1]` works without betas in the file), else a mapping."""
+    if not isinstance(next_step, int):
+        return {}
+    if dataclasses.is_dataclass(cls):
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, (list, tuple)):
+            return list(default)
+    return []
+
+
+def set_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set one `--set` key in parsed YAML `data`, in place.
+
+    Keys are dotted names with `[i]` for list elements (`data.sources[0].num_samples`). A name that is
+    not a config key, an index into something that is not a list and an index out of range are
+    ValueErrors naming the key; values are checked later, when the config is built.
+    """
+    steps = _parse_key(dotted)
+    node: Any = data
+    hint: Any = RunConfig
+    path = ""
+    for pos, step in enumerate(steps):
+        hint = _strip_none(hint)
+        last = pos == len(steps) - 1
+        if isinstance(step, str):
+            key = f"{path}.{step}" if path else step
+            if dataclasses.is_dataclass(hint):
+                names = [f.name for f in dataclasses.fields(hint)]
+                if step not in names:
+                    raise ValueError(f"unknown config key {key}; known keys here: {', '.join(names)}")
+                child_hint = typing.get_type_hints(hint)[step]
+            elif hint is Any or typing.get_origin(hint) is dict:
+                child_hint = Any
+            else:
+                raise ValueError(
+                    f"unknown config key {key}: {path} is not a section (type {_hint_name(hint)})"
+                )
+            if not isinstance(node, dict):
+                raise ValueError(f"{path}: expected a mapping to set {key} in, got {node!r}")
+            if last:
+                node[step] = value
+                return
+            if node.get(step) is None:
+                node[step] = _missing_child(hint, step, steps[pos + 1])
+            child = node[step]
+        else:
+            key = f"{path}[{step}]"
+            if not _is_sequence(hint) or not isinstance(node, list):
+                what = _hint_name(hint) if not _is_sequence(hint) else type(node).__name__
+                raise ValueError(f"{key}: {path} is not a list (type {what}); only lists take an [index]")
+            if step >= len(node):
+                raise ValueError(
+                    f"{key}: index out of range ({path} has {len(node)} element(s)); "
+                    f"set the whole list with {path}=[...]"
+                )
+            args = typing.get_args(hint)
+            child_hint = args[0] if typing.get_origin(hint) is list else Any
+            if last:
+                node[step] = value
+                return
+            if node[step] is None:
+                node[step] = [] if isinstance(steps[pos + 1], int) else {}
+            child = node[step]
+        node, hint, path = child, child_hint, key
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run config; `overrides` maps dotted keys (`optim.max_steps`) to values."""
+    """Read a YAML run config; `overrides` maps keys (`optim.max_steps`, `data.sources[0].num_samples`)
+    to values (see :func:`set_override`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping at the top, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        set_override(data, dotted, value)
     return config_from_dict(data)
 
 

@@ -62,7 +62,7 @@ def export_heads(
     Collective under torch.distributed: rank 0 writes, every rank returns the folder.
     """
     folder = Path(folder) if folder is not None else config.adapter_folder
-    base = config.model.name_or_path or ""  # a from_config model has no id to load it by
+    base = config.model.base_name  # model.hub_id, else name_or_path; "" for a from_config model
     training = {
         "config": config.to_dict(),
         "steps": steps,

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a key, e.g. optim.max_steps=10",
+        help="override a key, e.g. optim.max_steps=10 or 'data.sources[0].num_samples=2000' (quote [i])",
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
