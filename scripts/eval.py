@@ -365,20 +365,27 @@ def summarise(
 
 
 def markdown(
-    summary: dict[str, Any], tasks: tuple[str, ...], lengths: tuple[int, ...], times: dict[str, float]
+    summary: dict[str, Any],
+    tasks: tuple[str, ...],
+    lengths: tuple[int, ...],
+    times: dict[str, float],
+    counts: dict[str, int] | None = None,
 ) -> str:
+    """The results tables; `counts` (samples per cell of each method) adds an n column."""
+
     def k(n: int) -> str:
         return f"{n // 1024}K"
 
     lines = [
         "| method | " + " | ".join(k(n) for n in lengths) + " | " + " | ".join(TASK_SHORT[t] for t in tasks)
     ]
-    lines[0] += " | **avg** | s/run |"
-    lines.append("|" + "---|" * (len(lengths) + len(tasks) + 3))
+    lines[0] += " | **avg** | s/run |" + (" n |" if counts else "")
+    lines.append("|" + "---|" * (len(lengths) + len(tasks) + 3 + bool(counts)))
     for key, s in summary.items():
         row = [key] + [f"{s['per_length'].get(str(n), float('nan')):.1f}" for n in lengths]
         row += [f"{s['per_task'].get(t, float('nan')):.1f}" for t in tasks]
         row += [f"**{s['average']:.1f}**", f"{times.get(key, float('nan')):.3f}"]
+        row += [str(counts.get(key, 0))] if counts else []
         lines.append("| " + " | ".join(row) + " |")
     detail = ["", "Every cell (task × length):", ""]
     header = "| method | " + " | ".join(f"{TASK_SHORT[t]} {k(n)}" for t in tasks for n in lengths) + " |"
@@ -422,7 +429,9 @@ def load_head_sets(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     heads = {}
     hidden = None
     for name, path in (("qa", args.qa_adapter), ("qagn", args.qagn_adapter), *extra_adapters(args)):
-        if path is None or not Path(path).exists():
+        if path is None:
+            continue
+        if not Path(path).exists():
             print(f"no {name} adapter at {path}: its APB rows are skipped", flush=True)
             continue
         heads[name], config = load_heads(model, path, dtype=dtype)
@@ -455,7 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=("teacher", "generate"), default="teacher")
     parser.add_argument("--qa-adapter", default="adapters/smollm2-135m-qa")
-    parser.add_argument("--qagn-adapter", default="adapters/smollm2-135m-qagn")
+    parser.add_argument(
+        "--qagn-adapter",
+        default=None,
+        help="query-agnostic heads (none ship with the repo: train them with configs/smollm2_qagn_gpu.yaml)",
+    )
     parser.add_argument(
         "--adapter",
         action="append",
@@ -585,7 +598,10 @@ def resume_from(
     lengths: tuple[int, ...],
     hosts: tuple[int, ...],
 ) -> int:
-    """Fill `scores` / `seconds` with an earlier run's raw values; returns its samples per cell."""
+    """Fill `scores` / `seconds` with an earlier run's raw values; returns its samples per cell.
+
+    This run may evaluate a subset of the earlier methods (say an adapter is no longer at hand): the
+    others keep their earlier samples, get no new ones, and are written out as they were."""
     earlier = json.loads(Path(path).read_text())
     if "raw_scores" not in earlier:
         raise ValueError(f"{path} has no raw scores to resume from (written by an older eval.py)")
@@ -594,18 +610,28 @@ def resume_from(
         list(lengths),
         list(hosts),
     )
-    if not same or set(earlier["raw_scores"]) != set(scores):
+    if not same or not set(scores) <= set(earlier["raw_scores"]):
         raise ValueError(
             f"{path} is another evaluation: tasks/lengths/hosts {earlier['tasks']}/{earlier['lengths']}/"
             f"{earlier['hosts']} and methods {sorted(earlier['raw_scores'])}; this run has {list(tasks)}/"
             f"{list(lengths)}/{list(hosts)} and {sorted(scores)}"
         )
     for key, by_task in earlier["raw_scores"].items():
+        scores.setdefault(key, {t: {n: [] for n in lengths} for t in tasks})
+        seconds.setdefault(key, [])
         for task, by_len in by_task.items():
             for n, values in by_len.items():
                 scores[key][task][int(n)].extend(values)
         seconds[key].extend(earlier["raw_seconds"][key])
     return int(earlier["samples_per_cell"])
+
+
+def samples_per_method(scores: dict[str, dict[str, dict[int, list[float]]]]) -> dict[str, int]:
+    """Samples per cell of each method (the fewest over its cells)."""
+    return {
+        k: min(len(v) for by_len in by_task.values() for v in by_len.values())
+        for k, by_task in scores.items()
+    }
 
 
 def paired_differences(
@@ -617,8 +643,14 @@ def paired_differences(
     Samples are paired: the same item under both methods. The interval is 1.96 standard errors of
     the mean difference over all items (every cell has the same number of items)."""
 
-    def flat(key: str) -> list[float]:
-        return [v for by_len in scores[key].values() for vals in by_len.values() for v in vals]
+    def flat(a: str, b: str) -> tuple[list[float], list[float]]:  # the samples both have, cell by cell
+        xa, xb = [], []
+        for task, by_len in scores[a].items():
+            for n, va in by_len.items():
+                vb = scores[b][task][n]
+                xa += va[: len(vb)]
+                xb += vb[: len(va)]
+        return xa, xb
 
     pairs: list[tuple[str, str]] = []
     for key in scores:
@@ -635,8 +667,8 @@ def paired_differences(
                         pairs.append((key, label(other, h)))
     out = []
     for a, b in pairs:
-        xa, xb = flat(a), flat(b)
-        if not xa or len(xa) != len(xb):
+        xa, xb = flat(a, b)
+        if not xa:
             continue
         diffs = [100 * (p - q) for p, q in zip(xa, xb, strict=True)]
         mean = sum(diffs) / len(diffs)
@@ -675,6 +707,7 @@ def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, exa
         "mode": args.mode,
         "seed": args.seed,
         "samples_per_cell": done_rounds,
+        "samples_per_method": samples_per_method(scores),
         "tasks": list(tasks),
         "lengths": list(lengths),
         "hosts": list(hosts),
@@ -705,7 +738,9 @@ def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, exa
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(markdown(summary, tasks, lengths, times) + paired_markdown(paired))
+        Path(args.markdown).write_text(
+            markdown(summary, tasks, lengths, times, samples_per_method(scores)) + paired_markdown(paired)
+        )
 
 
 if __name__ == "__main__":

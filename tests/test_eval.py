@@ -176,3 +176,19 @@ def test_main_resumes_and_evaluates_extra_adapters(ev, tiny, tmp_path):
         ev.main([*argv, "--num-samples", "2", "--resume", str(out), "--hosts", "2", "4"])
     with pytest.raises(ValueError, match="expected NAME=PATH"):
         ev.main([*argv, "--adapter", "qa=x", "--num-samples", "1"])
+
+
+def test_resume_with_a_subset_of_methods_keeps_the_others(ev, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--tiny", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2", "--out", str(out)]
+    argv += ["--markdown", str(tmp_path / "r.md"), "--qa-adapter", "none", "--qagn-adapter", "none"]
+    assert ev.main([*argv, "--num-samples", "1", "--methods", "full", "star", "apb-random"]) == 0
+    first = json.loads(out.read_text())
+    assert ev.main([*argv, "--num-samples", "2", "--methods", "full", "star", "--resume", str(out)]) == 0
+    second = json.loads(out.read_text())
+    assert second["samples_per_method"] == {"full": 2, "star H=2": 2, "apb-random H=2": 1}
+    kept = second["raw_scores"]["apb-random H=2"]
+    assert kept == first["raw_scores"]["apb-random H=2"]
+    paired = {(p["a"], p["b"]): p["n"] for p in second["paired"]}
+    assert paired[("apb-random H=2", "full")] == 1 and paired[("star H=2", "full")] == 2
+    assert "| 1 |" in (tmp_path / "r.md").read_text()
