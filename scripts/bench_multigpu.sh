@@ -13,8 +13,10 @@
 #   bash scripts/bench_multigpu.sh bench oracle      # only these steps (a call lasts at most 600 s)
 # Env: BUDGET_S (default 570: the whole call), BENCH_S (default 240), LONG=0|1 (256K), ZERO (ZeRO stage of
 # the training runs, default the config's), TRAIN_STEPS (default 16), CONFIG (default
-# configs/llama8b_random.yaml; for the Qwen-2.5-14B shapes with ZERO=2 it needs a random-weights
-# `model.from_config` copy: configs/qwen14b.yaml downloads the real model, and the machine has no network).
+# configs/llama8b_random.yaml). The real-sized legs, random weights with the real shapes (the machine
+# has no network for configs/qwen14b.yaml's download):
+#   CONFIG=configs/qwen14b_random.yaml bash scripts/bench_multigpu.sh train     # Qwen-2.5-14B, ZeRO-2
+#   CONFIG=configs/yi34b_random.yaml bash scripts/bench_multigpu.sh train       # Yi-34B, ZeRO-3
 set -u
 export PYTHONUNBUFFERED=1
 # NVLink multicast off (the device README): NCCL, PyTorch symmetric memory, NVSHMEM
