@@ -192,3 +192,30 @@ def test_resume_with_a_subset_of_methods_keeps_the_others(ev, tmp_path):
     paired = {(p["a"], p["b"]): p["n"] for p in second["paired"]}
     assert paired[("apb-random H=2", "full")] == 1 and paired[("star H=2", "full")] == 2
     assert "| 1 |" in (tmp_path / "r.md").read_text()
+
+
+def test_plot_accuracy_bars_and_intervals(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_accuracy", SCRIPT.parent / "plot_accuracy.py")
+    plot_accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_accuracy)
+    result = {
+        "hosts": [2],
+        "raw_scores": {
+            "full": {"single_needle": {"2048": [1.0, 0.0, 1.0, 0.0]}},
+            "apb-qa H=2": {"single_needle": {"2048": [1.0, 1.0, 1.0, 1.0]}},
+            "star H=2": {"single_needle": {"2048": [0.0, 0.0, 1.0, 0.0]}},
+        },
+    }
+    stats = plot_accuracy.method_stats(result)
+    mean, half, n = stats["full"]  # values 100, 0, 100, 0: sd 57.735
+    assert (mean, n) == (50.0, 4) and half == pytest.approx(1.96 * 57.735027 / 2, rel=1e-6)
+    assert stats["apb-qa H=2"][:2] == (100.0, 0.0)
+    labels = plot_accuracy.plot(result, tmp_path / "acc.png")
+    assert labels == ["full", "star H=2", "apb-qa H=2"]
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        plot_accuracy.main(
+            [str(SCRIPT.parent.parent / "benchmarks" / "accuracy_results_gpu.json"), str(tmp_path / "b.png")]
+        )
+        == 0
+    )
