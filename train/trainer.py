@@ -85,6 +85,80 @@ def load_tokenized_samples(config: RunConfig, tokenizer: Any) -> list[Any]:
     ]
 
 
+SAMPLES_CACHE = "samples.json.gz"
+"""The run folder's copy of its tokenised samples, reused when the data settings are unchanged."""
+
+
+def data_fingerprint(config: RunConfig, tokenizer: Any) -> str:
+    """Hash of everything the tokenised samples depend on: the sources (local files by size and mtime;
+    `workers` left out, it changes nothing), the length budget, the chat template, the tokenizer."""
+    import hashlib
+    import os
+
+    sources = []
+    for spec in config.data.sources:
+        spec = {k: v for k, v in spec.items() if k != "workers"}
+        if "path" in spec and Path(spec["path"]).is_file():
+            stat = os.stat(spec["path"])
+            spec["file"] = [stat.st_size, stat.st_mtime_ns]
+        sources.append(spec)
+    d = config.data
+    payload = {
+        "format": 1,
+        "sources": sources,
+        "max_length": d.max_length,
+        "chat_template": d.chat_template,
+        "tokenizer": [getattr(tokenizer, "name_or_path", None), len(tokenizer), type(tokenizer).__name__],
+        "template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_tokenized_samples(
+    config: RunConfig, tokenizer: Any, output_dir: Path, write: bool = True
+) -> list[Any]:
+    """`load_tokenized_samples`, kept in the run folder: a resumed (or repeated) run with the same data
+    settings reads its samples back instead of making them again. `write`: save them (the main rank)."""
+    import gzip
+    import os
+
+    from apb.data.sample import TokenizedSample
+
+    path = Path(output_dir) / SAMPLES_CACHE
+    fingerprint = data_fingerprint(config, tokenizer)
+    if path.is_file():
+        try:
+            with gzip.open(path, "rt") as f:
+                blob = json.load(f)
+            if blob.get("fingerprint") == fingerprint:
+                samples = [TokenizedSample(**s) for s in blob["samples"]]
+                logger.info("samples: %d read from %s (same data settings)", len(samples), path)
+                return samples
+            logger.info("samples: %s holds other data settings; making them again", path)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            logger.warning("samples: could not read %s (%s); making them again", path, err)
+    started = time.perf_counter()
+    samples = load_tokenized_samples(config, tokenizer)
+    logger.info("samples: %d made in %.1fs", len(samples), time.perf_counter() - started)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {
+                "context_ids": [int(i) for i in s.context_ids],
+                "question_ids": [int(i) for i in s.question_ids],
+                "answer_ids": [int(i) for i in s.answer_ids],
+                "task": s.task,
+                "num_truncated": s.num_truncated,
+            }
+            for s in samples
+        ]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with gzip.open(tmp, "wt", compresslevel=1) as f:
+            json.dump({"fingerprint": fingerprint, "samples": rows}, f)
+        os.replace(tmp, path)  # atomic: another rank never reads half a file
+    return samples
+
+
 def build_layouts(samples: list[Any], params: LayoutParams) -> list[HostLayout]:
     """Lay out every sample now, so a too-short sample fails before training starts."""
     layouts = []
@@ -227,7 +301,7 @@ class Trainer:
         check_zero_stage_fits(cfg, model_config, self.dist)
         check_sources(cfg)
         tokenizer = build_tokenizer(cfg)
-        samples = load_tokenized_samples(cfg, tokenizer)
+        samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir, write=self.dist.is_main)
         self.layouts = build_layouts(samples, layout_params(cfg))
         if self.dist.is_main:
             save_resolved(cfg, self.output_dir)
