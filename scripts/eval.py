@@ -259,21 +259,19 @@ class Evaluator:
             ids = _tensor(item.context_ids + tail, device)
             hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
             hidden = hidden[:, len(item.context_ids) + first :]
-        else:
-            if heads_name(method):
-                self.apb.heads = self.heads[heads_name(method)]
-            config = self.config(method, len(item.context_ids), num_hosts)
-            # The anchor gets the question only; the answer prefix and gold answer run on the last host
-            # after the prefill, like tokens being decoded.
-            logits = self.apb.prefill(
-                _tensor(item.context_ids, device),
-                _tensor(tail, device),
-                config=config,
-                num_hosts=num_hosts,
-                anchor_query_ids=_tensor(item.question_ids, device),
-            )
-            return logits[0, first:].float()
-        return self.model.get_output_embeddings()(hidden)[0].float()
+            return self.model.get_output_embeddings()(hidden)[0].float()
+        if heads_name(method):
+            self.apb.heads = self.heads[heads_name(method)]
+        # The anchor gets the question only; the answer prefix and gold answer run on the last host after
+        # the prefill, like tokens being decoded.
+        logits = self.apb.prefill(
+            _tensor(item.context_ids, device),
+            _tensor(tail, device),
+            config=self.config(method, len(item.context_ids), num_hosts),
+            num_hosts=num_hosts,
+            anchor_query_ids=_tensor(item.question_ids, device),
+        )
+        return logits[0, first:].float()
 
     def score_teacher(self, item: EvalItem, method: str, num_hosts: int) -> float:
         hits = teacher_forced_hits(self.answer_logits(item, method, num_hosts), item)
