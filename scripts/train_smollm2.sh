@@ -5,7 +5,8 @@
 #   bash scripts/train_smollm2.sh qa         # one of: qa qagn
 #   RECIPE=gpu bash scripts/train_smollm2.sh qa --set heads.hidden_size=64
 #                                            # the GPU recipe (configs/smollm2_*_gpu.yaml, ~6 min on one H100):
-#                                            # this is how adapters/smollm2-135m-qa was made
+#                                            # (adapters/smollm2-135m-qa: this recipe at hidden 64,
+#                                            #  max_steps 900, exported at step 700; see RESULTS.md)
 # Extra arguments after the variant go to train/retain.py (e.g. --set heads.hidden_size=256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
