@@ -301,7 +301,15 @@ class Trainer:
         check_zero_stage_fits(cfg, model_config, self.dist)
         check_sources(cfg)
         tokenizer = build_tokenizer(cfg)
-        samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir, write=self.dist.is_main)
+        if self.dist.world_size > 1 and dist.is_initialized():
+            # the main rank makes (or reads) the samples once; the others read its file after the barrier
+            if self.dist.is_main:
+                samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir)
+            dist.barrier()
+            if not self.dist.is_main:
+                samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir, write=False)
+        else:
+            samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir)
         self.layouts = build_layouts(samples, layout_params(cfg))
         if self.dist.is_main:
             save_resolved(cfg, self.output_dir)
