@@ -422,8 +422,9 @@ def make_samples(
 ) -> list[Sample]:
     """``list(SyntheticDataset(...))``: all samples made now.
 
-    `workers` > 1 makes them in that many forked processes (with a progress bar); sample i depends
-    only on (seed, i), so the list is the same for any number of workers.
+    `workers` > 1 makes them in that many forked processes; sample i depends
+    only on (seed, i), so the list is the same for any number of workers. A progress bar shows from
+    100 samples up.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -436,11 +437,13 @@ def make_samples(
         split=split,
         haystack=haystack,
     )
-    if workers == 1 or num_samples < 2:
-        return [dataset[i] for i in range(len(dataset))]
-    import multiprocessing
-
     from tqdm.auto import tqdm
+
+    quiet = num_samples < 100  # a bar only where making them takes a while
+    if workers == 1 or num_samples < 2:
+        made = (dataset[i] for i in range(len(dataset)))
+        return list(tqdm(made, total=num_samples, desc="synthetic samples", unit="sample", disable=quiet))
+    import multiprocessing
 
     global _FORKED_DATASET
     _FORKED_DATASET = dataset  # inherited by the forked workers, never pickled
@@ -448,7 +451,7 @@ def make_samples(
         with multiprocessing.get_context("fork").Pool(min(workers, num_samples)) as pool:
             chunks = max(1, min(32, num_samples // (4 * workers)))
             made = pool.imap(_forked_sample, range(num_samples), chunksize=chunks)
-            return list(tqdm(made, total=num_samples, desc="synthetic samples", unit="sample"))
+            return list(tqdm(made, total=num_samples, desc="synthetic samples", unit="sample", disable=quiet))
     finally:
         _FORKED_DATASET = None
 
