@@ -105,3 +105,25 @@ def split_blocks(num_context_tokens: int, num_hosts: int) -> list[tuple[int, int
         blocks.append((start, start + size))
         start += size
     return blocks
+
+
+def passing_counts(num_context_tokens: int, num_hosts: int, config: APBConfig) -> tuple[list[int], list[int]]:
+    """Per host: how many leading local tokens are never passed (host 0: the anchor's positions, which
+    every later host already holds) and how many tokens it passes on (``config.passing_len`` capped at
+    what it has, all of them for ``passing_len=None``, 0 for the last host, whose block nobody reads).
+
+    Returns ``(num_excluded, counts)``, each of length `num_hosts`.
+    """
+    num_anchor = config.anchor_len if num_hosts > 1 else 0
+    num_excluded, counts = [], []
+    for host, (start, end) in enumerate(split_blocks(num_context_tokens, num_hosts)):
+        excluded = min(num_anchor, end - start) if host == 0 else 0
+        available = end - start - excluded
+        num_excluded.append(excluded)
+        if host == num_hosts - 1:
+            counts.append(0)
+        elif config.passing_len is None:
+            counts.append(available)
+        else:
+            counts.append(min(config.passing_len, available))
+    return num_excluded, counts

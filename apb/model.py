@@ -13,7 +13,7 @@ from torch import nn
 from apb.attention import DecodeState, LayerKV, PrefillState, activate, install
 from apb.backends import get_backend
 from apb.comm import Communicator, make_comm
-from apb.config import APBConfig, split_blocks
+from apb.config import APBConfig, passing_counts, split_blocks
 from apb.decode import StopCriteria, sample_next_token
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads
 
@@ -222,18 +222,7 @@ class APBModel(nn.Module):
         backend = get_backend(config.backend, self.device)
         anchor = self._anchor(context, anchor_query, config) if num_hosts > 1 else context[:, :0]
         num_anchor = anchor.shape[1]
-        num_excluded = [
-            min(num_anchor, end - start) if host == 0 else 0 for host, (start, end) in enumerate(blocks)
-        ]
-        counts = []
-        for host, (start, end) in enumerate(blocks):
-            available = end - start - num_excluded[host]
-            if host == num_hosts - 1:
-                counts.append(0)
-            elif config.passing_len is None:
-                counts.append(available)
-            else:
-                counts.append(min(config.passing_len, available))
+        num_excluded, counts = passing_counts(num_context, num_hosts, config)
         stores: dict[int, list[LayerKV]] = {}
         self.last_prefill_times = {}
         self._passing_indices: dict[int, dict[int, torch.Tensor]] = {}

@@ -361,21 +361,9 @@ def split_categories(raw: dict[str, float], host_ms: float, comm_ms: float) -> d
 
 def passing_counts(num_context: int, num_hosts: int, config) -> list[int]:
     """Passing-block size of every host, as `APBModel` computes it (0 for the last host)."""
-    from apb.config import split_blocks
+    from apb.config import passing_counts as apb_passing_counts
 
-    blocks = split_blocks(num_context, num_hosts)
-    num_anchor = config.anchor_len if num_hosts > 1 else 0
-    counts = []
-    for host, (start, end) in enumerate(blocks):
-        excluded = min(num_anchor, end - start) if host == 0 else 0
-        available = end - start - excluded
-        if host == num_hosts - 1:
-            counts.append(0)
-        elif config.passing_len is None:
-            counts.append(available)
-        else:
-            counts.append(min(config.passing_len, available))
-    return counts
+    return apb_passing_counts(num_context, num_hosts, config)[1]
 
 
 def comm_ms(

@@ -263,6 +263,16 @@ def test_for_length_matches_design_table():
     assert APBConfig.exact().is_exact and not APBConfig.exact().needs_heads
 
 
+def test_passing_counts_per_host():
+    from apb.config import passing_counts
+
+    # blocks of 10, 10, 11 tokens; host 0 never passes its 4 anchor positions
+    assert passing_counts(31, 3, APBConfig(anchor_len=4, passing_len=8)) == ([4, 0, 0], [6, 8, 0])
+    assert passing_counts(31, 3, APBConfig(anchor_len=4)) == ([4, 0, 0], [6, 10, 0])  # pass everything
+    assert passing_counts(31, 3, APBConfig.star(31, 3)) == ([10, 0, 0], [0, 0, 0])
+    assert passing_counts(31, 1, APBConfig(anchor_len=4, passing_len=8)) == ([0], [0])
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="anchor_len"):
         APBConfig(anchor_len=-1)
