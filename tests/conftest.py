@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -42,3 +49,24 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@contextmanager
+def script_module(path: str | Path) -> Iterator[ModuleType]:
+    """A script file (scripts/x.py, train/retain.py) imported as a module for a test.
+
+    It is registered in sys.modules under ``<stem>_script`` (dataclasses look their module up by name),
+    with its folder first on sys.path (scripts import their neighbours); both are undone on exit.
+    """
+    path = Path(path)
+    folder = str(path.parent)
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, folder)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(folder)

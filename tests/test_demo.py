@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import script_module
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
 
 
 @pytest.fixture(scope="module")
 def demo():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("demo_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SCRIPT) as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path.remove(str(SCRIPT.parent))
 
 
 def test_exact_apb_answers_like_full_attention(demo):

@@ -7,29 +7,20 @@ answer) equals greedy decoding's verdict, for full attention and for APB (sparse
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import script_module
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "eval.py"
 
 
 @pytest.fixture(scope="module")
 def ev():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("eval_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SCRIPT) as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.fixture(scope="module")
@@ -194,10 +185,13 @@ def test_resume_with_a_subset_of_methods_keeps_the_others(ev, tmp_path):
     assert "| 1 |" in (tmp_path / "r.md").read_text()
 
 
-def test_plot_accuracy_bars_and_intervals(tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_accuracy", SCRIPT.parent / "plot_accuracy.py")
-    plot_accuracy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_accuracy)
+@pytest.fixture(scope="module")
+def plot_accuracy():
+    with script_module(SCRIPT.parent / "plot_accuracy.py") as module:
+        yield module
+
+
+def test_plot_accuracy_bars_and_intervals(plot_accuracy, tmp_path):
     result = {
         "hosts": [2],
         "raw_scores": {

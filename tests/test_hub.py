@@ -12,7 +12,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import script_module, tiny_model
 from huggingface_hub import constants
 
 import apb
@@ -256,17 +256,14 @@ def test_only_rank0_writes_and_pushes(tmp_path):
 
 
 def test_push_script_hands_its_arguments_to_push_to_hub(recording_api, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("push_to_hub_cli", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    folder = save_adapter(build_heads(tiny_model("llama"), hidden_size=16), tmp_path / "adapter")
-    assert cli.main([str(folder), "user/heads", "--private", "--revision", "dev"]) == 0
-    calls = dict(recording_api)
-    assert calls["create_repo"]["private"] is True
-    assert calls["create_branch"]["branch"] == "dev"
-    assert (
-        Path(calls["upload_folder"]["folder_path"]) == folder and calls["upload_folder"]["revision"] == "dev"
-    )
-    assert "pushed" in capsys.readouterr().out
+    with script_module(SCRIPT) as cli:
+        folder = save_adapter(build_heads(tiny_model("llama"), hidden_size=16), tmp_path / "adapter")
+        assert cli.main([str(folder), "user/heads", "--private", "--revision", "dev"]) == 0
+        calls = dict(recording_api)
+        assert calls["create_repo"]["private"] is True
+        assert calls["create_branch"]["branch"] == "dev"
+        assert (
+            Path(calls["upload_folder"]["folder_path"]) == folder
+            and calls["upload_folder"]["revision"] == "dev"
+        )
+        assert "pushed" in capsys.readouterr().out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import yaml
 from apb.train.config import config_from_dict, load_config
 from apb.train.trainer import check_sources
+from conftest import script_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
@@ -214,12 +214,10 @@ def test_set_with_a_bad_key_is_refused_with_key_named(key, message):
 
 
 def test_retain_cli_set_with_an_index(capsys):
-    spec = importlib.util.spec_from_file_location("retain_script", ROOT / "train" / "retain.py")
-    retain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(retain)
-    config = str(ROOT / "configs" / "tiny.yaml")
-    assert retain.main(["--config", config, "--dry-run", "--set", "data.sources[0].num_samples=7"]) == 0
-    resolved = yaml.safe_load(capsys.readouterr().out.split("# deepspeed config:")[0])
-    assert resolved["data"]["sources"][0]["num_samples"] == 7
-    assert retain.main(["--config", config, "--dry-run", "--set", "data.sources[3].seed=1"]) == 2
-    assert r"data.sources[3]: index out of range" in capsys.readouterr().err
+    with script_module(ROOT / "train" / "retain.py") as retain:
+        config = str(ROOT / "configs" / "tiny.yaml")
+        assert retain.main(["--config", config, "--dry-run", "--set", "data.sources[0].num_samples=7"]) == 0
+        resolved = yaml.safe_load(capsys.readouterr().out.split("# deepspeed config:")[0])
+        assert resolved["data"]["sources"][0]["num_samples"] == 7
+        assert retain.main(["--config", config, "--dry-run", "--set", "data.sources[3].seed=1"]) == 2
+        assert r"data.sources[3]: index out of range" in capsys.readouterr().err

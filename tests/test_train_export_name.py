@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import yaml
 from apb.train.checkpoint import STATE_NAME, checkpoint_root
 from apb.train.config import config_from_dict, save_resolved
 from apb.train.export import export_heads, save_heads_file, shape_from_config
-from conftest import tiny_model
+from conftest import script_module, tiny_model
 
 import apb
 from apb.heads import RetainingHeads, build_heads
@@ -70,18 +69,13 @@ def test_export_script_hub_id_override(tmp_path):
     heads = RetainingHeads(shape_from_config(config), hidden_size=config.heads.hidden_size)
     save_heads_file(heads.state_dict(), step)
     (step / STATE_NAME).write_text(json.dumps({"step": 4, "tokens_seen": 10, "last_loss": 0.25}))
-    spec = importlib.util.spec_from_file_location(
-        "export_adapter_script", ROOT / "scripts" / "export_adapter.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-
-    assert script.main([str(run), "--out", str(tmp_path / "plain")]) == 0
-    plain = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
-    assert plain["base_model_name_or_path"] == ""  # from_config run, no hub id: nothing to name
-    assert script.main([str(run), "--out", str(tmp_path / "named"), "--hub-id", "user/tiny-base"]) == 0
-    named = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
-    assert named["base_model_name_or_path"] == "user/tiny-base"
-    assert named["training"]["steps"] == 4
-    assert script.main([str(run), "--out", str(tmp_path / "bad"), "--hub-id", "/not/a/repo/id"]) == 2
-    assert not (tmp_path / "bad").exists()
+    with script_module(ROOT / "scripts" / "export_adapter.py") as script:
+        assert script.main([str(run), "--out", str(tmp_path / "plain")]) == 0
+        plain = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+        assert plain["base_model_name_or_path"] == ""  # from_config run, no hub id: nothing to name
+        assert script.main([str(run), "--out", str(tmp_path / "named"), "--hub-id", "user/tiny-base"]) == 0
+        named = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
+        assert named["base_model_name_or_path"] == "user/tiny-base"
+        assert named["training"]["steps"] == 4
+        assert script.main([str(run), "--out", str(tmp_path / "bad"), "--hub-id", "/not/a/repo/id"]) == 2
+        assert not (tmp_path / "bad").exists()
