@@ -52,8 +52,8 @@ def _tiny_base():
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
 
 
-def test_deepspeed_two_ranks_trains_and_exports(tmp_path):
-    run = tmp_path / "run"
+def _two_ranks(run: Path, *sets: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`deepspeed --num_gpus 2 train/retain.py` on the tiny config (CPU ranks); returns the process and its log."""
     cmd = [
         sys.executable,
         "-m",
@@ -63,8 +63,15 @@ def test_deepspeed_two_ranks_trains_and_exports(tmp_path):
         str(ROOT / "train" / "retain.py"),
     ]
     cmd += ["--config", str(TINY), "--set", f"output_dir={run}", "--set", "logging.tqdm=false"]
+    for item in sets:
+        cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    return proc, proc.stdout + proc.stderr
+
+
+def test_deepspeed_two_ranks_trains_and_exports(tmp_path):
+    run = tmp_path / "run"
+    proc, log = _two_ranks(run)
     assert proc.returncode == 0, log[-4000:]
     assert log.count("exits successfully") == 2, log[-4000:]
     assert "terminate called" not in log
@@ -111,18 +118,7 @@ def test_deepspeed_two_ranks_trains_and_exports(tmp_path):
 
 def test_zero3_shards_the_base_over_two_ranks(tmp_path):
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        str(ROOT / "train" / "retain.py"),
-    ]
-    cmd += ["--config", str(TINY), "--set", f"output_dir={run}", "--set", "logging.tqdm=false"]
-    cmd += ["--set", "deepspeed.zero_stage=3", "--set", "optim.max_steps=4"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    proc, log = _two_ranks(run, "deepspeed.zero_stage=3", "optim.max_steps=4")
     assert proc.returncode == 0, log[-4000:]
     assert log.count("exits successfully") == 2 and "terminate called" not in log
     match = re.search(r"base \(2 layers, ([\d.]+)M params, ([\d.]+)M held by this rank\)", log)
