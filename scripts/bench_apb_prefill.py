@@ -15,20 +15,12 @@ import json
 import time
 
 import torch
+from bench_prefill import MODEL_SHAPES
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from apb import APBConfig, APBModel, build_heads
 
-LLAMA_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-)
+LLAMA_8B = {k: v for k, v in MODEL_SHAPES["llama8b"].items() if k != "family"}
 
 
 def sync() -> None:
