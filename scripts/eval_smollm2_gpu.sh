@@ -7,7 +7,7 @@
 # Here (once):  bash scripts/eval_smollm2_gpu.sh prepare
 #               (.g1/ .g2/ .g3/: GGUF parts, wheels, eval set, Gutenberg texts; all in .git/info/exclude)
 # Call 1: carry [".g1"], command: bash scripts/eval_smollm2_gpu.sh stash gputests
-#         (GPU test files + eval-speed probe on a random SmolLM2-shaped model)
+#         (the GPU test files)
 # Call 2: carry [".g2"], command: bash scripts/eval_smollm2_gpu.sh stash probe
 #         (step time of 4 head trainings side by side, random weights: sets the step budget of call 3)
 # Call 3: carry [".g3"], command: bash scripts/eval_smollm2_gpu.sh stash model train eval
@@ -58,7 +58,7 @@ prepare)
   ;;
 stash)
   mkdir -p $W/ad && for d in .g1 .g2 .g3 .g4; do [ -d $d ] && cp $d/part_* $d/*.sha256 $d/*.json.gz \
-    $d/*.tar.gz $d/*.json $d/*.yaml $d/*.py $W/ 2>/dev/null; [ -d $d/ad ] && cp -r $d/ad/. $W/ad/; done
+    $d/*.tar.gz $d/*.json $W/ 2>/dev/null; [ -d $d/ad ] && cp -r $d/ad/. $W/ad/; done
   ls -la $W $W/ad | head -30
   ;;
 gputests)
@@ -67,13 +67,12 @@ gputests)
   # -P: the checkout root must not shadow the apb package that device_env.sh assembles (with apb.kernels)
   timeout $(( $(left) - 200 )) python3 -P -m pytest -q -x -p no:cacheprovider tests/test_decode_attention.py \
     tests/test_kernels.py tests/test_apb_gpu.py tests/test_apb_oracle.py tests/test_apb_sparse.py 2>&1 | tail -4
-  timeout $(( $(left) - 10 )) python3 $W/probe_eval_speed.py 2>&1 | grep -v Warning | tail -14
   ;;
 probe)  # 4 trainings at once (as in `train`), random weights: median step seconds -> $W/step_s
   setup_python
   for i in 1 2 3 4; do
     timeout 200 python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 2960$i train/retain.py \
-      --config $W/smollm2_random.yaml --set output_dir=$W/probe_$i > $OUT/probe_$i.log 2>&1 &
+      --config configs/smollm2_random.yaml --set output_dir=$W/probe_$i > $OUT/probe_$i.log 2>&1 &
   done
   wait
   python3 - <<'EOF' | tee $W/step_s
