@@ -686,6 +686,7 @@ def paired_markdown(paired: list[dict[str, Any]]) -> str:
 def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed) -> None:
     summary = summarise(scores, lengths)
     paired = paired_differences(scores, hosts)
+    counts = samples_per_method(scores)
     times = {k: (sum(v) / len(v) if v else float("nan")) for k, v in seconds.items()}
     device = (
         "cuda: " + torch.cuda.get_device_name()
@@ -705,7 +706,7 @@ def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, exa
         "mode": args.mode,
         "seed": args.seed,
         "samples_per_cell": done_rounds,
-        "samples_per_method": samples_per_method(scores),
+        "samples_per_method": counts,
         "tasks": list(tasks),
         "lengths": list(lengths),
         "hosts": list(hosts),
@@ -729,6 +730,9 @@ def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, exa
         summary = {**earlier["results"], **summary}
         times = {**earlier["seconds_per_run"], **times}
         result.update(results=summary, seconds_per_run=times)
+        every = {k: earlier["samples_per_cell"] for k in earlier["results"]}  # before samples_per_method
+        counts = {**every, **earlier.get("samples_per_method", {}), **counts}
+        result["samples_per_method"] = counts
         result["raw_scores"] = {**earlier.get("raw_scores", {}), **result["raw_scores"]}
         result["raw_seconds"] = {**earlier.get("raw_seconds", {}), **result["raw_seconds"]}
         result["command"] = earlier["command"] + " && " + result["command"]
@@ -737,7 +741,7 @@ def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, exa
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(
-            markdown(summary, tasks, lengths, times, samples_per_method(scores)) + paired_markdown(paired)
+            markdown(summary, tasks, lengths, times, counts) + paired_markdown(paired)
         )
 
 

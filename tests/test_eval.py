@@ -213,3 +213,34 @@ def test_plot_accuracy_bars_and_intervals(plot_accuracy, tmp_path):
         )
         == 0
     )
+
+
+def test_append_to_merges_rows_with_their_sample_counts(ev, tmp_path):
+    argv = ["--tiny", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2", "--num-samples", "1"]
+    argv += ["--qa-adapter", "none", "--qagn-adapter", "none"]
+    first, second, md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "b.md"
+    assert (
+        ev.main([*argv, "--methods", "full", "--out", str(first), "--markdown", str(tmp_path / "a.md")]) == 0
+    )
+    assert (
+        ev.main(
+            [
+                *argv,
+                "--methods",
+                "star",
+                "--append-to",
+                str(first),
+                "--out",
+                str(second),
+                "--markdown",
+                str(md),
+            ]
+        )
+        == 0
+    )
+    merged = json.loads(second.read_text())
+    assert set(merged["results"]) == {"full", "star H=2"}
+    assert merged["samples_per_method"] == {"full": 1, "star H=2": 1}
+    assert set(merged["raw_scores"]) == {"full", "star H=2"}
+    rows = [line for line in md.read_text().splitlines() if line.startswith(("| full |", "| star H=2 |"))]
+    assert len(rows) == 4 and all(r.endswith("| 1 |") for r in rows[:2])  # summary rows carry n = 1
