@@ -1204,6 +1204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hosts", type=int, nargs="+")
     p.add_argument("--primary-length", type=int, default=131072)
     p.add_argument("--query-len", type=int)
+    p.add_argument("--head-hidden", type=int, help="retaining head hidden size (default: the paper's 1024)")
     p.add_argument("--methods", nargs="+")
     p.add_argument("--backends", nargs="+", help="candidates; the fastest is used (default: triton flex)")
     p.add_argument("--bandwidth-gbps", type=float, default=450.0)
@@ -1246,7 +1247,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             head_hidden=32,
             warmup_layers=1,
         )
-    for name in ("lengths", "hosts", "query_len", "methods", "backends"):
+    for name in ("lengths", "hosts", "query_len", "methods", "backends", "head_hidden"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value

@@ -95,3 +95,14 @@ def test_tiny_run_end_to_end(bench, tmp_path):
     # re-rendering from the JSON gives the same numbers
     again = bench.main(["--from-json", str(out)])
     assert again["runs"] == results["runs"]
+
+
+def test_head_hidden_reaches_the_heads(bench, tmp_path):
+    """--head-hidden sets the retaining heads' hidden size (the heads-share measurement varies it)."""
+    cfg = bench.config_from_args(bench.parse_args(["--tiny", "--head-hidden", "8"]))
+    assert cfg.head_hidden == 8
+    assert bench.config_from_args(bench.parse_args([])).head_hidden == 1024
+    out = tmp_path / "r.json"
+    bench.main(["--tiny", "--lengths", "1024", "--hosts", "2", "--methods", "apb", "--no-breakdown",
+                "--head-hidden", "8", "--out", str(out)])
+    assert json.loads(out.read_text())["meta"]["head_hidden"] == 8
