@@ -495,13 +495,21 @@ def main(argv: list[str] | None = None) -> int:
         "(a missing file starts afresh)",
     )
     parser.add_argument(
-        "--append-to",
-        default=None,
-        help="an earlier results JSON on the same items: its method rows are kept and these added",
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="only merge results JSONs of the same eval set into --out / --markdown (a later file's row "
+        "replaces an earlier one's of the same name, unless the two agree sample by sample and the earlier "
+        "has more; averages and paired differences are recomputed)",
     )
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be >= 1")
+    if args.merge:
+        merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge], args.merge)
+        write_merged(merged, args.out, args.markdown)
+        print(f"merged {len(args.merge)} files into {args.out}: {merged['samples_per_method']}")
+        return 0
     started = time.perf_counter()
     tasks, lengths, hosts = tuple(args.tasks), tuple(sorted(args.lengths)), tuple(args.hosts)
 
@@ -636,7 +644,8 @@ def paired_differences(
     scores: dict[str, dict[str, dict[int, list[float]]]], hosts: tuple[int, ...]
 ) -> list[dict[str, Any]]:
     """Mean per-sample score difference (points) with a 95% normal interval, for the comparisons the
-    targets name: every method vs full, APB vs Star at the same host count, qa vs qagn / random.
+    targets name: every method vs full, APB vs Star at the same host count, qa vs qagn / random, and
+    each ``--adapter`` head set vs ``apb-qa``.
 
     Samples are paired: the same item under both methods. The interval is 1.96 standard errors of
     the mean difference over all items (every cell has the same number of items)."""
@@ -663,6 +672,8 @@ def paired_differences(
                 for other in ("apb-qagn", "apb-random"):
                     if key == label("apb-qa", h) and label(other, h) in scores:
                         pairs.append((key, label(other, h)))
+                if key[: -len(f" H={h}")] not in METHODS and label("apb-qa", h) in scores:
+                    pairs.append((key, label("apb-qa", h)))  # an --adapter head set vs the main one
     out = []
     for a, b in pairs:
         xa, xb = flat(a, b)
@@ -681,6 +692,87 @@ def paired_markdown(paired: list[dict[str, Any]]) -> str:
     lines += ["| comparison | difference | n |", "|---|---|---|"]
     lines += [f"| {p['a']} − {p['b']} | {p['diff']:+.1f} ± {p['ci95']:.1f} | {p['n']} |" for p in paired]
     return "\n".join(lines) + "\n"
+
+
+def merge_results(results: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+    """One results dict from several runs on the same eval set (same seed, mode, tasks, lengths, hosts):
+    every method's raw scores, a later run's rows replacing an earlier one's, and the averages and
+    paired differences recomputed from them. Rows that two runs share are compared sample by sample
+    (``shared_rows_agree``): a row that agrees on every shared sample and has fewer samples than the
+    earlier one only confirms it, so the longer one stays. Full attention is deterministic, so a
+    mismatch there means another eval set (an error).
+    """
+    names = names or [f"run {i}" for i in range(len(results))]
+    first = results[0]
+    fields = ("seed", "mode", "tasks", "lengths", "hosts")
+    for name, other in zip(names[1:], results[1:], strict=True):
+        if "raw_scores" not in other or any(other[f] != first[f] for f in fields):
+            raise ValueError(
+                f"{name} is another evaluation than {names[0]} (or has no raw scores): "
+                + ", ".join(f"{f} {other.get(f)} vs {first[f]}" for f in fields if other.get(f) != first[f])
+            )
+    lengths, hosts = tuple(first["lengths"]), tuple(first["hosts"])
+    scores: dict[str, dict[str, dict[int, list[float]]]] = {}
+    seconds: dict[str, list[float]] = {}
+    agree: dict[str, dict[str, Any]] = {}
+    for name, run in zip(names, results, strict=True):
+        for key, by_task in run["raw_scores"].items():
+            new = {t: {int(n): list(v) for n, v in by_len.items()} for t, by_len in by_task.items()}
+            if key in scores:
+                pairs = [
+                    (x, y)
+                    for t, by_len in new.items()
+                    for n, v in by_len.items()
+                    for x, y in zip(scores[key][t][n], v, strict=False)  # shared samples
+                ]
+                same = sum(x == y for x, y in pairs)
+                longer = samples_per_method({key: scores[key]})[key] > samples_per_method({key: new})[key]
+                keep = same == len(pairs) and longer  # the same row, and the earlier one has more samples
+                agree[key] = {"same": same, "of": len(pairs), "kept_from": "earlier" if keep else name}
+                if keep:
+                    continue
+            scores[key] = new
+            seconds[key] = list(run["raw_seconds"][key])
+    if "full" in agree and agree["full"]["same"] != agree["full"]["of"]:
+        raise ValueError(f"full attention differs between the runs ({agree['full']}): not the same items")
+    counts = samples_per_method(scores)
+    return {
+        "command": " && ".join(r["command"] for r in results),
+        "merged_from": [
+            {"file": n, "date": r["date"], "machine": r["machine"], "command": r["command"]}
+            for n, r in zip(names, results, strict=True)
+        ],
+        "shared_rows_agree": agree,
+        **{f: first[f] for f in ("model", "dtype", "backend", "torch", *fields)},
+        "machine": first["machine"],
+        "date": max(r["date"] for r in results),
+        "samples_per_cell": max(counts.values()),
+        "samples_per_method": counts,
+        "elapsed_s": round(sum(r["elapsed_s"] for r in results), 1),
+        "seconds_per_run": {k: sum(v) / len(v) if v else float("nan") for k, v in seconds.items()},
+        "results": summarise(scores, lengths),
+        "paired": paired_differences(scores, hosts),
+        "examples": [e for r in results for e in r.get("examples", [])],
+        "raw_scores": {
+            k: {t: {str(n): v for n, v in by_len.items()} for t, by_len in by_task.items()}
+            for k, by_task in scores.items()
+        },
+        "raw_seconds": seconds,
+    }
+
+
+def write_merged(merged: dict[str, Any], out: str, markdown_path: str | None) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(merged, indent=1) + "\n")
+    if markdown_path:
+        table = markdown(
+            merged["results"],
+            tuple(merged["tasks"]),
+            tuple(merged["lengths"]),
+            merged["seconds_per_run"],
+            merged["samples_per_method"],
+        )
+        Path(markdown_path).write_text(table + paired_markdown(merged["paired"]))
 
 
 def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed) -> None:
@@ -721,22 +813,6 @@ def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, exa
         },
         "raw_seconds": seconds,
     }
-    if args.append_to:  # rows measured earlier on the same items (same seed, lengths, tasks)
-        earlier = json.loads(Path(args.append_to).read_text())
-        if done_rounds < earlier["samples_per_cell"]:
-            return  # merged once this run has as many samples per cell as the earlier one
-        if earlier["samples_per_cell"] != done_rounds or earlier["lengths"] != list(lengths):
-            raise ValueError(f"{args.append_to} holds another eval set (samples per cell or lengths differ)")
-        summary = {**earlier["results"], **summary}
-        times = {**earlier["seconds_per_run"], **times}
-        result.update(results=summary, seconds_per_run=times)
-        every = {k: earlier["samples_per_cell"] for k in earlier["results"]}  # before samples_per_method
-        counts = {**every, **earlier.get("samples_per_method", {}), **counts}
-        result["samples_per_method"] = counts
-        result["raw_scores"] = {**earlier.get("raw_scores", {}), **result["raw_scores"]}
-        result["raw_seconds"] = {**earlier.get("raw_seconds", {}), **result["raw_seconds"]}
-        result["command"] = earlier["command"] + " && " + result["command"]
-        result["elapsed_s"] = round(earlier["elapsed_s"] + elapsed, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:

@@ -98,31 +98,38 @@ model)  # the GGUF from its parts, checked, and converted once to a transformers
   [ "$(sha256sum $GG | cut -c1-64)" = "$(cat $W/gguf.sha256)" ] || { echo "GGUF reassembly failed (machine went cold?)"; exit 3; }
   python3 scripts/assets.py 2>&1 | grep -v "it/s" | tail -2
   ;;
-train)
-  setup_python
+train)  # RUNS="qa:1024" trains one size only; MAX_STEPS skips the probe's budget; CHECKPOINT=step_00000700
+  setup_python  # exports that checkpoint (the accuracy table's heads: max_steps 900, exported at step 700)
   BASE=$APB_DATA_CACHE/smollm2-135m-instruct-hf
   STEP_S=$(cat $W/step_s 2>/dev/null || echo 0.25)
   TRAIN_S=${TRAIN_S:-230}   # wall seconds of training proper; data and start-up come on top
-  STEPS=$(python3 -c "print(max(100, min(3000, int($TRAIN_S / $STEP_S) // 100 * 100)))")
-  echo "step ${STEP_S}s (probe) -> max_steps $STEPS"
+  STEPS=${MAX_STEPS:-$(python3 -c "print(max(100, min(3000, int($TRAIN_S / $STEP_S) // 100 * 100)))")}
+  RUNS=${RUNS:-qa:256 qagn:256 qa:64 qa:1024}
+  echo "step ${STEP_S}s (probe) -> max_steps $STEPS; runs $RUNS"
   i=0
-  for run in qa:256 qagn:256 qa:64 qa:1024; do
+  for run in $RUNS; do
     v=${run%:*}; h=${run#*:}; i=$((i + 1))
     timeout $(( $(left) - 200 )) python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 2970$i \
       train/retain.py --config configs/smollm2_${v}_gpu.yaml --set model.name_or_path=$BASE \
       --set model.hub_id=HuggingFaceTB/SmolLM2-135M-Instruct --set heads.hidden_size=$h \
       --set optim.max_steps=$STEPS --set output_dir=$W/runs/$v$h --set logging.tqdm=false \
+      --set checkpoint.keep_last=20 --set "data.sources[0].workers=${WORKERS:-4}" \
       > $OUT/train_$v$h.log 2>&1 &
   done
   wait
-  for run in qa256 qagn256 qa64 qa1024; do
-    [ -d $W/runs/$run/adapter ] || python3 scripts/export_adapter.py $W/runs/$run --out $W/runs/$run/adapter \
+  for run in $RUNS; do
+    run=${run%:*}${run#*:}
+    rm -rf $W/ad/$run
+    python3 scripts/export_adapter.py $W/runs/$run --out $W/ad/$run ${CHECKPOINT:+--checkpoint $CHECKPOINT} \
       --hub-id HuggingFaceTB/SmolLM2-135M-Instruct 2>&1 | tail -1
-    rm -rf $W/ad/$run && cp -r $W/runs/$run/adapter $W/ad/$run
     cp $W/runs/$run/metrics.jsonl $W/ad/$run/train_metrics.jsonl
     grep -hE "built:|step $STEPS/|done|rror" $OUT/train_$run.log | cut -c1-220 | tail -3
+    python3 -c "import json,sys; r=[json.loads(x) for x in open(sys.argv[1])]; l=[x['fit'] for x in r \
+if 600 < x['step'] <= 700]; print(sys.argv[1], 'mean fit loss, steps 601-700:', sum(l)/len(l) if l else None)" \
+      $W/ad/$run/train_metrics.jsonl
   done
-  (cd $W/ad && tar cf $OUT/adapters.tar .)
+  # adapters come back only while the archive is small enough for $OUT (hidden 1024 is 59 MB: it stays)
+  (cd $W/ad && tar cf $W/adapters.tar .) && [ $(stat -c %s $W/adapters.tar) -lt 18000000 ] && cp $W/adapters.tar $OUT/
   echo "train done at $(( $(date +%s) - START ))s"
   ;;
 eval)
@@ -142,8 +149,22 @@ eval)
   echo "eval rc=${PIPESTATUS[0]}"; grep -v "it/s" $OUT/eval.err | tail -3 | cut -c1-300
   cp $OUT/accuracy_results.json $W/ 2>/dev/null
   ;;
+eval-extra)  # only full attention and the --adapter head sets at hand (e.g. a retrained qa1024), on their own
+  setup_python  # results file, to merge into the main one: scripts/eval.py --merge
+  GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device nvidia-h100-x1)"
+  EXTRA=(); for a in ${EXTRA_ADAPTERS:-qa1024}; do EXTRA+=(--adapter $a=$W/ad/$a); done
+  cp $W/accuracy_extra.json $OUT/ 2>/dev/null
+  timeout $(( $(left) - 5 )) python3 scripts/eval.py --gguf $GG --items $W/eval_items.json.gz --num-samples 50 \
+    --device cuda --dtype bfloat16 --backend ${BACKEND:-triton} --machine "$MACHINE" --methods full \
+    "${EXTRA[@]}" --time-budget $(( $(left) - 15 )) --out $OUT/accuracy_extra.json \
+    --markdown $OUT/accuracy_extra.md --resume $OUT/accuracy_extra.json 2> $OUT/eval_extra.err \
+    | grep -v "it/s" | cut -c1-300 | tail -4
+  echo "eval rc=${PIPESTATUS[0]}"; grep -v "it/s" $OUT/eval_extra.err | tail -3 | cut -c1-300
+  cp $OUT/accuracy_extra.json $W/ 2>/dev/null
+  ;;
 *)
-  echo "usage: $0 prepare|stash|gputests|probe|model|train|eval ..."; exit 2
+  echo "usage: $0 prepare|stash|gputests|probe|model|train|eval|eval-extra ..."; exit 2
   ;;
 esac
 done

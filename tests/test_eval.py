@@ -215,32 +215,74 @@ def test_plot_accuracy_bars_and_intervals(plot_accuracy, tmp_path):
     )
 
 
-def test_append_to_merges_rows_with_their_sample_counts(ev, tmp_path):
-    argv = ["--tiny", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2", "--num-samples", "1"]
+def test_merge_runs_recomputes_averages_and_paired_differences(ev, tmp_path):
+    argv = ["--tiny", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2"]
     argv += ["--qa-adapter", "none", "--qagn-adapter", "none"]
-    first, second, md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "b.md"
+    first, second, merged_json, md = (tmp_path / n for n in ("a.json", "b.json", "m.json", "m.md"))
+    run = ["--methods", "full", "star", "--num-samples", "2", "--out", str(first), "--markdown", str(md)]
+    assert ev.main([*argv, *run]) == 0
+    run = [
+        "--methods",
+        "full",
+        "apb-random",
+        "--num-samples",
+        "1",
+        "--out",
+        str(second),
+        "--markdown",
+        str(md),
+    ]
+    assert ev.main([*argv, *run]) == 0
     assert (
-        ev.main([*argv, "--methods", "full", "--out", str(first), "--markdown", str(tmp_path / "a.md")]) == 0
-    )
-    assert (
-        ev.main(
-            [
-                *argv,
-                "--methods",
-                "star",
-                "--append-to",
-                str(first),
-                "--out",
-                str(second),
-                "--markdown",
-                str(md),
-            ]
-        )
+        ev.main([*argv, "--merge", str(first), str(second), "--out", str(merged_json), "--markdown", str(md)])
         == 0
     )
-    merged = json.loads(second.read_text())
-    assert set(merged["results"]) == {"full", "star H=2"}
-    assert merged["samples_per_method"] == {"full": 1, "star H=2": 1}
-    assert set(merged["raw_scores"]) == {"full", "star H=2"}
-    rows = [line for line in md.read_text().splitlines() if line.startswith(("| full |", "| star H=2 |"))]
-    assert len(rows) == 4 and all(r.endswith("| 1 |") for r in rows[:2])  # summary rows carry n = 1
+    merged = json.loads(merged_json.read_text())
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    # full: the second run's single sample equals the first's, so the first's two samples stay
+    assert merged["shared_rows_agree"]["full"] == {"same": 1, "of": 1, "kept_from": "earlier"}
+    assert merged["raw_scores"]["full"] == a["raw_scores"]["full"]
+    assert merged["raw_scores"]["apb-random H=2"] == b["raw_scores"]["apb-random H=2"]
+    assert merged["samples_per_method"] == {"full": 2, "star H=2": 2, "apb-random H=2": 1}
+    paired = {(p["a"], p["b"]): p["n"] for p in merged["paired"]}
+    assert paired[("apb-random H=2", "full")] == 1 and paired[("star H=2", "full")] == 2
+    assert paired[("apb-random H=2", "star H=2")] == 1  # a pair no single run had
+    assert merged["results"]["full"] == a["results"]["full"]
+    text = md.read_text()
+    assert "| apb-random H=2 − star H=2 |" in text and "| star H=2 |" in text
+
+
+def test_merge_replaces_a_differing_row_and_refuses_other_eval_sets(ev):
+    def run(full, qa, lengths=(2048,)):
+        scores = {
+            "full": {"single_needle": {n: full for n in lengths}},
+            "apb-qa H=2": {"single_needle": {n: qa for n in lengths}},
+        }
+        return {
+            "command": "c",
+            "date": "d",
+            "machine": "m",
+            "model": "x",
+            "dtype": "float32",
+            "backend": "reference",
+            "torch": "t",
+            "seed": 0,
+            "mode": "teacher",
+            "tasks": ["single_needle"],
+            "lengths": list(lengths),
+            "hosts": [2],
+            "elapsed_s": 1.0,
+            "raw_scores": {
+                k: {t: {str(n): v for n, v in c.items()} for t, c in bt.items()} for k, bt in scores.items()
+            },
+            "raw_seconds": {"full": [0.1] * len(full), "apb-qa H=2": [0.2] * len(qa)},
+        }
+
+    merged = ev.merge_results([run([1.0, 0.0], [0.0, 0.0]), run([1.0, 0.0], [1.0, 1.0])])
+    assert merged["raw_scores"]["apb-qa H=2"]["single_needle"]["2048"] == [1.0, 1.0]  # later row wins
+    assert merged["shared_rows_agree"]["apb-qa H=2"]["same"] == 0
+    assert merged["results"]["apb-qa H=2"]["average"] == 100.0
+    with pytest.raises(ValueError, match="full attention differs"):
+        ev.merge_results([run([1.0, 0.0], [0.0, 0.0]), run([0.0, 0.0], [0.0, 0.0])])
+    with pytest.raises(ValueError, match="another evaluation"):
+        ev.merge_results([run([1.0], [1.0]), run([1.0], [1.0], lengths=(4096,))])
