@@ -16,7 +16,10 @@
 # Call 4+: no carry, command: bash scripts/eval_smollm2_gpu.sh eval   (resumes the evaluation)
 # On a fresh machine with adapters trained before: put them in .gN/ad/<qa256|qagn256|qa64|qa1024>/ and an
 # earlier accuracy_results.json in a .gN/ (stash copies both), then `stash model eval` after the parts.
-# Each call leaves its logs and results in $OUT (adapters.tar, accuracy_results.{json,md}).
+# One head set alone (how qa1024 was redone): after the parts and a .gN with the wheels,
+#   RUNS=qa:1024 MAX_STEPS=900 CHECKPOINT=step_00000700 WORKERS=12 bash scripts/eval_smollm2_gpu.sh stash model train eval-extra
+#   then `eval-extra` again to resume, and here: python scripts/eval.py --merge <main>.json accuracy_extra.json --out ...
+# Each call leaves its logs and results in $OUT (adapters.tar when < 18 MB, accuracy_results.{json,md}).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 W=/tmp/apbg
