@@ -15,6 +15,7 @@ generators fit a context to a token budget by choosing how many units to keep.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -213,5 +214,13 @@ def load_haystack(source: str | os.PathLike | Haystack | None = "builtin") -> Ha
         raise FileNotFoundError(
             f"haystack source {str(source)!r} is neither 'builtin', 'shakespeare', a folder nor a file"
         )
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-    return TextHaystack(texts, name=str(path))
+    # Cleaning the Gutenberg texts takes ~0.15 s: a caller that passes a name per sample reuses the
+    # haystack as long as the files are unchanged (same names, sizes and modification times).
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _text_haystack(stamp, str(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _text_haystack(stamp: tuple[tuple[str, int, int], ...], name: str) -> TextHaystack:
+    texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f, _, _ in stamp]
+    return TextHaystack(texts, name=name)

@@ -103,6 +103,6 @@ def test_head_hidden_reaches_the_heads(bench, tmp_path):
     assert cfg.head_hidden == 8
     assert bench.config_from_args(bench.parse_args([])).head_hidden == 1024
     out = tmp_path / "r.json"
-    bench.main(["--tiny", "--lengths", "1024", "--hosts", "2", "--methods", "apb", "--no-breakdown",
-                "--head-hidden", "8", "--out", str(out)])
+    argv = ["--tiny", "--lengths", "1024", "--hosts", "2", "--methods", "apb", "--no-breakdown"]
+    bench.main([*argv, "--head-hidden", "8", "--out", str(out)])
     assert json.loads(out.read_text())["meta"]["head_hidden"] == 8

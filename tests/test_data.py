@@ -191,6 +191,11 @@ def test_text_haystack_folder_and_fetch_from_cached_sdist(tmp_path, tok):
     assert sample.meta["needles"][0] in sample.context
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_haystack(tmp_path / "nowhere")
+    # loaded once while the files stay the same; a changed file is read again
+    assert load_haystack(folder) is haystack
+    (folder / "play_b.txt").write_text("A new play, rewritten since.\n")
+    reloaded = load_haystack(folder)
+    assert reloaded is not haystack and "rewritten since" in reloaded.corpus
 
 
 # ------------------------------------------------------------------------------------------ local files
