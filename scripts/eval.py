@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--num-samples must be >= 1")
     if args.merge:
         merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge], args.merge)
-        write_merged(merged, args.out, args.markdown)
+        write_result_files(merged, args.out, args.markdown)
         print(f"merged {len(args.merge)} files into {args.out}: {merged['samples_per_method']}")
         return 0
     started = time.perf_counter()
@@ -625,11 +625,51 @@ def resume_from(
     for key, by_task in earlier["raw_scores"].items():
         scores.setdefault(key, {t: {n: [] for n in lengths} for t in tasks})
         seconds.setdefault(key, [])
-        for task, by_len in by_task.items():
+        for task, by_len in raw_from_json(by_task).items():
             for n, values in by_len.items():
-                scores[key][task][int(n)].extend(values)
+                scores[key][task][n].extend(values)
         seconds[key].extend(earlier["raw_seconds"][key])
     return int(earlier["samples_per_cell"])
+
+
+def raw_from_json(by_task: dict[str, dict[str, list[float]]]) -> dict[str, dict[int, list[float]]]:
+    """One method's raw scores as the JSON keeps them (lengths as strings) -> task -> length -> scores."""
+    return {t: {int(n): list(v) for n, v in by_len.items()} for t, by_len in by_task.items()}
+
+
+def derived_results(
+    scores: dict[str, dict[str, dict[int, list[float]]]],
+    seconds: dict[str, list[float]],
+    lengths: tuple[int, ...],
+    hosts: tuple[int, ...],
+) -> dict[str, Any]:
+    """The results JSON's fields computed from the raw scores and times (a run's and a merge's alike)."""
+    return {
+        "samples_per_method": samples_per_method(scores),
+        "seconds_per_run": {k: (sum(v) / len(v) if v else float("nan")) for k, v in seconds.items()},
+        "results": summarise(scores, lengths),
+        "paired": paired_differences(scores, hosts),
+        "raw_scores": {
+            k: {t: {str(n): v for n, v in by_len.items()} for t, by_len in by_task.items()}
+            for k, by_task in scores.items()
+        },
+        "raw_seconds": seconds,
+    }
+
+
+def write_result_files(result: dict[str, Any], out: str, markdown_path: str | None) -> None:
+    """The results JSON at `out`, and the tables RESULTS.md shows at `markdown_path`."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    if markdown_path:
+        table = markdown(
+            result["results"],
+            tuple(result["tasks"]),
+            tuple(result["lengths"]),
+            result["seconds_per_run"],
+            result["samples_per_method"],
+        )
+        Path(markdown_path).write_text(table + paired_markdown(result["paired"]))
 
 
 def samples_per_method(scores: dict[str, dict[str, dict[int, list[float]]]]) -> dict[str, int]:
@@ -717,7 +757,7 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
     agree: dict[str, dict[str, Any]] = {}
     for name, run in zip(names, results, strict=True):
         for key, by_task in run["raw_scores"].items():
-            new = {t: {int(n): list(v) for n, v in by_len.items()} for t, by_len in by_task.items()}
+            new = raw_from_json(by_task)
             if key in scores:
                 pairs = [
                     (x, y)
@@ -735,7 +775,7 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
             seconds[key] = list(run["raw_seconds"][key])
     if "full" in agree and agree["full"]["same"] != agree["full"]["of"]:
         raise ValueError(f"full attention differs between the runs ({agree['full']}): not the same items")
-    counts = samples_per_method(scores)
+    derived = derived_results(scores, seconds, lengths, hosts)
     return {
         "command": " && ".join(r["command"] for r in results),
         "merged_from": [
@@ -746,40 +786,14 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
         **{f: first[f] for f in ("model", "dtype", "backend", "torch", *fields)},
         "machine": first["machine"],
         "date": max(r["date"] for r in results),
-        "samples_per_cell": max(counts.values()),
-        "samples_per_method": counts,
+        "samples_per_cell": max(derived["samples_per_method"].values()),
         "elapsed_s": round(sum(r["elapsed_s"] for r in results), 1),
-        "seconds_per_run": {k: sum(v) / len(v) if v else float("nan") for k, v in seconds.items()},
-        "results": summarise(scores, lengths),
-        "paired": paired_differences(scores, hosts),
         "examples": [e for r in results for e in r.get("examples", [])],
-        "raw_scores": {
-            k: {t: {str(n): v for n, v in by_len.items()} for t, by_len in by_task.items()}
-            for k, by_task in scores.items()
-        },
-        "raw_seconds": seconds,
+        **derived,
     }
 
 
-def write_merged(merged: dict[str, Any], out: str, markdown_path: str | None) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(merged, indent=1) + "\n")
-    if markdown_path:
-        table = markdown(
-            merged["results"],
-            tuple(merged["tasks"]),
-            tuple(merged["lengths"]),
-            merged["seconds_per_run"],
-            merged["samples_per_method"],
-        )
-        Path(markdown_path).write_text(table + paired_markdown(merged["paired"]))
-
-
 def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed) -> None:
-    summary = summarise(scores, lengths)
-    paired = paired_differences(scores, hosts)
-    counts = samples_per_method(scores)
-    times = {k: (sum(v) / len(v) if v else float("nan")) for k, v in seconds.items()}
     device = (
         "cuda: " + torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -798,27 +812,14 @@ def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, exa
         "mode": args.mode,
         "seed": args.seed,
         "samples_per_cell": done_rounds,
-        "samples_per_method": counts,
         "tasks": list(tasks),
         "lengths": list(lengths),
         "hosts": list(hosts),
         "elapsed_s": round(elapsed, 1),
-        "seconds_per_run": times,
-        "results": summary,
-        "paired": paired,
         "examples": examples,
-        "raw_scores": {
-            k: {t: {str(n): v for n, v in by_len.items()} for t, by_len in by_task.items()}
-            for k, by_task in scores.items()
-        },
-        "raw_seconds": seconds,
+        **derived_results(scores, seconds, lengths, hosts),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(
-            markdown(summary, tasks, lengths, times, counts) + paired_markdown(paired)
-        )
+    write_result_files(result, args.out, args.markdown)
 
 
 if __name__ == "__main__":
