@@ -216,7 +216,8 @@ def load_haystack(source: str | os.PathLike | Haystack | None = "builtin") -> Ha
         )
     # Cleaning the Gutenberg texts takes ~0.15 s: a caller that passes a name per sample reuses the
     # haystack as long as the files are unchanged (same names, sizes and modification times).
-    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    stats = [f.stat() for f in files]
+    stamp = tuple((str(f), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats, strict=True))
     return _text_haystack(stamp, str(path))
 
 
