@@ -36,6 +36,22 @@ setup_python() {  # wheels carried in any call, installed once; apb importable f
   export PYTHONPATH=$PYTHONPATH:$W/site APB_DATA_CACHE=$W/cache
 }
 
+run_eval() {  # run_eval NAME [eval.py args]: evaluate into $OUT/NAME.{json,md}, resumed from $W/NAME.json
+  setup_python
+  local name=$1; shift
+  local gg=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f $gg ] || { echo "no model on this machine (went cold?)"; exit 3; }
+  local machine="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device nvidia-h100-x1)"
+  # results straight into $OUT (what a killed call leaves there still comes back), resumed from $W
+  cp $W/$name.json $OUT/ 2>/dev/null
+  timeout $(( $(left) - 5 )) python3 scripts/eval.py --gguf $gg --items $W/eval_items.json.gz --num-samples 50 \
+    --device cuda --dtype bfloat16 --backend ${BACKEND:-triton} --machine "$machine" "$@" \
+    --time-budget $(( $(left) - 15 )) --out $OUT/$name.json --markdown $OUT/$name.md --resume $OUT/$name.json \
+    2> $OUT/$name.err | grep -v "it/s" | cut -c1-400 | tail -8
+  echo "eval rc=${PIPESTATUS[0]}"; grep -v "it/s" $OUT/$name.err | tail -3 | cut -c1-300
+  cp $OUT/$name.json $W/ 2>/dev/null
+}
+
 for step in "$@"; do
 case "$step" in
 prepare)
@@ -136,35 +152,14 @@ if 600 < x['step'] <= 700]; print(sys.argv[1], 'mean fit loss, steps 601-700:', 
   echo "train done at $(( $(date +%s) - START ))s"
   ;;
 eval)
-  setup_python
-  GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  [ -f $GG ] && [ -d $W/ad/qa256 ] || { echo "no model or adapters on this machine (went cold?)"; exit 3; }
-  MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device nvidia-h100-x1)"
+  [ -d $W/ad/qa256 ] || { echo "no adapters on this machine (went cold?)"; exit 3; }
   EXTRA=()  # head sets at hand: qa256 / qagn256 are the main rows, the other sizes extra rows
   for a in qa64 qa1024; do [ -f $W/ad/$a/adapter_config.json ] && EXTRA+=(--adapter $a=$W/ad/$a); done
-  # results straight into $OUT (what a killed call leaves there still comes back), resumed from $W
-  cp $W/accuracy_results.json $OUT/ 2>/dev/null
-  timeout $(( $(left) - 5 )) python3 scripts/eval.py --gguf $GG --items $W/eval_items.json.gz --num-samples 50 \
-    --device cuda --dtype bfloat16 --backend ${BACKEND:-triton} --machine "$MACHINE" \
-    --qa-adapter $W/ad/qa256 --qagn-adapter $W/ad/qagn256 "${EXTRA[@]}" --time-budget $(( $(left) - 15 )) \
-    --out $OUT/accuracy_results.json --markdown $OUT/accuracy_results.md --resume $OUT/accuracy_results.json \
-    2> $OUT/eval.err | grep -v "it/s" | cut -c1-400 | tail -8
-  echo "eval rc=${PIPESTATUS[0]}"; grep -v "it/s" $OUT/eval.err | tail -3 | cut -c1-300
-  cp $OUT/accuracy_results.json $W/ 2>/dev/null
+  run_eval accuracy_results --qa-adapter $W/ad/qa256 --qagn-adapter $W/ad/qagn256 "${EXTRA[@]}"
   ;;
 eval-extra)  # only full attention and the --adapter head sets at hand (e.g. a retrained qa1024), on their own
-  setup_python  # results file, to merge into the main one: scripts/eval.py --merge
-  GG=$APB_DATA_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) (device nvidia-h100-x1)"
   EXTRA=(); for a in ${EXTRA_ADAPTERS:-qa1024}; do EXTRA+=(--adapter $a=$W/ad/$a); done
-  cp $W/accuracy_extra.json $OUT/ 2>/dev/null
-  timeout $(( $(left) - 5 )) python3 scripts/eval.py --gguf $GG --items $W/eval_items.json.gz --num-samples 50 \
-    --device cuda --dtype bfloat16 --backend ${BACKEND:-triton} --machine "$MACHINE" --methods full \
-    "${EXTRA[@]}" --time-budget $(( $(left) - 15 )) --out $OUT/accuracy_extra.json \
-    --markdown $OUT/accuracy_extra.md --resume $OUT/accuracy_extra.json 2> $OUT/eval_extra.err \
-    | grep -v "it/s" | cut -c1-300 | tail -4
-  echo "eval rc=${PIPESTATUS[0]}"; grep -v "it/s" $OUT/eval_extra.err | tail -3 | cut -c1-300
-  cp $OUT/accuracy_extra.json $W/ 2>/dev/null
+  run_eval accuracy_extra --methods full "${EXTRA[@]}"  # merge into the main file: scripts/eval.py --merge
   ;;
 *)
   echo "usage: $0 prepare|stash|gputests|probe|model|train|eval|eval-extra ..."; exit 2
