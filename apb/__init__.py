@@ -6,9 +6,10 @@ from apb.config import APBConfig
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads, build_heads
 from apb.hub import push_to_hub
 from apb.model import APBModel
+from apb.plan import CostModel, HostPlan, HostView
 
 __version__ = "0.1.0"
 
 __all__ = ["ModelShape", "ProjectionCapture", "RetainingHeads", "build_heads", "__version__"]
 __all__ += ["AdapterConfig", "load_heads", "push_to_hub", "save_adapter"]
-__all__ += ["APBConfig", "APBModel", "load"]
+__all__ += ["APBConfig", "APBModel", "CostModel", "HostPlan", "HostView", "load"]

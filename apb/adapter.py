@@ -78,7 +78,8 @@ class AdapterConfig:
     head_act: str
     """Activation between fc1 and fc2 (a `transformers.activations.ACT2FN` name)."""
     apb: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """APB settings the heads were trained for (e.g. anchor_len, passing_len, pool_kernel, query_aware)."""
+    """The `apb.APBConfig` the heads were trained for, as a dict (`APBConfig.to_dict`); `apb.load` takes
+    its layout (query_in_anchor, query_offset, pool_kernel, split) as the default."""
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Free-form record of the training run (config, data, steps)."""
 

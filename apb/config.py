@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 # APB's anchor cap (DESIGN.md table: 256K and 512K both use 8192).
 MAX_DEFAULT_ANCHOR = 8192
+
+SPLITS = ("balanced", "equal")
+"""Ways to cut the context into host blocks (`APBConfig.split`)."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -32,8 +37,12 @@ class APBConfig:
     query_offset: int = 16
     """Context tokens kept before the spliced query (the reference uses 16: the prompt's preamble)."""
     backend: str = "auto"
-    """Attention backend name (see `apb.backends.available_backends()`); "auto" = flex on CUDA,
+    """Attention backend name (see `apb.backends.available_backends()`); "auto" = triton on CUDA,
     reference on the CPU."""
+    split: str = "balanced"
+    """How the context is cut into host blocks (`apb.plan`): "balanced" sizes the blocks so that every
+    host's predicted work is the same (later hosts attend over more keys, so they get fewer tokens);
+    "equal" gives every host n // H tokens, as in the paper."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.anchor_len, int) or self.anchor_len < 0:
@@ -50,6 +59,8 @@ class APBConfig:
             )
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend must be a backend name, got {self.backend!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
     @property
     def needs_heads(self) -> bool:
@@ -78,52 +89,32 @@ class APBConfig:
 
     @classmethod
     def star(cls, num_context_tokens: int, num_hosts: int, **overrides) -> APBConfig:
-        """Star Attention: the anchor is the whole first block, nothing is passed."""
+        """Star Attention: the anchor is the whole first block, nothing is passed; equal blocks, as
+        published."""
         block = _block_size(num_context_tokens, num_hosts)
-        return cls(**{"anchor_len": block, "passing_len": 0, "query_in_anchor": False, **overrides})
+        kwargs = {"anchor_len": block, "passing_len": 0, "query_in_anchor": False, "split": "equal"}
+        return cls(**{**kwargs, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict (what an adapter's `apb` section stores)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> APBConfig:
+        """Inverse of `to_dict`; unknown keys are a `ValueError` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown APBConfig keys {unknown}; known: {sorted(names)}")
+        return cls(**dict(values))
 
 
 def _block_size(num_context_tokens: int, num_hosts: int) -> int:
-    if num_hosts < 1:
-        raise ValueError(f"num_hosts must be >= 1, got {num_hosts}")
+    if not isinstance(num_hosts, int) or num_hosts < 1:
+        raise ValueError(f"num_hosts must be an int >= 1, got {num_hosts!r}")
     if num_context_tokens < num_hosts:
         raise ValueError(
             f"context of {num_context_tokens} tokens is too short for {num_hosts} hosts: "
             f"need at least {num_hosts} (one token per host)"
         )
     return num_context_tokens // num_hosts
-
-
-def split_blocks(num_context_tokens: int, num_hosts: int) -> list[tuple[int, int]]:
-    """Near-equal host blocks ``[(start, end), ...]``: each n // H tokens, the remainder one token
-    each to the last hosts (so host 0, whose block holds the anchor, is never the longest)."""
-    base = _block_size(num_context_tokens, num_hosts)
-    remainder = num_context_tokens - base * num_hosts
-    blocks, start = [], 0
-    for host in range(num_hosts):
-        size = base + (1 if host >= num_hosts - remainder else 0)
-        blocks.append((start, start + size))
-        start += size
-    return blocks
-
-
-def passing_counts(num_context_tokens: int, num_hosts: int, config: APBConfig) -> tuple[list[int], list[int]]:
-    """Per host: how many leading local tokens are never passed (host 0: the anchor's positions, which
-    every later host already holds) and how many tokens it passes on (``config.passing_len`` capped at
-    what it has, all of them for ``passing_len=None``, 0 for the last host, whose block nobody reads).
-
-    Returns ``(num_excluded, counts)``, each of length `num_hosts`.
-    """
-    num_anchor = config.anchor_len if num_hosts > 1 else 0
-    num_excluded, counts = [], []
-    for host, (start, end) in enumerate(split_blocks(num_context_tokens, num_hosts)):
-        excluded = min(num_anchor, end - start) if host == 0 else 0
-        available = end - start - excluded
-        num_excluded.append(excluded)
-        if host == num_hosts - 1:
-            counts.append(0)
-        elif config.passing_len is None:
-            counts.append(available)
-        else:
-            counts.append(min(config.passing_len, available))
-    return num_excluded, counts

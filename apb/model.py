@@ -13,9 +13,10 @@ from torch import nn
 from apb.attention import DecodeState, LayerKV, PrefillState, activate, install
 from apb.backends import get_backend
 from apb.comm import Communicator, make_comm
-from apb.config import APBConfig, passing_counts, split_blocks
+from apb.config import APBConfig
 from apb.decode import StopCriteria, sample_next_token
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads
+from apb.plan import CostModel, HostPlan
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class APBModel(nn.Module):
                 self.shape.model_type,
                 window,
             )
+        self.cost_model = CostModel.from_model_config(model.config)
+        """Predicted per-host work, used by the balanced split (`apb.plan`)."""
+        self.last_plan: HostPlan | None = None
+        """The `HostPlan` of the last prefill."""
         self.last_prefill_times: dict[int, float] = {}
         """Seconds per host of the last context prefill (hosts of this process only)."""
 
@@ -180,67 +185,69 @@ class APBModel(nn.Module):
             raise ValueError("anchor_query_ids is empty: pass None to splice query_ids into the anchor")
         return anchor_query
 
-    def _resolve_config(
-        self, config: APBConfig | None, num_context: int, num_hosts: int, num_query: int
-    ) -> APBConfig:
+    def default_config(self, num_context: int, num_hosts: int) -> APBConfig:
+        """The config used when none is given: the paper's sizes for this length
+        (`APBConfig.for_length`) with the layout the heads were trained for (the adapter's `apb` section:
+        query_in_anchor, query_offset, pool_kernel, split) where it records them."""
+        trained = dict(getattr(self.adapter_config, "apb", None) or {})
+        layout = {
+            k: trained[k] for k in ("query_in_anchor", "query_offset", "pool_kernel", "split") if k in trained
+        }
+        config = APBConfig.for_length(num_context, num_hosts)
+        if layout.get("query_in_anchor") and not config.anchor_len:
+            layout.pop("query_in_anchor")  # too short for an anchor at this length
+        return APBConfig.from_dict({**config.to_dict(), **layout})
+
+    def plan(
+        self, num_context: int, num_query: int, num_hosts: int | None = None, config: APBConfig | None = None
+    ) -> HostPlan:
+        """The `HostPlan` a prefill of `num_context` context and `num_query` query tokens runs:
+        every host's block, anchor, passing count (`ValueError` when the inputs do not fit).
+        `num_hosts` defaults to the world size inside torch.distributed, else 1."""
+        if num_hosts is None:
+            num_hosts = make_comm(None).num_hosts
+        config = self._resolve_config(config, num_context, num_hosts)
+        return HostPlan(config, num_context, num_query, num_hosts, cost=self.cost_model)
+
+    def _resolve_config(self, config: APBConfig | None, num_context: int, num_hosts: int) -> APBConfig:
         if config is None:
             if self.heads is None:
                 raise ValueError(
                     "no config given and no retaining heads attached: the default APB config needs heads; "
                     "pass config=APBConfig.exact() or APBConfig.star(n, num_hosts), or attach heads"
                 )
-            config = APBConfig.for_length(num_context, num_hosts)
+            config = self.default_config(num_context, num_hosts)
+        if not isinstance(config, APBConfig):
+            raise TypeError(f"config must be an apb.APBConfig, got {type(config).__name__}")
         if config.needs_heads and self.heads is None:
             raise ValueError(
                 f"passing_len={config.passing_len} selects passing blocks with retaining heads, but this model "
                 "has none attached (APBModel(model, heads) / apb.load); heads are not needed for "
                 "APBConfig.exact() (passing_len=None) or Star (passing_len=0)"
             )
-        split_blocks(num_context, num_hosts)  # raises when the context is too short for the hosts
-        first_block = num_context // num_hosts
-        if num_hosts > 1 and config.anchor_len > first_block:
-            raise ValueError(
-                f"context of {num_context} tokens is too short for anchor_len={config.anchor_len} with "
-                f"{num_hosts} hosts: the anchor must fit in host 0's block ({first_block} tokens); need at "
-                f"least {config.anchor_len * num_hosts} tokens or a smaller anchor"
-            )
-        if config.query_in_anchor and num_hosts > 1 and num_query + config.query_offset > config.anchor_len:
-            raise ValueError(
-                f"query of {num_query} tokens does not fit in the anchor: anchor_len={config.anchor_len} holds at "
-                f"most {max(0, config.anchor_len - config.query_offset)} query tokens after query_offset="
-                f"{config.query_offset}"
-            )
         return config
 
     def _prefill_context(
         self, context: torch.Tensor, anchor_query: torch.Tensor, config: APBConfig | None, comm: Communicator
     ) -> DecodeState:
-        num_hosts = comm.num_hosts
-        num_context = context.shape[1]
-        config = self._resolve_config(config, num_context, num_hosts, anchor_query.shape[1])
-        blocks = split_blocks(num_context, num_hosts)
+        plan = self.plan(context.shape[1], anchor_query.shape[1], comm.num_hosts, config)
+        config = plan.config
         backend = get_backend(config.backend, self.device)
-        anchor = self._anchor(context, anchor_query, config) if num_hosts > 1 else context[:, :0]
-        num_anchor = anchor.shape[1]
-        num_excluded, counts = passing_counts(num_context, num_hosts, config)
+        anchor = plan.anchor_ids(context, anchor_query)
         stores: dict[int, list[LayerKV]] = {}
+        self.last_plan = plan
         self.last_prefill_times = {}
         self._passing_indices: dict[int, dict[int, torch.Tensor]] = {}
         for host in comm.hosts:
-            start, end = blocks[host]
-            local = context[:, start:end]
-            positions = torch.arange(start, end, device=context.device)
-            host_anchor = num_anchor if host > 0 else 0
-            if host_anchor:
-                local = torch.cat([anchor, local], dim=1)
-                positions = torch.cat([torch.arange(host_anchor, device=context.device), positions])
-            use_heads = config.needs_heads and counts[host] > 0
+            view = plan.hosts[host]
+            ids, positions = plan.host_inputs(host, context, anchor)
+            use_heads = config.needs_heads and view.passing_count > 0
             state = PrefillState(
                 host=host,
-                num_anchor=host_anchor,
-                counts=counts,
+                num_anchor=view.num_anchor,
+                counts=plan.counts,
                 passing_all=config.passing_len is None,
-                num_excluded=num_excluded[host],
+                num_excluded=view.num_excluded,
                 pool_kernel=config.pool_kernel,
                 comm=comm,
                 backend=backend,
@@ -250,23 +257,16 @@ class APBModel(nn.Module):
             )
             _sync(context.device)
             started = time.perf_counter()
-            self._run_decoder(state, local, positions, capture=use_heads)
+            self._run_decoder(state, ids, positions, capture=use_heads)
             _sync(context.device)
             self.last_prefill_times[host] = time.perf_counter() - started
             stores[host] = state.store
             if state.record_indices:  # tests read what each host passed
                 self._passing_indices[host] = state.passing_indices
             logger.debug(
-                "host %d prefill: %d tokens in %.3fs", host, local.shape[1], self.last_prefill_times[host]
+                "host %d prefill: %d tokens in %.3fs", host, ids.shape[1], self.last_prefill_times[host]
             )
-        return DecodeState(stores=stores, last_host=num_hosts - 1, comm=comm)
-
-    def _anchor(self, context: torch.Tensor, query: torch.Tensor, config: APBConfig) -> torch.Tensor:
-        if not config.query_in_anchor:
-            return context[:, : config.anchor_len]
-        offset, num_query = config.query_offset, query.shape[1]
-        rest = config.anchor_len - offset - num_query
-        return torch.cat([context[:, :offset], query, context[:, offset : offset + rest]], dim=1)
+        return DecodeState(stores=stores, last_host=plan.num_hosts - 1, comm=comm)
 
     def _run_decoder(self, state, input_ids: torch.Tensor, positions: torch.Tensor, capture: bool = False):
         decoder = self.model.get_decoder()

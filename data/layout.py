@@ -10,6 +10,9 @@ tokens, `anchor_len` tokens in all. The block is the context slice the host owns
 positions; the question and the answer follow it. The heads score the block's tokens; the labels'
 query rows are the question and answer tokens. Query-agnostic mode (Locret) drops the question from
 the anchor (the anchor is then simply `context[:anchor_len]`).
+
+The anchor and the ``[anchor | block]`` ids and positions come from `apb.plan` (`splice_anchor`,
+`HostView`), the code the APB prefill runs, so a sample is exactly what an inference host sees.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from apb.config import APBConfig
+from apb.plan import HostView, splice_anchor
 
 
 @dataclass(kw_only=True, slots=True)
@@ -32,7 +38,7 @@ class LayoutParams:
     """Position in the context where the block starts; None: right after the anchor (`anchor_len`)."""
     query_offset: int = 16
     """Context tokens in the anchor before the spliced question (APB's reference uses 16)."""
-    query_aware: bool = True
+    query_in_anchor: bool = True
     """Splice the question into the anchor (APB); False drops it (Locret)."""
     max_length: int | None = None
     """Total sequence budget; the block is shortened to fit it (never below `min_block_len`)."""
@@ -91,44 +97,43 @@ def build_host_layout(
     if not question and not answer:
         raise ValueError("sample has neither question nor answer tokens: no label rows")
     la = params.anchor_len
-    if params.query_aware:
-        if len(question) > la - params.query_offset:
-            raise ValueError(
-                f"question ({len(question)} tokens) does not fit in the anchor after query_offset "
-                f"{params.query_offset} (anchor_len {la}); raise anchor_len"
-            )
-        rest = la - params.query_offset - len(question)
-        anchor = (
-            context[: params.query_offset]
-            + question
-            + context[params.query_offset : params.query_offset + rest]
+    query_in_anchor = params.query_in_anchor and la > 0
+    if query_in_anchor and len(question) > la - params.query_offset:
+        raise ValueError(
+            f"question ({len(question)} tokens) does not fit in the anchor after query_offset "
+            f"{params.query_offset} (anchor_len {la}); raise anchor_len"
         )
-    else:
-        anchor = context[:la]
+    config = APBConfig(anchor_len=la, query_in_anchor=query_in_anchor, query_offset=params.query_offset)
+    anchor = splice_anchor(
+        torch.tensor([context], dtype=torch.long), torch.tensor([question], dtype=torch.long), config, la
+    )
     block_start = la if params.block_start is None else params.block_start
     available = len(context) - block_start
     block_len = available if params.block_len is None else params.block_len
     if params.max_length is not None:
         block_len = min(block_len, params.max_length - la - len(question) - len(answer))
     needed = max(params.min_block_len, 1 if params.block_len is None else params.block_len)
-    if len(anchor) < la or available < needed or block_len < params.min_block_len:
+    if anchor.shape[1] < la or available < needed or block_len < params.min_block_len:
         raise ValueError(
             f"sample too short for the layout: context {len(context)} tokens, question {len(question)}, "
             f"answer {len(answer)}; needs anchor {la} + block of >= {needed} tokens starting at "
             f"{block_start}" + (f" within max_length {params.max_length}" if params.max_length else "")
         )
-    block = context[block_start : block_start + block_len]
-    tail = question + answer
-    ids = anchor + block + tail
-    block_end_pos = block_start + block_len
-    positions = (
-        list(range(la))
-        + list(range(block_start, block_end_pos))
-        + list(range(block_end_pos, block_end_pos + len(tail)))
+    view = HostView(
+        host=1,  # a host with an anchor
+        block=(block_start, block_start + block_len),
+        num_anchor=la,
+        num_excluded=0,
+        passing_count=0,
+        reads=(),
     )
+    tail = torch.tensor(question + answer, dtype=torch.long)
+    block_end_pos = block_start + block_len
+    ids = torch.cat([view.input_ids(torch.tensor([context], dtype=torch.long), anchor)[0], tail])
+    positions = torch.cat([view.position_ids(), torch.arange(block_end_pos, block_end_pos + len(tail))])
     return HostLayout(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        position_ids=torch.tensor(positions, dtype=torch.long),
+        input_ids=ids,
+        position_ids=positions,
         anchor=(0, la),
         block=(la, la + block_len),
         label_rows=(la + block_len, len(ids)),

@@ -100,6 +100,10 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
+APB_METHODS = ("apb", "apb-equal", "exact", "star")
+"""Methods run through `APBModel.prefill`: APB (balanced split, the default), APB with the paper's equal
+split, exact APB (every earlier token passed: what all-gather context parallelism computes) and Star."""
+
 CATEGORIES = ("qkv", "heads", "comm", "attention", "passing_concat", "o_proj", "ffn", "other")
 """Per-block breakdown columns: q/k/v projections; retaining heads (score MLP + pool/top-k); the modelled
 all-gather; the attention backend call; gathering the passing K/V and concatenating keys (APB glue);
@@ -158,9 +162,9 @@ class BenchConfig:
             raise ValueError(f"lengths must be positive token counts, got {self.lengths!r}")
         if not self.hosts or any(h < 2 for h in self.hosts):
             raise ValueError(f"hosts must be counts >= 2, got {self.hosts!r}")
-        unknown = sorted(set(self.methods) - {"full", "star", "apb"})
+        unknown = sorted(set(self.methods) - {"full", *APB_METHODS})
         if unknown or not self.methods:
-            raise ValueError(f"methods must be among full, star, apb; got {self.methods!r}")
+            raise ValueError(f"methods must be among full, {', '.join(APB_METHODS)}; got {self.methods!r}")
         if self.query_len < 1:
             raise ValueError(f"query_len must be >= 1, got {self.query_len}")
         if self.device not in ("cuda", "cpu"):
@@ -359,13 +363,6 @@ def split_categories(raw: dict[str, float], host_ms: float, comm_ms: float) -> d
 # ---------------------------------------------------------------- communication model
 
 
-def passing_counts(num_context: int, num_hosts: int, config) -> list[int]:
-    """Passing-block size of every host, as `APBModel` computes it (0 for the last host)."""
-    from apb.config import passing_counts as apb_passing_counts
-
-    return apb_passing_counts(num_context, num_hosts, config)[1]
-
-
 def comm_ms(
     *,
     num_layers: int,
@@ -516,7 +513,15 @@ class Bench:
 
         if method == "star":
             return APBConfig.star(length, hosts, backend=backend)
+        if method == "exact":
+            return APBConfig.exact(backend=backend)
+        if method == "apb-equal":
+            return APBConfig.for_length(length, hosts, backend=backend, split="equal")
         return APBConfig.for_length(length, hosts, backend=backend)
+
+    def host_plan(self, length: int, hosts: int, config):
+        """The `HostPlan` `APBModel.prefill` runs for this setting."""
+        return self.apbm.plan(length, self.cfg.query_len, hosts, config)
 
     # -------------------------------------------------------------- backend choice
 
@@ -524,7 +529,6 @@ class Bench:
         """Time each candidate backend on the last host's attention shapes (APB and Star, primary length,
         most hosts); keep the fastest (sum of both)."""
         from apb import backends as apb_backends
-        from apb.config import split_blocks
 
         available = apb_backends.available_backends()
         cfg = self.cfg
@@ -533,10 +537,9 @@ class Bench:
         shapes = {}
         for method in ("apb", "star"):
             config = self.apb_config(method, length, hosts, "reference")
-            first, end = split_blocks(length, hosts)[-1]
-            block = end - first  # the last host's local block
-            passing = sum(passing_counts(length, hosts, config)[:-1])
-            shapes[method] = (passing, config.anchor_len, block)
+            plan = self.host_plan(length, hosts, config)
+            last = plan.hosts[-1]
+            shapes[method] = (plan.num_passing_keys(last.host), last.num_anchor, last.block_len)
         times: dict[str, float] = {}
         for name in cfg.backends:
             entry: dict[str, Any] = {"backend": name}
@@ -655,7 +658,8 @@ class Bench:
     def _time_sim(self, method: str, length: int, hosts: int, backend: str) -> dict[str, Any]:
         context, query = self.ids(length)
         config = self.apb_config(method, length, hosts, backend)
-        counts = passing_counts(length, hosts, config)
+        plan = self.host_plan(length, hosts, config)
+        counts = plan.counts
 
         def prefill():
             return self.apbm.prefill(context, query, config=config, num_hosts=hosts)
@@ -695,6 +699,8 @@ class Bench:
             "anchor_len": config.anchor_len,
             "passing_len": config.passing_len,
             "passing_counts": counts,
+            "split": config.split,
+            "blocks": plan.describe()["blocks"],
             "host_ms": host_ms,
             "slowest_host": int(max(range(hosts), key=lambda h: host_ms[h])),
             "compute_ms": compute,
@@ -725,7 +731,7 @@ class Bench:
         )
         config = self.apb_config(method, length, hosts, backend)
         config = APBConfig(**{**dataclasses.asdict(config), "backend": timed_name})
-        counts = passing_counts(length, hosts, config)
+        counts = self.host_plan(length, hosts, config).counts
         with breakdown.active(), self.recorder.recording() as calls:
             self.apbm.prefill(context, query, config=config, num_hosts=hosts)
         self.clock.sync()
@@ -819,7 +825,7 @@ class Bench:
         """(kind, method, length, hosts) in order of importance."""
         cfg = self.cfg
         primary, most = cfg.primary_length, max(cfg.hosts)
-        sims = [m for m in ("apb", "star") if m in cfg.methods]
+        sims = [m for m in APB_METHODS if m in cfg.methods]
         items: list[tuple[str, str, int, int]] = []
         if "full" in cfg.methods:
             items.append(("time", "full", primary, 1))
@@ -837,7 +843,7 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        backend = self.select_backend() if any(m in cfg.methods for m in ("apb", "star")) else "none"
+        backend = self.select_backend() if any(m in cfg.methods for m in APB_METHODS) else "none"
         last_length = None
         for kind, method, length, hosts in self.plan():
             label = f"{kind} {method} {length // 1024}K x{hosts}"
@@ -911,7 +917,7 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
         # the context prefill alone (slowest host + comm), without the serially simulated query pass
         context_ms = run["compute_ms"] + run["comm_ms"]
         run["speedup_vs_full_no_query"] = full["total_ms"] / context_ms if ok else None
-        if run["method"] == "apb":
+        if run["method"] in ("apb", "apb-equal"):
             star = _find(runs, "star", run["length"], run["hosts"])
             ok = star is not None and star.get("status") == "ok"
             run["speedup_vs_star"] = star["total_ms"] / run["total_ms"] if ok else None
@@ -982,7 +988,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| tokens/s | speedup vs full | same, without query pass | APB / Star | peak GiB per host (est.) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {"full": 0, "star": 1, "apb": 2}
+    order = {"full": 0, "star": 1, "exact": 2, "apb-equal": 3, "apb": 4}
     runs = sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9), r["hosts"]))
     for r in runs:
         ctx = f"{r['length'] // 1024}K" if r["length"] >= 1024 else str(r["length"])
@@ -1084,7 +1090,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     runs = [r for r in results["runs"] if r.get("status") == "ok"]
     fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {2: "tab:blue", 4: "tab:orange", 8: "tab:green", 16: "tab:purple"}
-    styles = {"star": ("--", "s"), "apb": ("-", "o")}
+    styles = {"star": ("--", "s"), "apb": ("-", "o"), "apb-equal": ("-.", "v"), "exact": (":", "^")}
+    names = {"star": "Star", "apb": "APB", "apb-equal": "APB (equal split)", "exact": "exact APB"}
     series: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in runs:
         series[(r["method"], r["hosts"])].append(r)
@@ -1095,7 +1102,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax_time.plot(xs, [r["total_ms"] / 1000 for r in rs], "k-", marker="D", lw=2, label="full (1 GPU)")
             continue
         line, marker = styles[method]
-        label = f"{'APB' if method == 'apb' else 'Star'} {hosts} hosts"
+        label = f"{names[method]} {hosts} hosts"
         color = colors.get(hosts)
         ax_time.plot(xs, [r["total_ms"] / 1000 for r in rs], line, marker=marker, color=color, label=label)
         sp = [(r["length"], r["speedup_vs_full"]) for r in rs if r.get("speedup_vs_full")]

@@ -58,6 +58,10 @@ def _load_bench_prefill():
 
 bp = _load_bench_prefill()
 
+DIST_METHODS = ["full", "star", "exact", "apb-equal", "apb"]
+"""Default methods: full attention on one GPU, Star, exact APB (all-gather context parallelism),
+APB with the paper's equal split, APB with the balanced split."""
+
 
 class CommTimer:
     """Wraps `DistributedComm.exchange_passing` while active: one (start, end) marker pair per call."""
@@ -154,6 +158,7 @@ class DistBench:
         bench, hosts = self.bench, self.world
         context, query = bench.ids(length)
         config = bench.apb_config(method, length, hosts, backend)
+        plan = bench.host_plan(length, hosts, config)
 
         def prefill():
             return bench.apbm.prefill(context, query, config=config)
@@ -195,11 +200,17 @@ class DistBench:
             "backend": backend,
             "anchor_len": config.anchor_len,
             "passing_len": config.passing_len,
-            "passing_counts": bp.passing_counts(length, hosts, config),
+            "passing_counts": plan.counts,
+            "split": config.split,
+            "blocks": plan.describe()["blocks"],
             "rank_context_ms": s["context"],
             "rank_comm_ms": s["comm"],
             "rank_query_ms": s["query"],
             "rank_total_ms": s["total"],
+            # busy = the rank's own work; waiting = time inside the all-gather (mostly waiting for slower
+            # ranks: the transfer itself is small), both within the context prefill
+            "rank_busy_ms": [c - w for c, w in zip(s["context"], s["comm"], strict=True)],
+            "rank_wait_share": [w / t for w, t in zip(s["comm"], s["total"], strict=True)],
             "comm_calls": s["comm_calls"],
             "compute_ms": max(s["context"]),
             "comm_ms": max(s["comm"]),
@@ -266,10 +277,13 @@ def finalize(results: dict[str, Any], simulated: dict[str, Any] | None) -> dict[
         full = bp._find(runs, "full", run["length"], 1)
         ok = full is not None and full.get("status") == "ok"
         run["speedup_vs_full"] = full["total_ms"] / run["total_ms"] if ok else None
-        if run["method"] == "apb":
+        if run["method"] in ("apb", "apb-equal"):
             star = bp._find(runs, "star", run["length"], run["hosts"])
             ok = star is not None and star.get("status") == "ok"
             run["speedup_vs_star"] = star["total_ms"] / run["total_ms"] if ok else None
+            exact = bp._find(runs, "exact", run["length"], run["hosts"])
+            ok = exact is not None and exact.get("status") == "ok"
+            run["speedup_vs_exact"] = exact["total_ms"] / run["total_ms"] if ok else None
         sim = bp._find(sim_runs, run["method"], run["length"], run["hosts"])
         if sim is None or sim.get("status") != "ok":
             run["simulated"] = None
@@ -286,31 +300,36 @@ def finalize(results: dict[str, Any], simulated: dict[str, Any] | None) -> dict[
 
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
+    f = bp._fmt
     lines = [
         f"**Real multi-process run**: {meta['world_size']} ranks ({meta['backend_dist']}), model shape "
         f"`{meta['model_shape']}` ({meta['dtype']}, random weights), query {meta['query_len']} tokens, device "
         f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date_utc']}, "
         f"NCCL_NVLS_ENABLE={meta.get('nccl_nvls_enable')}. APB/Star backend `{results.get('backend')}`. "
-        "Comm = measured time inside the passing all-gather (includes waiting for slower ranks).",
+        "Full = the unmodified model on one GPU (SDPA). Wait = time inside the per-layer passing all-gather, "
+        "mostly waiting for slower ranks.",
         "",
-        "| method | context | hosts | context ms (slowest rank) | comm ms (measured) | query ms | total ms "
-        "| tokens/s | speedup vs full | APB / Star | simulated total ms | simulated speedup | real / sim total "
-        "| real / sim speedup |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | context | split (tokens per rank) | total ms | speedup vs full | vs Star | vs exact "
+        "| busy ms per rank | wait ms per rank | wait share (max) | simulated total ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {"full": 0, "star": 1, "apb": 2}
+    order = {"full": 0, "star": 1, "exact": 2, "apb-equal": 3, "apb": 4}
     for r in sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9))):
         ctx = f"{r['length'] // 1024}K" if r["length"] >= 1024 else str(r["length"])
         if r.get("status") != "ok":
-            lines.append(f"| {r['method']} | {ctx} | {r['hosts']} | {r['status']} |" + " |" * 10)
+            lines.append(f"| {r['method']} | {ctx} | {r['status']} |" + " |" * 8)
+            continue
+        if r["method"] == "full":
+            lines.append(f"| full (1 GPU) | {ctx} | {r['length']} | {f(r['total_ms'])} |" + " |" * 7)
             continue
         sim = r.get("simulated") or {}
-        f = bp._fmt
+        blocks = " / ".join(str(b) for b in r.get("blocks", []))
+        busy = " / ".join(f"{x:.0f}" for x in r["rank_busy_ms"])
+        wait = " / ".join(f"{x:.0f}" for x in r["rank_comm_ms"])
         lines.append(
-            f"| {r['method']} | {ctx} | {r['hosts']} | {f(r['compute_ms'])} | {f(r['comm_ms'])} | {f(r['query_ms'])} "
-            f"| {f(r['total_ms'])} | {r['tokens_per_s']:.0f} | {f(r.get('speedup_vs_full'), 'x')} "
-            f"| {f(r.get('speedup_vs_star'), 'x')} | {f(sim.get('total_ms'))} | {f(sim.get('speedup_vs_full'), 'x')} "
-            f"| {f(r.get('real_over_sim_total'))} | {f(r.get('real_over_sim_speedup'))} |"
+            f"| {r['method']} | {ctx} | {blocks} | {f(r['total_ms'])} | {f(r.get('speedup_vs_full'), 'x')} "
+            f"| {f(r.get('speedup_vs_star'), 'x')} | {f(r.get('speedup_vs_exact'), 'x')} | {busy} | {wait} "
+            f"| {max(r['rank_wait_share']):.0%} | {f(sim.get('total_ms'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -358,6 +377,7 @@ def config_from_args(args: argparse.Namespace, world: int):
             warmup_layers=1,
         )
         kwargs["primary_length"] = max(kwargs["lengths"])
+    kwargs["methods"] = DIST_METHODS
     for name in ("query_len", "methods", "backends"):
         value = getattr(args, name)
         if value is not None:

@@ -130,7 +130,7 @@ def main() -> None:
         ids[context_len + args.question :],
     )
     layout = build_host_layout(
-        context, question, answer, LayoutParams(anchor_len=args.anchor, query_offset=16, query_aware=True)
+        context, question, answer, LayoutParams(anchor_len=args.anchor, query_offset=16, query_in_anchor=True)
     )
     num_tokens = layout.num_tokens
     plain_ids = layout.input_ids.to(device)[None]

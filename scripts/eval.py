@@ -63,8 +63,15 @@ METHODS = ("full", "star", "apb-qa", "apb-qagn", "apb-random")
 """Built-in methods; every ``--adapter NAME=PATH`` adds ``apb-NAME``."""
 
 
+EQUAL_SUFFIX = "/equal"
+"""Added to an APB method run with the paper's equal split of the context into host blocks (``--splits
+equal``); APB methods without it run the balanced split (`APBConfig.split`)."""
+
+
 def heads_name(method: str) -> str | None:
-    """The head set an APB method runs with (``apb-qa`` -> ``qa``); None for full and Star."""
+    """The head set an APB method runs with (``apb-qa`` and ``apb-qa/equal`` -> ``qa``); None for full
+    and Star."""
+    method = method.removesuffix(EQUAL_SUFFIX)
     return method[len("apb-") :] if method.startswith("apb-") else None
 
 
@@ -228,7 +235,13 @@ def teacher_forced_hits(logits: torch.Tensor, item: EvalItem) -> list[bool]:
 class Evaluator:
     """Runs one item with one method and host count; returns the item's score in [0, 1]."""
 
-    def __init__(self, model: Any, tokenizer: Any, heads: dict[str, Any], backend: str = "reference"):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        heads: dict[str, Any],
+        backend: str = "reference",
+    ):
         from apb import APBModel
 
         self.model = model
@@ -247,7 +260,8 @@ class Evaluator:
 
         if method == "star":
             return APBConfig.star(num_context, num_hosts, backend=self.backend)
-        return APBConfig.for_length(num_context, num_hosts, backend=self.backend)
+        split = "equal" if method.endswith(EQUAL_SUFFIX) else "balanced"
+        return APBConfig.for_length(num_context, num_hosts, backend=self.backend, split=split)
 
     @torch.no_grad()
     def answer_logits(self, item: EvalItem, method: str, num_hosts: int) -> torch.Tensor:
@@ -476,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--random-hidden-size", type=int, default=64)
     parser.add_argument("--backend", default="reference", help="APB attention backend (apb.backends)")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=["balanced"],
+        choices=("balanced", "equal"),
+        help="APB's host split(s): balanced (methods apb-X) and/or equal (methods apb-X/equal), same items",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--cache-dir", default=None, help="asset cache (default ~/.cache/apb-retain)")
@@ -537,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     heads = load_head_sets(model, args)
     wanted = [*args.methods, *(f"apb-{name}" for name, _ in extra_adapters(args))]
     methods = tuple(m for m in wanted if heads_name(m) is None or heads_name(m) in heads)
+    apb_methods = [m for m in methods if m.startswith("apb-")]
+    methods = tuple(m for m in methods if not m.startswith("apb-") or "balanced" in args.splits)
+    if "equal" in args.splits:
+        methods += tuple(m + EQUAL_SUFFIX for m in apb_methods)
     evaluator = Evaluator(model, tokenizer, heads, backend=args.backend)
     keys = method_keys(hosts, methods)
     scores: dict[str, dict[str, dict[int, list[float]]]] = {
@@ -712,7 +737,10 @@ def paired_differences(
                 for other in ("apb-qagn", "apb-random"):
                     if key == label("apb-qa", h) and label(other, h) in scores:
                         pairs.append((key, label(other, h)))
-                if key[: -len(f" H={h}")] not in METHODS and label("apb-qa", h) in scores:
+                method = key[: -len(f" H={h}")]
+                if method.endswith(EQUAL_SUFFIX) and label(method.removesuffix(EQUAL_SUFFIX), h) in scores:
+                    pairs.append((label(method.removesuffix(EQUAL_SUFFIX), h), key))  # balanced vs equal
+                elif method not in METHODS and label("apb-qa", h) in scores:
                     pairs.append((key, label("apb-qa", h)))  # an --adapter head set vs the main one
     out = []
     for a, b in pairs:

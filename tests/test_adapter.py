@@ -45,7 +45,7 @@ def saved(llama, tmp_path):
         heads,
         tmp_path / "adapter",
         base_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct",
-        apb_defaults={"anchor_len": 1024, "passing_len": 512, "pool_kernel": 5, "query_aware": True},
+        apb_defaults={"anchor_len": 1024, "passing_len": 512, "pool_kernel": 5, "query_in_anchor": True},
         training={"lr": 5e-4, "steps": 3},
         metrics={"val_loss": 0.123456},
     )

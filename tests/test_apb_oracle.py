@@ -13,6 +13,8 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 from apb import APBConfig, APBModel
+from apb.config import SPLITS
+from apb.plan import CostModel
 
 ATOL = 1e-5
 NUM_CONTEXT, NUM_QUERY = 37, 5  # 37 is prime: no host count divides it
@@ -27,17 +29,28 @@ def _plain_query_logits(model, context: torch.Tensor, query: torch.Tensor) -> to
         return model(torch.cat([context, query], dim=1)).logits[:, -query.shape[1] :]
 
 
+# An attention-heavy cost model: on these tiny models the FLOP-based one sees almost no attention work
+# in 37 tokens and balances to near-equal blocks; this one makes the balanced split clearly uneven.
+ATTENTION_HEAVY = CostModel(flops_per_token=1.0, flops_per_pair=1.0)
+
+
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_exact_mode_equals_plain_model(family):
+def test_exact_mode_equals_plain_model(family, split):
     model = tiny_model(family)
     context, query = _ids(1, 1, NUM_CONTEXT), _ids(2, 1, NUM_QUERY)
     expected = _plain_query_logits(model, context, query)
     apbm = APBModel(model)
+    apbm.cost_model = ATTENTION_HEAVY
+    config = APBConfig.exact(split=split)
     for num_hosts in (1, 2, 3, 4):
-        logits = apbm.prefill(context, query, config=APBConfig.exact(), num_hosts=num_hosts)
+        logits = apbm.prefill(context, query, config=config, num_hosts=num_hosts)
         assert logits.shape == expected.shape
         err = (logits - expected).abs().max().item()
-        assert err < ATOL, f"{family} H={num_hosts}: max |APB - plain| = {err:.2e}"
+        assert err < ATOL, f"{family} {split} H={num_hosts}: max |APB - plain| = {err:.2e}"
+        sizes = apbm.last_plan.describe()["blocks"]
+        if split == "balanced" and num_hosts > 2:  # the test covers uneven blocks
+            assert sizes[0] > sizes[-1] + 2, sizes
     # The wrapped model itself is unchanged: "apb" attention delegates to sdpa outside APB calls.
     assert torch.equal(_plain_query_logits(model, context, query), expected)
 
@@ -46,6 +59,7 @@ def test_exact_mode_batch_of_two_matches_rows():
     model = tiny_model("qwen2")
     context, query = _ids(3, 2, 23), _ids(4, 2, 3)
     apbm = APBModel(model)
+    apbm.cost_model = ATTENTION_HEAVY
     logits = apbm.prefill(context, query, config=APBConfig.exact(), num_hosts=3)
     expected = _plain_query_logits(model, context, query)
     assert (logits - expected).abs().max().item() < ATOL
@@ -58,6 +72,7 @@ def test_exact_mode_passing_through_heads_equals_plain_model():
     model = tiny_model("llama")
     torch.manual_seed(0)
     apbm = APBModel(model, build_heads(model, hidden_size=16))
+    apbm.cost_model = ATTENTION_HEAVY
     context, query = _ids(5, 1, NUM_CONTEXT), _ids(6, 1, NUM_QUERY)
     logits = apbm.prefill(context, query, config=APBConfig(anchor_len=0, passing_len=1000), num_hosts=4)
     assert (logits - _plain_query_logits(model, context, query)).abs().max().item() < ATOL
@@ -74,6 +89,7 @@ def test_greedy_generate_matches_model_generate(family):
     )
     expected = model.generate(prompt, **gen_kwargs)[:, prompt.shape[1] :]
     apbm = APBModel(model)
+    apbm.cost_model = ATTENTION_HEAVY
     for num_hosts in (2, 3):
         ids, logits = apbm.generate(
             context,

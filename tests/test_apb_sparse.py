@@ -17,7 +17,7 @@ from conftest import tiny_model
 from apb import APBConfig, APBModel, build_heads
 from apb.attention import select_passing
 from apb.backends import apb_mask_mod, decomposed_apb_attention, get_backend
-from apb.config import split_blocks
+from apb.plan import equal_sizes
 
 ATOL = 1e-5
 
@@ -156,7 +156,7 @@ def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, po
         query_offset=2,
         pool_kernel=pool_kernel,
     )
-    blocks = split_blocks(num_context, num_hosts)
+    blocks = apbm.plan(num_context, 3, num_hosts, config).blocks
     planted = torch.randn(num_context, generator=torch.Generator().manual_seed(3))
     _planted_heads(monkeypatch, heads, blocks, model.config.num_hidden_layers, planted)
     apbm._record_passing = True
@@ -195,11 +195,13 @@ def test_star_matches_mask_oracle_and_apb_with_no_passing():
     model = tiny_model("qwen2")
     apbm = APBModel(model)
     context, query = _ids(13, 30), _ids(14, 2)
-    blocks = split_blocks(30, 3)
+    blocks = _equal_blocks(30, 3)
     star = apbm.prefill(context, query, config=APBConfig.star(30, 3), num_hosts=3)
     expected = _oracle_logits(model, context, query, context[:10], blocks, [set(), set(), set()])
     assert (star[0] - expected[0]).abs().max().item() < ATOL
-    same = apbm.prefill(context, query, config=APBConfig(anchor_len=10, passing_len=0), num_hosts=3)
+    same = apbm.prefill(
+        context, query, config=APBConfig(anchor_len=10, passing_len=0, split="equal"), num_hosts=3
+    )
     assert torch.equal(star, same)
 
 
@@ -208,8 +210,8 @@ def test_keep_all_with_anchor_matches_mask_oracle():
     model = tiny_model("llama")
     apbm = APBModel(model)
     context, query = _ids(15, 26), _ids(16, 2)
-    blocks = split_blocks(26, 3)
-    logits = apbm.prefill(context, query, config=APBConfig(anchor_len=4), num_hosts=3)
+    blocks = _equal_blocks(26, 3)
+    logits = apbm.prefill(context, query, config=APBConfig(anchor_len=4, split="equal"), num_hosts=3)
     passed = [set(range(4, 8)), set(range(8, 17)), set()]
     expected = _oracle_logits(model, context, query, context[:4], blocks, passed)
     assert (logits[0] - expected[0]).abs().max().item() < ATOL
@@ -221,8 +223,8 @@ def test_anchor_query_ids_splice_only_the_question():
     apbm = APBModel(model)
     context, question, more = _ids(17, 36), _ids(18, 3), _ids(19, 4)
     query = torch.cat([question, more])
-    config = APBConfig(anchor_len=10, passing_len=0, query_in_anchor=True, query_offset=2)
-    blocks = split_blocks(36, 3)
+    config = APBConfig(anchor_len=10, passing_len=0, query_in_anchor=True, query_offset=2, split="equal")
+    blocks = _equal_blocks(36, 3)
     logits = apbm.prefill(context, query, config=config, num_hosts=3, anchor_query_ids=question)
     anchor = torch.cat([context[:2], question, context[2:7]])
     expected = _oracle_logits(model, context, query, anchor, blocks, [set(), set(), set()])
@@ -250,6 +252,13 @@ def test_anchor_query_ids_splice_only_the_question():
         apbm.prefill(context, query, config=config, num_hosts=3, anchor_query_ids=[[1, 2], [3, 4]])
 
 
+def _equal_blocks(num_context: int, num_hosts: int) -> list[tuple[int, int]]:
+    bounds = [0]
+    for size in equal_sizes(num_context, num_hosts):
+        bounds.append(bounds[-1] + size)
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 # ---------------------------------------------------------------- config presets and bad input
 
 
@@ -264,13 +273,18 @@ def test_for_length_matches_design_table():
 
 
 def test_passing_counts_per_host():
-    from apb.config import passing_counts
+    from apb.plan import HostPlan
 
-    # blocks of 10, 10, 11 tokens; host 0 never passes its 4 anchor positions
-    assert passing_counts(31, 3, APBConfig(anchor_len=4, passing_len=8)) == ([4, 0, 0], [6, 8, 0])
-    assert passing_counts(31, 3, APBConfig(anchor_len=4)) == ([4, 0, 0], [6, 10, 0])  # pass everything
-    assert passing_counts(31, 3, APBConfig.star(31, 3)) == ([10, 0, 0], [0, 0, 0])
-    assert passing_counts(31, 1, APBConfig(anchor_len=4, passing_len=8)) == ([0], [0])
+    def counts(n, hosts, config):
+        plan = HostPlan(config, n, 0, hosts)
+        return plan.num_excluded, plan.counts
+
+    # equal blocks of 10, 10, 11 tokens; host 0 never passes its 4 anchor positions
+    equal = {"split": "equal"}
+    assert counts(31, 3, APBConfig(anchor_len=4, passing_len=8, **equal)) == ([4, 0, 0], [6, 8, 0])
+    assert counts(31, 3, APBConfig(anchor_len=4, **equal)) == ([4, 0, 0], [6, 10, 0])  # pass everything
+    assert counts(31, 3, APBConfig.star(31, 3)) == ([10, 0, 0], [0, 0, 0])
+    assert counts(31, 1, APBConfig(anchor_len=4, passing_len=8)) == ([0], [0])
 
 
 def test_config_rejects_bad_values():
@@ -290,7 +304,10 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="context of 3 tokens is too short for 4 hosts: need at least 4"):
         apbm.prefill(_ids(0, 3), _ids(1, 2), config=APBConfig.exact(), num_hosts=4)
     with pytest.raises(ValueError, match="too short for anchor_len=8 with 4 hosts.*need at least 32"):
-        apbm.prefill(_ids(0, 20), _ids(1, 2), config=APBConfig(anchor_len=8, passing_len=0), num_hosts=4)
+        cfg = APBConfig(anchor_len=8, passing_len=0, split="equal")
+        apbm.prefill(_ids(0, 20), _ids(1, 2), config=cfg, num_hosts=4)
+    with pytest.raises(ValueError, match="too short for anchor_len=8 with 4 hosts.*need at least 11"):
+        apbm.prefill(_ids(0, 10), _ids(1, 2), config=APBConfig(anchor_len=8, passing_len=0), num_hosts=4)
     with pytest.raises(
         ValueError, match="query of 7 tokens does not fit in the anchor: anchor_len=8 holds at most 6"
     ):

@@ -75,10 +75,10 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     results = json.loads(out.read_text())
     assert results["meta"]["world_size"] == 2 and results["meta"]["simulated_hosts"] is False
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == {"full", "star", "apb"}
+    assert set(runs) == {"full", "star", "exact", "apb-equal", "apb"}
     full = runs["full"]
     assert full["status"] == "ok" and full["hosts"] == 1 and full["total_ms"] > 0
-    for method in ("apb", "star"):
+    for method in ("apb", "apb-equal", "exact", "star"):
         run = runs[method]
         assert run["status"] == "ok" and run["hosts"] == 2 and run["finite"]
         assert len(run["rank_context_ms"]) == 2 and min(run["rank_context_ms"]) > 0
@@ -88,14 +88,23 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
         assert run["tokens_per_s"] == pytest.approx((1024 + 8) / (run["total_ms"] / 1000))
         # APB: one all-gather of passing blocks per layer (2 layers) in the timed run (the warm-up is not
         # recorded); Star passes nothing, so no all-gather
-        assert run["comm_calls"] == {"apb": 2, "star": 0}[method]
-        sim_total = {"apb": 5.0, "star": 8.0}[method]
+        assert run["comm_calls"] == (0 if method == "star" else 2)
+        assert len(run["rank_busy_ms"]) == 2 and sum(run["blocks"]) == 1024
+        sim_total = {"apb": 5.0, "star": 8.0}.get(method)
+        if sim_total is None:
+            assert run["simulated"] is None
+            continue
         assert run["simulated"]["total_ms"] == sim_total
         assert run["real_over_sim_total"] == pytest.approx(run["total_ms"] / sim_total)
     assert runs["apb"]["comm_ms"] > 0  # APB passes blocks: the all-gather moved data and took time
     assert runs["apb"]["passing_counts"][0] > 0 and runs["star"]["passing_counts"] == [0, 0]
     table = (tmp_path / "dist.md").read_text()
-    assert "Real multi-process run" in table and "| apb | 1K | 2 |" in table
+    assert runs["apb-equal"]["blocks"] == [512, 512] and runs["apb"]["split"] == "balanced"
+    assert runs["apb"]["speedup_vs_exact"] == pytest.approx(
+        runs["exact"]["total_ms"] / runs["apb"]["total_ms"]
+    )
+    table = (tmp_path / "dist.md").read_text()
+    assert "Real multi-process run" in table and "| apb | 1K | " in table and "| exact | 1K | " in table
 
 
 def test_oracle_two_gloo_ranks_fp32(tmp_path):

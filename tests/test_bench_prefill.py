@@ -45,13 +45,18 @@ def test_comm_model_matches_the_stated_formula(bench):
     )
 
 
-def test_passing_counts_follow_the_apb_config(bench):
-    from apb import APBConfig
+def test_passing_counts_follow_the_apb_config():
+    from transformers import LlamaConfig
 
+    from apb import APBConfig, CostModel, HostPlan
+
+    cost = CostModel.from_model_config(LlamaConfig())
     config = APBConfig.for_length(131072, 8)
     assert (config.anchor_len, config.passing_len) == (4096, 2048)
-    assert bench.passing_counts(131072, 8, config) == [2048] * 7 + [0]
-    assert bench.passing_counts(131072, 8, APBConfig.star(131072, 8)) == [0] * 8
+    for split in ("balanced", "equal"):
+        plan = HostPlan(APBConfig.for_length(131072, 8, split=split), 131072, 64, 8, cost=cost)
+        assert plan.counts == [2048] * 7 + [0]
+    assert HostPlan(APBConfig.star(131072, 8), 131072, 64, 8).counts == [0] * 8
 
 
 def test_tiny_run_end_to_end(bench, tmp_path):

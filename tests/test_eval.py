@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,27 @@ def test_main_writes_every_method_and_host_count(ev, tmp_path):
     for summary in result["results"].values():
         assert 0.0 <= summary["average"] <= 100.0
     assert "apb-random H=4" in md.read_text()
+
+
+def test_main_pairs_balanced_and_equal_splits(ev, tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "4"]
+    argv += ["--qa-adapter", str(tmp_path / "none"), "--qagn-adapter", str(tmp_path / "none")]
+    argv += ["--methods", "apb-random", "--splits", "balanced", "equal"]
+    assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"apb-random H=4", "apb-random/equal H=4"}
+    pairs = {(p["a"], p["b"]) for p in result["paired"]}
+    assert ("apb-random H=4", "apb-random/equal H=4") in pairs
+    # the two methods really ran different splits
+    evaluator = types.SimpleNamespace(backend="reference")
+    assert ev.Evaluator.config(evaluator, "apb-random", 8000, 4).split == "balanced"
+    assert ev.Evaluator.config(evaluator, "apb-random/equal", 8000, 4).split == "equal"
+    assert ev.heads_name("apb-random/equal") == "random"
+    # an equal-split run alone labels its rows as such, so that it merges with a balanced run
+    argv[argv.index("balanced")] = "equal"
+    assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
+    assert set(json.loads(out.read_text())["results"]) == {"apb-random/equal H=4"}
 
 
 def test_paired_differences_hand_computed(ev):

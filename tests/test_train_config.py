@@ -40,7 +40,7 @@ def _with(path: str, value):
         ("deepspeed.zero_stage", 4, "deepspeed.zero_stage: must be 0-3"),
         ("deepspeed.offload_param", True, "deepspeed.offload_param: needs zero_stage 3"),
         ("model.dtype", "fp8", "model.dtype: must be one of"),
-        ("data.query_aware", "yes", "data.query_aware: expected true/false"),
+        ("data.query_in_anchor", "yes", "data.query_in_anchor: expected true/false"),
         ("data.max_length", 100, "data.max_length: 100 leaves no room"),
         ("data.sources", [{"pathh": "x.jsonl"}], r"data.sources\[0\]: .*unknown key"),
         ("export.push_to_hub", "no-slash", "export.push_to_hub: must be user/name"),

@@ -17,7 +17,7 @@ ANSWER = [100, 101, 102]
 
 
 def _layout(query_aware: bool, **kw):
-    params = LayoutParams(anchor_len=24, query_offset=4, query_aware=query_aware, **kw)
+    params = LayoutParams(anchor_len=24, query_offset=4, query_in_anchor=query_aware, **kw)
     return build_host_layout(CONTEXT, QUESTION, ANSWER, params)
 
 

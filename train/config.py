@@ -100,7 +100,7 @@ class DataConfig:
     tasks (`apb.data.sources`)."""
     max_length: int = 10240
     """Token budget of one laid-out sequence (anchor + block + question + answer)."""
-    query_aware: bool = True
+    query_in_anchor: bool = True
     """Splice the question into the anchor (APB); False: Locret's query-agnostic layout."""
     anchor_len: int = 1024
     """Anchor block length in tokens."""
@@ -408,6 +408,10 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported config type {hint!r}")  # our own bug, not the user's
 
 
+RENAMED_KEYS = {"query_aware": "query_in_anchor"}
+"""Keys of earlier versions and their names now (one name for one setting across the project)."""
+
+
 def _build(cls: type, data: Any, key: str) -> Any:
     if data is None:
         data = {}
@@ -418,7 +422,8 @@ def _build(cls: type, data: Any, key: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = ", ".join(f"{key}.{u}" if key else u for u in unknown)
-        raise ValueError(f"unknown config key {where}; known keys here: {', '.join(fields)}")
+        renamed = "".join(f" ({u} is now {RENAMED_KEYS[u]})" for u in unknown if u in RENAMED_KEYS)
+        raise ValueError(f"unknown config key {where}{renamed}; known keys here: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(value, hints[name], f"{key}.{name}" if key else name)

@@ -12,6 +12,7 @@ from apb.train.config import RunConfig
 from safetensors.torch import load_file, save_file
 
 from apb.adapter import save_adapter
+from apb.config import APBConfig
 from apb.heads import ModelShape, RetainingHeads
 
 logger = logging.getLogger(__name__)
@@ -21,9 +22,14 @@ HEADS_NAME = "heads.safetensors"
 
 
 def apb_defaults(config: RunConfig) -> dict[str, Any]:
-    """The APB settings the heads were trained for, named as `apb.config.APBConfig` names them."""
+    """The `apb.APBConfig` the heads were trained for (the layout of `apb.data.layout`), as a dict."""
     d = config.data
-    return {"anchor_len": d.anchor_len, "query_in_anchor": d.query_aware, "query_offset": d.query_offset}
+    trained = APBConfig(
+        anchor_len=d.anchor_len,
+        query_in_anchor=d.query_in_anchor and d.anchor_len > 0,
+        query_offset=d.query_offset,
+    )
+    return trained.to_dict()
 
 
 def gathered(heads: torch.nn.Module, zero3: bool):

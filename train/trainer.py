@@ -55,7 +55,7 @@ def layout_params(config: RunConfig) -> LayoutParams:
         anchor_len=d.anchor_len,
         block_len=d.block_len,
         query_offset=d.query_offset,
-        query_aware=d.query_aware,
+        query_in_anchor=d.query_in_anchor,
         max_length=d.max_length,
         min_block_len=d.min_block_len,
     )

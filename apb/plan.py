@@ -1,0 +1,337 @@
+"""One host view: what every APB host holds, reads and passes on.
+
+A :class:`HostPlan` is built from an :class:`~apb.config.APBConfig`, the context length, the query length
+and the number of hosts. Everything that depends on "which host sees what" comes from it: the prefill
+(`APBModel`), the passing counts, the benchmarks and the training-sample builder (`apb.data.layout`),
+so heads are trained on exactly the view that inference runs.
+
+Host h's input is ``[anchor | block]`` (host 0 has no anchor): the anchor is the first context tokens
+with the query spliced in after `query_offset` tokens (``query_in_anchor``), at positions
+``0..anchor_len-1``; the block is the context slice ``[start, end)`` at its true positions. Host 0's
+first `anchor_len` block tokens are never passed on (every later host holds them in its anchor).
+
+Splits (``APBConfig.split``):
+
+- ``"equal"``: n // H tokens a host, the paper's split.
+- ``"balanced"``: block sizes from a cost model (:class:`CostModel`: linear work per token plus
+  attention work per visible query-key pair) so that every host's predicted time is the same. The
+  last host attends over the anchor and every earlier host's passing block, host 0 over its own block
+  only, so with equal blocks the early hosts wait at every layer's all-gather; the balanced split gives
+  them more tokens instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from apb.config import APBConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class HostView:
+    """One host's share of the prefill."""
+
+    host: int
+    """Host index (0 = the start of the context)."""
+    block: tuple[int, int]
+    """[start, end) of the context tokens this host owns (and keeps in its cache)."""
+    num_anchor: int
+    """Anchor tokens in front of the block (0 on host 0 and with a single host)."""
+    num_excluded: int
+    """Leading block tokens never passed on (host 0: the anchor's positions)."""
+    passing_count: int
+    """Entries per KV head this host passes on (0 for the last host, whose block nobody reads)."""
+    reads: tuple[int, ...]
+    """Earlier hosts whose passing blocks this host attends to (those that pass anything)."""
+
+    @property
+    def block_len(self) -> int:
+        return self.block[1] - self.block[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this host runs through the decoder: anchor + block."""
+        return self.num_anchor + self.block_len
+
+    def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """[num_anchor + block_len]: anchor 0..num_anchor-1, then the block's true positions."""
+        block = torch.arange(self.block[0], self.block[1], device=device)
+        if not self.num_anchor:
+            return block
+        return torch.cat([torch.arange(self.num_anchor, device=device), block])
+
+    def input_ids(self, context: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """context: [batch, n], anchor: [batch, anchor_len] -> [batch, num_anchor + block_len]."""
+        local = context[:, self.block[0] : self.block[1]]
+        if not self.num_anchor:
+            return local
+        return torch.cat([anchor[:, : self.num_anchor], local], dim=1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class CostModel:
+    """Predicted time of one host's prefill, in FLOP-equivalents.
+
+    cost = flops_per_token * tokens + attention_weight * flops_per_pair * visible (query, key) pairs.
+    """
+
+    flops_per_token: float
+    """Token-linear work of one token through all layers (QKV, O-projection, MLP): 2 x their weights."""
+    flops_per_pair: float
+    """Attention work of one visible (query, key) pair through all layers: 4 x num_heads x head_dim."""
+    attention_weight: float = 1.0
+    """Time of one attention FLOP relative to one linear FLOP (1.0: both run at the same rate)."""
+
+    def __post_init__(self) -> None:
+        if not self.flops_per_token > 0 or self.flops_per_pair < 0 or not self.attention_weight >= 0:
+            raise ValueError(
+                f"CostModel needs flops_per_token > 0, flops_per_pair >= 0 and attention_weight >= 0; got "
+                f"{self.flops_per_token}, {self.flops_per_pair}, {self.attention_weight}"
+            )
+
+    @classmethod
+    def from_model_config(cls, config: Any, attention_weight: float = 1.0) -> CostModel:
+        """From a transformers config of a GQA decoder (hidden_size, intermediate_size, head counts)."""
+        hidden = config.hidden_size
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+        layers = config.num_hidden_layers
+        weights = hidden * (num_heads + 2 * num_kv_heads) * head_dim  # q, k, v
+        weights += num_heads * head_dim * hidden  # o
+        weights += 3 * hidden * intermediate  # gated MLP
+        return cls(
+            flops_per_token=2.0 * weights * layers,
+            flops_per_pair=4.0 * num_heads * head_dim * layers,
+            attention_weight=attention_weight,
+        )
+
+    @property
+    def _pair(self) -> float:
+        return self.flops_per_pair * self.attention_weight
+
+    def host_cost(self, num_anchor: int, block_len: float, num_passing: int) -> float:
+        """Anchor rows see the anchor causally; block rows see the passing keys, the whole anchor and
+        the block causally."""
+        a, b = num_anchor, block_len
+        pairs = a * (a + 1) / 2 + b * (num_passing + a) + b * (b + 1) / 2
+        return self.flops_per_token * (a + b) + self._pair * pairs
+
+    def max_block(self, budget: float, num_anchor: int, num_passing: int) -> float:
+        """The largest (real) block whose `host_cost` stays within `budget` (0 if even none fits)."""
+        a = num_anchor
+        fixed = self.flops_per_token * a + self._pair * a * (a + 1) / 2
+        spare = budget - fixed
+        if spare <= 0:
+            return 0.0
+        linear = self.flops_per_token + self._pair * (num_passing + a + 0.5)
+        if self._pair == 0:
+            return spare / linear
+        # pair/2 * b^2 + linear * b - spare = 0
+        return (-linear + math.sqrt(linear * linear + 2.0 * self._pair * spare)) / self._pair
+
+
+class HostPlan:
+    """Every host's view of one APB prefill (module docstring). Raises `ValueError` for inputs that do
+    not fit: a context shorter than the hosts, an anchor larger than host 0's block, a query that does
+    not fit in the anchor."""
+
+    def __init__(
+        self,
+        config: APBConfig,
+        num_context: int,
+        num_query: int,
+        num_hosts: int,
+        cost: CostModel | None = None,
+    ):
+        for name, value, low in (("num_context", num_context, 1), ("num_query", num_query, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(num_hosts, int) or isinstance(num_hosts, bool) or num_hosts < 1:
+            raise ValueError(f"num_hosts must be an int >= 1, got {num_hosts!r}")
+        if num_context < num_hosts:
+            raise ValueError(
+                f"context of {num_context} tokens is too short for {num_hosts} hosts: "
+                f"need at least {num_hosts} (one token per host)"
+            )
+        self.config = config
+        self.num_context = num_context
+        self.num_query = num_query
+        self.num_hosts = num_hosts
+        self.anchor_len = config.anchor_len if num_hosts > 1 else 0
+        self._check_query()
+        if num_hosts > 1 and self.anchor_len:
+            # the anchor must fit in host 0's block, and every other host needs a token
+            need = self.anchor_len * num_hosts if config.split == "equal" else self.anchor_len + num_hosts - 1
+            if num_context < need:
+                raise ValueError(
+                    f"context of {num_context} tokens is too short for anchor_len={config.anchor_len} with "
+                    f"{num_hosts} hosts: the anchor must fit in host 0's block ({config.split} split); need at "
+                    f"least {need} tokens or a smaller anchor"
+                )
+        if config.split == "balanced" and num_hosts > 1:
+            if cost is None:
+                raise ValueError(
+                    "split='balanced' needs a CostModel (CostModel.from_model_config(model.config)); "
+                    "APBModel passes its model's"
+                )
+            sizes = self._balanced_sizes(cost)
+        else:
+            sizes = equal_sizes(num_context, num_hosts)
+        assert min(sizes) >= 1 and sizes[0] >= self.anchor_len, sizes
+        self.hosts: tuple[HostView, ...] = self._views(sizes)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        return [v.block for v in self.hosts]
+
+    @property
+    def counts(self) -> list[int]:
+        """Passing-block entries per KV head of every host (what the all-gather carries)."""
+        return [v.passing_count for v in self.hosts]
+
+    @property
+    def num_excluded(self) -> list[int]:
+        return [v.num_excluded for v in self.hosts]
+
+    def num_passing_keys(self, host: int) -> int:
+        """Passing keys host `host` attends to (the sum of the earlier hosts' counts)."""
+        return sum(self.hosts[j].passing_count for j in self.hosts[host].reads)
+
+    def anchor_ids(self, context: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """The anchor every host h > 0 puts in front of its block: [batch, anchor_len].
+
+        context: [batch, n]; query: [batch, q] (the tokens spliced in when ``query_in_anchor``)."""
+        return splice_anchor(context, query, self.config, self.anchor_len)
+
+    def host_inputs(
+        self, host: int, context: torch.Tensor, anchor: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host `host`'s decoder input: (ids [batch, tokens], position ids [tokens])."""
+        view = self.hosts[host]
+        return view.input_ids(context, anchor), view.position_ids(context.device)
+
+    def predicted_costs(self, cost: CostModel) -> list[float]:
+        """Every host's `CostModel.host_cost` under this plan."""
+        return [cost.host_cost(v.num_anchor, v.block_len, self.num_passing_keys(v.host)) for v in self.hosts]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary (block sizes, anchor, passing counts) for logs and benchmark records."""
+        return {
+            "split": self.config.split,
+            "blocks": [v.block_len for v in self.hosts],
+            "anchor_len": self.anchor_len,
+            "passing_counts": self.counts,
+        }
+
+    # ------------------------------------------------------------------ construction
+
+    def _check_query(self) -> None:
+        cfg = self.config
+        if cfg.query_in_anchor and self.num_hosts > 1 and self.num_query + cfg.query_offset > cfg.anchor_len:
+            raise ValueError(
+                f"query of {self.num_query} tokens does not fit in the anchor: anchor_len={cfg.anchor_len} "
+                f"holds at most {max(0, cfg.anchor_len - cfg.query_offset)} query tokens after "
+                f"query_offset={cfg.query_offset}"
+            )
+
+    def _count(self, host: int, block_len: int) -> tuple[int, int]:
+        """(num_excluded, passing_count) of host `host` holding `block_len` tokens."""
+        excluded = min(self.anchor_len, block_len) if host == 0 else 0
+        available = block_len - excluded
+        if host == self.num_hosts - 1:
+            return excluded, 0
+        if self.config.passing_len is None:
+            return excluded, available
+        return excluded, min(self.config.passing_len, available)
+
+    def _views(self, sizes: list[int]) -> tuple[HostView, ...]:
+        views, start, passers = [], 0, []
+        for host, size in enumerate(sizes):
+            excluded, count = self._count(host, size)
+            views.append(
+                HostView(
+                    host=host,
+                    block=(start, start + size),
+                    num_anchor=self.anchor_len if host > 0 else 0,
+                    num_excluded=excluded,
+                    passing_count=count,
+                    reads=tuple(passers),
+                )
+            )
+            if count:
+                passers.append(host)
+            start += size
+        assert start == self.num_context, (sizes, self.num_context)
+        return tuple(views)
+
+    def _balanced_sizes(self, cost: CostModel) -> list[int]:
+        """Block sizes that give every host the same predicted cost (bisection on that cost)."""
+        n, hosts = self.num_context, self.num_hosts
+
+        def fill(budget: float) -> list[float]:
+            sizes, passing = [], 0
+            for host in range(hosts):
+                anchor = self.anchor_len if host > 0 else 0
+                size = cost.max_block(budget, anchor, passing)
+                sizes.append(size)
+                passing += self._count(host, int(size))[1]
+            return sizes
+
+        low, high = 0.0, cost.host_cost(self.anchor_len, n, n)  # one host holding and reading everything
+        for _ in range(100):
+            mid = (low + high) / 2
+            if sum(fill(mid)) >= n:
+                high = mid
+            else:
+                low = mid
+            if high - low <= 1e-9 * high:
+                break
+        return _round_sizes(fill(high), n, minimum=[max(1, self.anchor_len)] + [1] * (hosts - 1))
+
+
+def equal_sizes(num_context: int, num_hosts: int) -> list[int]:
+    """n // H tokens a host; the remainder one token each to the last hosts (so host 0, whose block
+    holds the anchor, is never the longest)."""
+    base, remainder = divmod(num_context, num_hosts)
+    return [base + (1 if host >= num_hosts - remainder else 0) for host in range(num_hosts)]
+
+
+def _round_sizes(sizes: list[float], total: int, minimum: list[int]) -> list[int]:
+    """Integer sizes summing to `total`, each >= its minimum, rounding the boundaries (cumulative sums)
+    of the real-valued `sizes` scaled to `total`."""
+    scale = total / sum(sizes)
+    bounds, acc = [0], 0.0
+    for size in sizes[:-1]:
+        acc += size * scale
+        bounds.append(round(acc))
+    bounds.append(total)
+    out = [max(bounds[i + 1] - bounds[i], 0) for i in range(len(sizes))]
+    for i, low in enumerate(minimum):  # a block below its minimum borrows from the largest
+        while out[i] < low:
+            donor = max(range(len(out)), key=lambda j: out[j] - minimum[j])
+            if out[donor] - minimum[donor] <= 0:
+                break
+            take = min(low - out[i], out[donor] - minimum[donor])
+            out[i] += take
+            out[donor] -= take
+    return out
+
+
+def splice_anchor(
+    context: torch.Tensor, query: torch.Tensor, config: APBConfig, anchor_len: int
+) -> torch.Tensor:
+    """The anchor: ``context[:anchor_len]``, or with ``query_in_anchor`` the first `query_offset`
+    context tokens, the query, then context tokens up to `anchor_len` in all. [batch, anchor_len]."""
+    if not config.query_in_anchor or anchor_len == 0:
+        return context[:, :anchor_len]
+    offset, num_query = config.query_offset, query.shape[1]
+    rest = anchor_len - offset - num_query
+    return torch.cat([context[:, :offset], query, context[:, offset : offset + rest]], dim=1)

@@ -1,0 +1,167 @@
+"""HostPlan: the one host view that the prefill, the benchmarks and the training samples share."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from apb.data.layout import LayoutParams, build_host_layout
+from conftest import tiny_model
+
+from apb import APBConfig, APBModel, HostPlan, build_heads, save_adapter
+from apb.plan import CostModel, equal_sizes
+
+LLAMA8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+
+
+def _llama8b_cost() -> CostModel:
+    from transformers import LlamaConfig
+
+    return CostModel.from_model_config(LlamaConfig(**LLAMA8B))
+
+
+def _spread(costs: list[float]) -> float:
+    return max(costs) / min(costs)
+
+
+def test_cost_model_counts_llama8b_flops():
+    cost = _llama8b_cost()
+    # q,o 4096x4096, k,v 4096x1024, MLP 3 x 4096x14336 = 218.1M weights a layer, 2 FLOPs each, 32 layers
+    assert cost.flops_per_token == pytest.approx(2 * 218_103_808 * 32)
+    assert cost.flops_per_pair == 4 * 32 * 128 * 32
+    # max_block inverts host_cost
+    budget = cost.host_cost(4096, 30000, 6000)
+    assert cost.max_block(budget, 4096, 6000) == pytest.approx(30000, rel=1e-9)
+    assert cost.max_block(cost.host_cost(4096, 0, 0) * 0.5, 4096, 0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("config", "n"),
+    [
+        (APBConfig.for_length(131072, 4), 131072),
+        (APBConfig.for_length(262144, 4), 262144),
+        (APBConfig.exact(), 131072),  # context parallelism: every earlier token passed
+    ],
+    ids=["apb-128k", "apb-256k", "exact-128k"],
+)
+def test_balanced_split_evens_predicted_work(config, n):
+    cost = _llama8b_cost()
+    equal = HostPlan(APBConfig.from_dict({**config.to_dict(), "split": "equal"}), n, 64, 4, cost=cost)
+    balanced = HostPlan(config, n, 64, 4, cost=cost)
+    assert config.split == "balanced"  # the default
+    sizes = [v.block_len for v in balanced.hosts]
+    assert sum(sizes) == n and sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert [v.block_len for v in equal.hosts] == equal_sizes(n, 4)
+    assert _spread(equal.predicted_costs(cost)) > 1.3  # the imbalance the split removes
+    assert _spread(balanced.predicted_costs(cost)) < 1.001
+    assert max(balanced.predicted_costs(cost)) < 0.9 * max(equal.predicted_costs(cost))
+
+
+def test_plan_views_are_consistent():
+    cost = CostModel(flops_per_token=1.0, flops_per_pair=1.0)
+    config = APBConfig(anchor_len=6, passing_len=4, query_in_anchor=True, query_offset=2)
+    plan = HostPlan(config, 101, 3, 4, cost=cost)
+    assert plan.blocks[0][0] == 0 and plan.blocks[-1][1] == 101
+    assert all(a[1] == b[0] for a, b in zip(plan.blocks, plan.blocks[1:], strict=False))
+    assert plan.num_excluded == [6, 0, 0, 0] and plan.counts == [4, 4, 4, 0]
+    assert [v.reads for v in plan.hosts] == [(), (0,), (0, 1), (0, 1, 2)]
+    assert [v.num_anchor for v in plan.hosts] == [0, 6, 6, 6]
+    assert plan.num_passing_keys(3) == 12
+    view = plan.hosts[2]
+    assert view.position_ids().tolist() == list(range(6)) + list(range(*view.block))
+    context, query = torch.arange(101)[None], torch.tensor([[900, 901, 902]])
+    anchor = plan.anchor_ids(context, query)
+    assert anchor.tolist() == [[0, 1, 900, 901, 902, 2]]
+    ids, positions = plan.host_inputs(2, context, anchor)
+    assert ids[0].tolist() == [0, 1, 900, 901, 902, 2] + list(range(*view.block))
+    assert torch.equal(positions, view.position_ids())
+    # a single host: no anchor, the whole context
+    single = HostPlan(config, 101, 3, 1, cost=cost)
+    assert single.blocks == [(0, 101)] and single.counts == [0] and single.anchor_len == 0
+
+
+def test_plan_rejects_bad_input():
+    config = APBConfig(anchor_len=4, passing_len=2)
+    with pytest.raises(ValueError, match="needs a CostModel"):
+        HostPlan(config, 100, 2, 4)
+    with pytest.raises(ValueError, match="num_hosts must be an int >= 1"):
+        HostPlan(config, 100, 2, 0)
+    with pytest.raises(ValueError, match="num_context must be an int >= 1"):
+        HostPlan(config, 2.5, 2, 2)
+    with pytest.raises(ValueError, match="split must be one of balanced, equal"):
+        APBConfig(split="zigzag")
+    with pytest.raises(ValueError, match=r"unknown APBConfig keys \['query_aware'\]"):
+        APBConfig.from_dict({"query_aware": True})
+    assert APBConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("split", ["equal", "balanced"])
+def test_training_sample_is_what_the_inference_host_sees(split):
+    """The training layout of a host's block and the prefill's decoder input for that host hold the same
+    token ids at the same positions (anchor with the question spliced in, then the block)."""
+    model = tiny_model("llama")
+    apbm = APBModel(model)
+    apbm.cost_model = CostModel(flops_per_token=1.0, flops_per_pair=1.0)
+    g = torch.Generator().manual_seed(0)
+    context, question = (
+        torch.randint(0, 128, (1, 97), generator=g),
+        torch.randint(0, 128, (1, 3), generator=g),
+    )
+    config = APBConfig(anchor_len=12, query_in_anchor=True, query_offset=2, split=split)
+    seen: list[tuple[list[int], list[int]]] = []
+
+    def record(_module, _args, kwargs):
+        seen.append((kwargs["input_ids"][0].tolist(), kwargs["position_ids"][0].tolist()))
+
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        apbm.prefill(context, question, config=config, num_hosts=4)
+    finally:
+        handle.remove()
+    plan = apbm.last_plan
+    assert len(seen) == 4 + 1  # four hosts, then the query pass
+    for view in plan.hosts[1:]:
+        start, end = view.block
+        params = LayoutParams(
+            anchor_len=config.anchor_len,
+            block_start=start,
+            block_len=end - start,
+            query_offset=config.query_offset,
+            query_in_anchor=config.query_in_anchor,
+            min_block_len=1,
+        )
+        layout = build_host_layout(context[0], question[0], [5, 6], params)
+        host_ids, host_positions = seen[view.host]
+        num = len(host_ids)
+        assert layout.input_ids[:num].tolist() == host_ids
+        assert layout.position_ids[:num].tolist() == host_positions
+        assert layout.block == (config.anchor_len, num)
+
+
+def test_load_defaults_to_the_layout_the_heads_were_trained_for(tmp_path):
+    import apb
+
+    model = tiny_model("llama")
+    heads = build_heads(model, hidden_size=8)
+    trained = APBConfig(anchor_len=64, query_in_anchor=False, query_offset=3, pool_kernel=3, split="equal")
+    save_adapter(heads, tmp_path / "a", apb_defaults=trained.to_dict())
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["apb"]["split"] == "equal"
+    apbm = apb.load(model, tmp_path / "a")
+    config = apbm.default_config(4096, 4)
+    expected = APBConfig.for_length(4096, 4)  # sizes follow the length
+    assert (config.anchor_len, config.passing_len) == (expected.anchor_len, expected.passing_len)
+    assert (config.query_in_anchor, config.query_offset, config.pool_kernel, config.split) == (
+        False,
+        3,
+        3,
+        "equal",
+    )
+    plan = apbm.plan(4096, 5, num_hosts=4)
+    assert plan.config == config and plan.blocks[0] == (0, 1024)
