@@ -447,9 +447,46 @@ def _raise_if(problems: list[str], source: str) -> None:
     raise ValueError(message)
 
 
+def check_finite(state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """ValueError naming the first tensor of `state` holding NaN or inf (a damaged file loads as such)."""
+    for key in sorted(state):
+        tensor = state[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            num_bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{source}: tensor {key} holds {num_bad} NaN/inf value(s) of {tensor.numel()}; the file is "
+                "damaged (or the training diverged): heads with such weights would pass arbitrary tokens"
+            )
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors file of head weights: ValueError naming the file if it is truncated or damaged, and
+    naming the tensor if one holds NaN or inf."""
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({err}); it may be truncated: download or export it again"
+        ) from err
+    if not state:
+        raise ValueError(f"{path}: holds no tensors")
+    check_finite(state, path)
+    return state
+
+
 def _read_legacy_bin(path: Path) -> dict[str, torch.Tensor]:
     """A Locret/APB `.bin` checkpoint, renamed to our keys; the only place a pickle is read."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"legacy adapter {path}: not a readable torch checkpoint of tensors ({first})"
+        ) from err
     if not isinstance(raw, Mapping):
         raise ValueError(f"legacy adapter {path}: expected a dict of tensors, found {type(raw).__name__}")
     renamed = {}
@@ -487,6 +524,7 @@ def load_heads(
                 f"an apb-retain adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
         state = _read_legacy_bin(path)
+        check_finite(state, path)
         fc1 = next((t for k, t in sorted(state.items()) if k.endswith(".fc1.weight") and t.dim() == 2), None)
         if fc1 is None:
             raise ValueError(
@@ -510,11 +548,11 @@ def load_heads(
             raise FileNotFoundError(f"adapter folder {path}: missing {', '.join(missing_files)}")
         config = AdapterConfig.from_file(path / CONFIG_NAME)
         problems += _expected_vs_found(shape, config)
+        state = read_weights(path / WEIGHTS_NAME)
         with safe_open(path / WEIGHTS_NAME, framework="pt") as f:
             fmt = (f.metadata() or {}).get("format")
         if fmt not in (None, "pt"):
             problems.append(f"{WEIGHTS_NAME} metadata format: expected 'pt', found {fmt!r}")
-        state = load_file(path / WEIGHTS_NAME)
 
     heads = RetainingHeads(shape, hidden_size=config.head_hidden_size, act=config.head_act)
     _check_state_dict(state, heads.state_dict(), problems)
