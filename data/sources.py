@@ -15,6 +15,7 @@ goes to `Sample.meta`. Errors name the file, the record index (0-based) and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -71,6 +72,44 @@ def _from_messages(messages: Any, path: Path, index: int) -> tuple[str, str, str
     return context.strip(), question.strip(), answer.strip()
 
 
+def check_json_file(path: Path) -> None:
+    """ValueError naming the file and line of an empty or malformed .json/.jsonl file.
+
+    `datasets` reports these without the line (or not at all for an empty file): checked first, by
+    the standard library.
+    """
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data file {path}: not UTF-8 text (byte {err.start})") from err
+    if not text.strip():
+        raise ValueError(f"data file {path} is empty (no records)")
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"data file {path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})"
+            ) from err
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"data file {path}: line {number}, column {err.colno}: not valid JSON ({err.msg}); "
+                "a .jsonl file holds one JSON object per line"
+            ) from err
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"data file {path}: line {number}: expected a JSON object (a record), got {type(record).__name__}"
+            )
+
+
 def load_local(
     path: str | os.PathLike,
     *,
@@ -90,6 +129,7 @@ def load_local(
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     builder = _builder_name(path)
+    check_json_file(path)
     kwargs: dict[str, Any] = {"data_files": str(path), "split": "train", "cache_dir": cache_dir}
     if field is not None:
         kwargs["field"] = field
