@@ -33,8 +33,6 @@ def _free_port() -> int:
 
 def init_distributed() -> DistInfo:
     """Join the process group started by the deepspeed launcher or torchrun; a world of 1 otherwise."""
-    # DeepSpeed's CPU accelerator JIT-builds a comm op on first use (~60 s): cache it across runs.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/apb-retain/torch_extensions"))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -47,7 +45,11 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     import deepspeed
+    from apb.train.extensions import load_cpu_ops
 
+    # DeepSpeed's CPU accelerator JIT-builds a comm op on first use (~60 s, cached across runs): build
+    # it here, under a guard that survives a run killed mid-build (see apb.train.extensions).
+    load_cpu_ops()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group above
     return DistInfo(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device
