@@ -12,12 +12,11 @@ base weights are loaded (the heads' shape comes from the model config on the met
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import yaml
-from apb.train.checkpoint import STATE_NAME, checkpoint_root, latest_checkpoint
+from apb.train.checkpoint import CheckpointError, checkpoint_root, latest_checkpoint, verify_checkpoint
 from apb.train.config import config_from_dict
 from apb.train.export import export_heads, heads_from_checkpoint
 
@@ -40,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     if not config_file.is_file():
         print(f"error: {config_file} not found: is {run} a run folder?", file=sys.stderr)
         return 2
-    data = yaml.safe_load(config_file.read_text())
+    try:
+        data = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError as err:
+        print(f"error: {config_file}: not valid YAML ({err})", file=sys.stderr)
+        return 2
+    if not isinstance(data, dict):
+        print(f"error: {config_file}: not a run config", file=sys.stderr)
+        return 2
     if args.push_to_hub:
         data.setdefault("export", {})["push_to_hub"] = args.push_to_hub
     if args.hub_id:
@@ -55,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         if not folder.is_dir():
             folder = checkpoint_root(run) / args.checkpoint
     else:
-        folder = latest_checkpoint(run)
-    if folder is None or not (folder / STATE_NAME).is_file():
-        print(f"error: no checkpoint {args.checkpoint or ''} under {checkpoint_root(run)}", file=sys.stderr)
+        folder = latest_checkpoint(run)  # the newest complete one (damaged newer ones are reported)
+    if folder is None or not folder.is_dir():
+        print(
+            f"error: no complete checkpoint {args.checkpoint or ''} under {checkpoint_root(run)}",
+            file=sys.stderr,
+        )
         return 2
-    state = json.loads((folder / STATE_NAME).read_text())
-    heads = heads_from_checkpoint(config, folder)
+    try:
+        state = verify_checkpoint(folder)
+        heads = heads_from_checkpoint(config, folder)
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = export_heads(
         heads,
         config,
@@ -68,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens_seen=state["tokens_seen"],
         final_loss=state.get("last_loss"),
         folder=args.out,
+        config_changes=state.get("config_changes"),
     )
     print(f"exported {folder.name} (step {state['step']}, loss {state.get('last_loss')}) to {out}")
     return 0

@@ -6,8 +6,10 @@ JSON is generated from this config (:meth:`RunConfig.deepspeed_config`): there i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import types
 import typing
@@ -187,6 +189,11 @@ class OptimConfig:
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.max_steps is not None:
             _check(self.max_steps > 0, "optim.max_steps", f"must be > 0, got {self.max_steps}")
+            _check(
+                self.warmup_steps <= self.max_steps,
+                "optim.warmup_steps",
+                f"{self.warmup_steps} is more than optim.max_steps ({self.max_steps})",
+            )
         _check(self.epochs > 0, "optim.epochs", f"must be > 0, got {self.epochs}")
         _check(self.micro_batch_size == 1, "optim.micro_batch_size", "only 1 is supported (use grad_accum)")
         _check(self.grad_accum > 0, "optim.grad_accum", f"must be > 0, got {self.grad_accum}")
@@ -555,7 +562,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping at the top, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -563,12 +570,116 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     return config_from_dict(data)
 
 
+def _read_yaml(path: Path) -> Any:
+    """Parsed YAML of `path`; ValueError naming the file and line of a syntax error."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"config file {path}{where}: not valid YAML ({problem})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path}: not UTF-8 text ({err})") from err
+
+
+# ------------------------------------------------------------------------------------------ rerun safety
+
+RERUN_FREE = ("output_dir", "logging.", "checkpoint.", "export.", "model.hub_id", "deepspeed.offload_param")
+"""Keys a rerun may change: they change nothing the checkpoints hold (also `data.sources[i].workers`,
+`optim.label_chunk_elements`)."""
+RERUN_APPLIED = (
+    "optim.lr",
+    "optim.warmup_steps",
+    "optim.max_steps",
+    "optim.epochs",
+    "optim.betas",
+    "optim.weight_decay",
+    "optim.eps",
+    "optim.grad_clip",
+    "optim.grad_accum",
+    "optim.smooth_weight",
+)
+"""Keys a rerun may change and a resume applies from its step on (recorded in the adapter's training
+record as `config_changes`). Every other key (seed, model, heads, data, the ZeRO stage, bf16,
+offload_optimizer) describes what the checkpoints are: a change is refused."""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, (list, tuple)) and value:
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{i}]"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def _rerun_kind(key: str) -> str:
+    """ "free", "applied" or "refused" for a flattened key."""
+    if key.startswith(RERUN_FREE) or key == "optim.label_chunk_elements":
+        return "free"
+    if re.fullmatch(r"data\.sources\[\d+\]\.workers", key):
+        return "free"
+    if any(key == k or key.startswith(k + "[") for k in RERUN_APPLIED):
+        return "applied"
+    return "refused"
+
+
+def check_rerun(config: RunConfig, output_dir: str | Path | None = None) -> dict[str, tuple[Any, Any]]:
+    """Compare `config` with the config.yaml of an existing run in `output_dir` (default: its own).
+
+    Reads only. Returns the changed keys a resume applies (``{key: (old, new)}``, see RERUN_APPLIED);
+    a change of any key that describes the checkpoints (model, heads, data, seed, ZeRO stage, ...) is a
+    ValueError naming every such key, old and new value. No config.yaml: a new run, ``{}``.
+    """
+    folder = Path(output_dir if output_dir is not None else config.output_dir)
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return {}
+    saved = _read_yaml(path)
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{path}: not a run config (expected a mapping); is {folder} another program's folder?"
+        )
+    # Defaults filled in, as this version writes them; written by another version: compare what is there.
+    with contextlib.suppress(ValueError):
+        saved = config_from_dict(saved).to_dict()
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    missing = object()
+    applied: dict[str, tuple[Any, Any]] = {}
+    refused = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, missing), new.get(key, missing)
+        if before == after:
+            continue
+        kind = _rerun_kind(key)
+        if kind == "applied":
+            applied[key] = (before, after)
+        elif kind == "refused":
+            show = [("absent" if v is missing else repr(v)) for v in (before, after)]
+            refused.append(f"{key}: {show[0]} -> {show[1]}")
+    if refused:
+        raise ValueError(
+            f"{folder} holds a run with another config ({path}); resuming it cannot honour these changes:\n  "
+            + "\n  ".join(refused)
+            + "\nUse another output_dir for the new settings, or restore them to continue that run"
+        )
+    return {key: applied[key] for key in applied}
+
+
 def save_resolved(config: RunConfig, folder: str | Path) -> Path:
     """Write the resolved config (every default filled in) as config.yaml and the DeepSpeed JSON."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp = folder / f".config.yaml.{os.getpid()}.tmp"
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)  # a run killed here leaves the old config.yaml or the new one, never half
     return path
 
 

