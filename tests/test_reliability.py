@@ -326,6 +326,10 @@ def test_rerun_returns_the_changes_resume_applies_and_ignores_free_ones(tmp_path
     )
     assert check_rerun(changed) == {"optim.lr": (0.002, 0.001), "optim.max_steps": (30, 40)}
     assert check_rerun(load_config(TINY, {"output_dir": str(tmp_path / "new")})) == {}
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"]["query_aware"] = saved["data"].pop("query_in_anchor")  # written before the rename
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert check_rerun(changed) == {"optim.lr": (0.002, 0.001), "optim.max_steps": (30, 40)}
     (run / "config.yaml").write_text("model: [broken\n")
     with pytest.raises(ValueError, match=r"run/config\.yaml line 2, column 1: not valid YAML"):
         check_rerun(changed)

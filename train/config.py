@@ -630,6 +630,15 @@ def _rerun_kind(key: str) -> str:
     return "refused"
 
 
+def _renamed(data: Any) -> Any:
+    """`data` with the keys of earlier versions (RENAMED_KEYS) under their names now."""
+    if isinstance(data, dict):
+        return {RENAMED_KEYS.get(k, k) if isinstance(k, str) else k: _renamed(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_renamed(v) for v in data]
+    return data
+
+
 def check_rerun(config: RunConfig, output_dir: str | Path | None = None) -> dict[str, tuple[Any, Any]]:
     """Compare `config` with the config.yaml of an existing run in `output_dir` (default: its own).
 
@@ -646,9 +655,10 @@ def check_rerun(config: RunConfig, output_dir: str | Path | None = None) -> dict
         raise ValueError(
             f"{path}: not a run config (expected a mapping); is {folder} another program's folder?"
         )
-    # Defaults filled in, as this version writes them; written by another version: compare what is there.
+    # Keys renamed since, and defaults filled in, as this version writes them; a config written by a
+    # version this one cannot read is compared as it is.
     with contextlib.suppress(ValueError):
-        saved = config_from_dict(saved).to_dict()
+        saved = config_from_dict(_renamed(saved)).to_dict()
     old, new = _flatten(saved), _flatten(config.to_dict())
     missing = object()
     applied: dict[str, tuple[Any, Any]] = {}
