@@ -261,6 +261,31 @@ def test_no_checkpoints_is_a_fresh_run_and_a_planted_extra_file_is_damage(tmp_pa
         find_resume_checkpoint(tmp_path)
 
 
+def test_a_checkpoint_from_before_manifests_is_used_with_a_warning(tmp_path, caplog):
+    from apb.train.checkpoint import STATE_NAME, checkpoint_root, find_resume_checkpoint
+
+    folder = checkpoint_root(tmp_path) / "step_00000010"
+    folder.mkdir(parents=True)
+    (folder / STATE_NAME).write_text(json.dumps({"step": 10, "tokens_seen": 5}))
+    with caplog.at_level(logging.WARNING):
+        assert find_resume_checkpoint(tmp_path) == folder
+    assert "rng_rank*.pt (pickle) files are not read" in caplog.text
+
+
+def test_export_script_names_a_damaged_checkpoint_file(tmp_path, capsys):
+    from apb.train.checkpoint import checkpoint_root
+
+    run = _saved_run(tmp_path)
+    folder = _fake_checkpoint(checkpoint_root(run), 2)
+    damaged = folder / "rng_rank0.safetensors"
+    damaged.write_bytes(b"")
+    with script_module(ROOT / "scripts" / "export_adapter.py") as export:
+        assert export.main([str(run), "--checkpoint", "step_00000002"]) == 2
+        assert export.main([str(run)]) == 2  # the newest complete one: there is none
+    err = capsys.readouterr().err
+    assert f"error: {damaged}: 0 bytes" in err and "no complete checkpoint" in err
+
+
 def test_safe_torch_load_never_runs_a_payload(tmp_path):
     from apb.train.checkpoint import CheckpointError, safe_torch_load
 
