@@ -39,10 +39,11 @@ class APBConfig:
     backend: str = "auto"
     """Attention backend name (see `apb.backends.available_backends()`); "auto" = triton on CUDA,
     reference on the CPU."""
-    split: str = "balanced"
-    """How the context is cut into host blocks (`apb.plan`): "balanced" sizes the blocks so that every
-    host's predicted work is the same (later hosts attend over more keys, so they get fewer tokens);
-    "equal" gives every host n // H tokens, as in the paper."""
+    split: str = "equal"
+    """How the context is cut into host blocks (`apb.plan`): "equal" gives every host n // H tokens, as
+    in the paper; "balanced" sizes the blocks so that every host's predicted work is the same (later
+    hosts attend over more keys, so they get fewer tokens): faster, but the last host, which holds the
+    question, sees fewer tokens uncompressed (benchmarks/RESULTS.md: speed and accuracy of both)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.anchor_len, int) or self.anchor_len < 0:
@@ -74,8 +75,10 @@ class APBConfig:
 
     @classmethod
     def exact(cls, **overrides) -> APBConfig:
-        """No anchor, pass everything: APB == causal attention (the exactness oracle)."""
-        return cls(**{"anchor_len": 0, "passing_len": None, "query_in_anchor": False, **overrides})
+        """No anchor, pass everything: APB == causal attention (the exactness oracle). This is what
+        all-gather context parallelism computes; exact under any split, so the balanced one."""
+        kwargs = {"anchor_len": 0, "passing_len": None, "query_in_anchor": False, "split": "balanced"}
+        return cls(**{**kwargs, **overrides})
 
     @classmethod
     def for_length(cls, num_context_tokens: int, num_hosts: int, **overrides) -> APBConfig:

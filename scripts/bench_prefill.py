@@ -100,9 +100,10 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
-APB_METHODS = ("apb", "apb-equal", "exact", "star")
-"""Methods run through `APBModel.prefill`: APB (balanced split, the default), APB with the paper's equal
-split, exact APB (every earlier token passed: what all-gather context parallelism computes) and Star."""
+APB_METHODS = ("apb", "apb-balanced", "exact", "star")
+"""Methods run through `APBModel.prefill`: APB (the paper's equal split, the default), APB with the
+balanced split, exact APB (every earlier token passed, balanced split: what all-gather context
+parallelism computes) and Star."""
 
 CATEGORIES = ("qkv", "heads", "comm", "attention", "passing_concat", "o_proj", "ffn", "other")
 """Per-block breakdown columns: q/k/v projections; retaining heads (score MLP + pool/top-k); the modelled
@@ -515,8 +516,8 @@ class Bench:
             return APBConfig.star(length, hosts, backend=backend)
         if method == "exact":
             return APBConfig.exact(backend=backend)
-        if method == "apb-equal":
-            return APBConfig.for_length(length, hosts, backend=backend, split="equal")
+        if method == "apb-balanced":
+            return APBConfig.for_length(length, hosts, backend=backend, split="balanced")
         return APBConfig.for_length(length, hosts, backend=backend)
 
     def host_plan(self, length: int, hosts: int, config):
@@ -917,7 +918,7 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
         # the context prefill alone (slowest host + comm), without the serially simulated query pass
         context_ms = run["compute_ms"] + run["comm_ms"]
         run["speedup_vs_full_no_query"] = full["total_ms"] / context_ms if ok else None
-        if run["method"] in ("apb", "apb-equal"):
+        if run["method"] in ("apb", "apb-balanced"):
             star = _find(runs, "star", run["length"], run["hosts"])
             ok = star is not None and star.get("status") == "ok"
             run["speedup_vs_star"] = star["total_ms"] / run["total_ms"] if ok else None
@@ -988,7 +989,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| tokens/s | speedup vs full | same, without query pass | APB / Star | peak GiB per host (est.) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {"full": 0, "star": 1, "exact": 2, "apb-equal": 3, "apb": 4}
+    order = {"full": 0, "star": 1, "exact": 2, "apb": 3, "apb-balanced": 4}
     runs = sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9), r["hosts"]))
     for r in runs:
         ctx = f"{r['length'] // 1024}K" if r["length"] >= 1024 else str(r["length"])
@@ -1090,8 +1091,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     runs = [r for r in results["runs"] if r.get("status") == "ok"]
     fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {2: "tab:blue", 4: "tab:orange", 8: "tab:green", 16: "tab:purple"}
-    styles = {"star": ("--", "s"), "apb": ("-", "o"), "apb-equal": ("-.", "v"), "exact": (":", "^")}
-    names = {"star": "Star", "apb": "APB", "apb-equal": "APB (equal split)", "exact": "exact APB"}
+    styles = {"star": ("--", "s"), "apb": ("-", "o"), "apb-balanced": ("-.", "v"), "exact": (":", "^")}
+    names = {"star": "Star", "apb": "APB", "apb-balanced": "APB (balanced split)", "exact": "exact APB"}
     series: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in runs:
         series[(r["method"], r["hosts"])].append(r)

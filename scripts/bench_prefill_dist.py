@@ -58,7 +58,7 @@ def _load_bench_prefill():
 
 bp = _load_bench_prefill()
 
-DIST_METHODS = ["full", "star", "exact", "apb-equal", "apb"]
+DIST_METHODS = ["full", "star", "exact", "apb", "apb-balanced"]
 """Default methods: full attention on one GPU, Star, exact APB (all-gather context parallelism),
 APB with the paper's equal split, APB with the balanced split."""
 
@@ -277,7 +277,7 @@ def finalize(results: dict[str, Any], simulated: dict[str, Any] | None) -> dict[
         full = bp._find(runs, "full", run["length"], 1)
         ok = full is not None and full.get("status") == "ok"
         run["speedup_vs_full"] = full["total_ms"] / run["total_ms"] if ok else None
-        if run["method"] in ("apb", "apb-equal"):
+        if run["method"] in ("apb", "apb-balanced"):
             star = bp._find(runs, "star", run["length"], run["hosts"])
             ok = star is not None and star.get("status") == "ok"
             run["speedup_vs_star"] = star["total_ms"] / run["total_ms"] if ok else None
@@ -313,7 +313,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| busy ms per rank | wait ms per rank | wait share (max) | simulated total ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {"full": 0, "star": 1, "exact": 2, "apb-equal": 3, "apb": 4}
+    order = {"full": 0, "star": 1, "exact": 2, "apb": 3, "apb-balanced": 4}
     for r in sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9))):
         ctx = f"{r['length'] // 1024}K" if r["length"] >= 1024 else str(r["length"])
         if r.get("status") != "ok":

@@ -63,15 +63,15 @@ METHODS = ("full", "star", "apb-qa", "apb-qagn", "apb-random")
 """Built-in methods; every ``--adapter NAME=PATH`` adds ``apb-NAME``."""
 
 
-EQUAL_SUFFIX = "/equal"
-"""Added to an APB method run with the paper's equal split of the context into host blocks (``--splits
-equal``); APB methods without it run the balanced split (`APBConfig.split`)."""
+BALANCED_SUFFIX = "/balanced"
+"""Added to an APB method run with the balanced split of the context into host blocks (``--splits
+balanced``); APB methods without it run the paper's equal split, the default (`APBConfig.split`)."""
 
 
 def heads_name(method: str) -> str | None:
-    """The head set an APB method runs with (``apb-qa`` and ``apb-qa/equal`` -> ``qa``); None for full
+    """The head set an APB method runs with (``apb-qa`` and ``apb-qa/balanced`` -> ``qa``); None for full
     and Star."""
-    method = method.removesuffix(EQUAL_SUFFIX)
+    method = method.removesuffix(BALANCED_SUFFIX)
     return method[len("apb-") :] if method.startswith("apb-") else None
 
 
@@ -260,7 +260,7 @@ class Evaluator:
 
         if method == "star":
             return APBConfig.star(num_context, num_hosts, backend=self.backend)
-        split = "equal" if method.endswith(EQUAL_SUFFIX) else "balanced"
+        split = "balanced" if method.endswith(BALANCED_SUFFIX) else "equal"
         return APBConfig.for_length(num_context, num_hosts, backend=self.backend, split=split)
 
     @torch.no_grad()
@@ -493,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--splits",
         nargs="+",
-        default=["balanced"],
-        choices=("balanced", "equal"),
-        help="APB's host split(s): balanced (methods apb-X) and/or equal (methods apb-X/equal), same items",
+        default=["equal"],
+        choices=("equal", "balanced"),
+        help="APB's host split(s): equal (methods apb-X) and/or balanced (methods apb-X/balanced), same items",
     )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -559,9 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [*args.methods, *(f"apb-{name}" for name, _ in extra_adapters(args))]
     methods = tuple(m for m in wanted if heads_name(m) is None or heads_name(m) in heads)
     apb_methods = [m for m in methods if m.startswith("apb-")]
-    methods = tuple(m for m in methods if not m.startswith("apb-") or "balanced" in args.splits)
-    if "equal" in args.splits:
-        methods += tuple(m + EQUAL_SUFFIX for m in apb_methods)
+    methods = tuple(m for m in methods if not m.startswith("apb-") or "equal" in args.splits)
+    if "balanced" in args.splits:
+        methods += tuple(m + BALANCED_SUFFIX for m in apb_methods)
     evaluator = Evaluator(model, tokenizer, heads, backend=args.backend)
     keys = method_keys(hosts, methods)
     scores: dict[str, dict[str, dict[int, list[float]]]] = {
@@ -738,8 +738,11 @@ def paired_differences(
                     if key == label("apb-qa", h) and label(other, h) in scores:
                         pairs.append((key, label(other, h)))
                 method = key[: -len(f" H={h}")]
-                if method.endswith(EQUAL_SUFFIX) and label(method.removesuffix(EQUAL_SUFFIX), h) in scores:
-                    pairs.append((label(method.removesuffix(EQUAL_SUFFIX), h), key))  # balanced vs equal
+                if (
+                    method.endswith(BALANCED_SUFFIX)
+                    and label(method.removesuffix(BALANCED_SUFFIX), h) in scores
+                ):
+                    pairs.append((key, label(method.removesuffix(BALANCED_SUFFIX), h)))  # balanced vs equal
                 elif method not in METHODS and label("apb-qa", h) in scores:
                     pairs.append((key, label("apb-qa", h)))  # an --adapter head set vs the main one
     out = []

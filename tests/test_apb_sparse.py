@@ -17,7 +17,7 @@ from conftest import tiny_model
 from apb import APBConfig, APBModel, build_heads
 from apb.attention import select_passing
 from apb.backends import apb_mask_mod, decomposed_apb_attention, get_backend
-from apb.plan import equal_sizes
+from apb.plan import CostModel, equal_sizes
 
 ATOL = 1e-5
 
@@ -139,14 +139,15 @@ def _planted_heads(monkeypatch, heads, blocks, num_layers, planted):
 
 
 @pytest.mark.parametrize(
-    ("family", "query_in_anchor", "pool_kernel"),
-    [("llama", False, 5), ("qwen3", True, 3), ("mistral", True, 1)],
+    ("family", "query_in_anchor", "pool_kernel", "split"),
+    [("llama", False, 5, "equal"), ("qwen3", True, 3, "balanced"), ("mistral", True, 1, "equal")],
 )
-def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, pool_kernel):
+def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, pool_kernel, split):
     model = tiny_model(family)
     torch.manual_seed(0)
     heads = build_heads(model, hidden_size=16)
     apbm = APBModel(model, heads)
+    apbm.cost_model = CostModel(flops_per_token=1.0, flops_per_pair=1.0)  # clearly uneven when balanced
     num_context, num_hosts, passing = 49, 4, 3
     context, query = _ids(11, num_context), _ids(12, 3)
     config = APBConfig(
@@ -155,8 +156,11 @@ def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, po
         query_in_anchor=query_in_anchor,
         query_offset=2,
         pool_kernel=pool_kernel,
+        split=split,
     )
-    blocks = apbm.plan(num_context, 3, num_hosts, config).blocks
+    plan = apbm.plan(num_context, 3, num_hosts, config)
+    blocks = plan.blocks
+    assert (len({e - s for s, e in blocks}) > 2) == (split == "balanced")
     planted = torch.randn(num_context, generator=torch.Generator().manual_seed(3))
     _planted_heads(monkeypatch, heads, blocks, model.config.num_hidden_layers, planted)
     apbm._record_passing = True
@@ -174,7 +178,7 @@ def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, po
         excluded = config.anchor_len if host == 0 else 0
         pooled = _pooled(planted[start:end].tolist(), pool_kernel)
         rest = [pooled[i] for i in range(excluded, end - start) if i not in local]
-        assert len(local) == passing and min(local) >= excluded
+        assert len(local) == plan.counts[host] and min(local) >= excluded
         assert min(pooled[i] for i in local) >= max(rest, default=float("-inf"))
         passed.append({start + i for i in local})
     assert {h for h, per_layer in apbm._passing_indices.items() if per_layer} == {
@@ -307,7 +311,8 @@ def test_bad_input_errors():
         cfg = APBConfig(anchor_len=8, passing_len=0, split="equal")
         apbm.prefill(_ids(0, 20), _ids(1, 2), config=cfg, num_hosts=4)
     with pytest.raises(ValueError, match="too short for anchor_len=8 with 4 hosts.*need at least 11"):
-        apbm.prefill(_ids(0, 10), _ids(1, 2), config=APBConfig(anchor_len=8, passing_len=0), num_hosts=4)
+        cfg = APBConfig(anchor_len=8, passing_len=0, split="balanced")
+        apbm.prefill(_ids(0, 10), _ids(1, 2), config=cfg, num_hosts=4)
     with pytest.raises(
         ValueError, match="query of 7 tokens does not fit in the anchor: anchor_len=8 holds at most 6"
     ):

@@ -75,10 +75,10 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     results = json.loads(out.read_text())
     assert results["meta"]["world_size"] == 2 and results["meta"]["simulated_hosts"] is False
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == {"full", "star", "exact", "apb-equal", "apb"}
+    assert set(runs) == {"full", "star", "exact", "apb-balanced", "apb"}
     full = runs["full"]
     assert full["status"] == "ok" and full["hosts"] == 1 and full["total_ms"] > 0
-    for method in ("apb", "apb-equal", "exact", "star"):
+    for method in ("apb", "apb-balanced", "exact", "star"):
         run = runs[method]
         assert run["status"] == "ok" and run["hosts"] == 2 and run["finite"]
         assert len(run["rank_context_ms"]) == 2 and min(run["rank_context_ms"]) > 0
@@ -98,8 +98,8 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
         assert run["real_over_sim_total"] == pytest.approx(run["total_ms"] / sim_total)
     assert runs["apb"]["comm_ms"] > 0  # APB passes blocks: the all-gather moved data and took time
     assert runs["apb"]["passing_counts"][0] > 0 and runs["star"]["passing_counts"] == [0, 0]
-    table = (tmp_path / "dist.md").read_text()
-    assert runs["apb-equal"]["blocks"] == [512, 512] and runs["apb"]["split"] == "balanced"
+    assert runs["apb"]["blocks"] == [512, 512] and runs["apb-balanced"]["split"] == "balanced"
+    assert runs["exact"]["split"] == "balanced" and runs["apb"]["split"] == "equal"
     assert runs["apb"]["speedup_vs_exact"] == pytest.approx(
         runs["exact"]["total_ms"] / runs["apb"]["total_ms"]
     )

@@ -122,21 +122,21 @@ def test_main_pairs_balanced_and_equal_splits(ev, tmp_path):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "4"]
     argv += ["--qa-adapter", str(tmp_path / "none"), "--qagn-adapter", str(tmp_path / "none")]
-    argv += ["--methods", "apb-random", "--splits", "balanced", "equal"]
+    argv += ["--methods", "apb-random", "--splits", "equal", "balanced"]
     assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"apb-random H=4", "apb-random/equal H=4"}
+    assert set(result["results"]) == {"apb-random H=4", "apb-random/balanced H=4"}
     pairs = {(p["a"], p["b"]) for p in result["paired"]}
-    assert ("apb-random H=4", "apb-random/equal H=4") in pairs
+    assert ("apb-random/balanced H=4", "apb-random H=4") in pairs
     # the two methods really ran different splits
     evaluator = types.SimpleNamespace(backend="reference")
-    assert ev.Evaluator.config(evaluator, "apb-random", 8000, 4).split == "balanced"
-    assert ev.Evaluator.config(evaluator, "apb-random/equal", 8000, 4).split == "equal"
-    assert ev.heads_name("apb-random/equal") == "random"
-    # an equal-split run alone labels its rows as such, so that it merges with a balanced run
-    argv[argv.index("balanced")] = "equal"
+    assert ev.Evaluator.config(evaluator, "apb-random", 8000, 4).split == "equal"
+    assert ev.Evaluator.config(evaluator, "apb-random/balanced", 8000, 4).split == "balanced"
+    assert ev.heads_name("apb-random/balanced") == "random"
+    # a balanced-split run alone labels its rows as such, so that it merges with an equal-split run
+    argv[argv.index("equal")] = "balanced"
     assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
-    assert set(json.loads(out.read_text())["results"]) == {"apb-random/equal H=4"}
+    assert set(json.loads(out.read_text())["results"]) == {"apb-random/balanced H=4"}
 
 
 def test_paired_differences_hand_computed(ev):

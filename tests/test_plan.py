@@ -45,8 +45,8 @@ def test_cost_model_counts_llama8b_flops():
 @pytest.mark.parametrize(
     ("config", "n"),
     [
-        (APBConfig.for_length(131072, 4), 131072),
-        (APBConfig.for_length(262144, 4), 262144),
+        (APBConfig.for_length(131072, 4, split="balanced"), 131072),
+        (APBConfig.for_length(262144, 4, split="balanced"), 262144),
         (APBConfig.exact(), 131072),  # context parallelism: every earlier token passed
     ],
     ids=["apb-128k", "apb-256k", "exact-128k"],
@@ -55,9 +55,8 @@ def test_balanced_split_evens_predicted_work(config, n):
     cost = _llama8b_cost()
     equal = HostPlan(APBConfig.from_dict({**config.to_dict(), "split": "equal"}), n, 64, 4, cost=cost)
     balanced = HostPlan(config, n, 64, 4, cost=cost)
-    assert config.split == "balanced"  # the default
     sizes = [v.block_len for v in balanced.hosts]
-    assert sum(sizes) == n and sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert sum(sizes) == n and sizes == sorted(sizes, reverse=True) and sizes[-1] < n // 4 < sizes[0]
     assert [v.block_len for v in equal.hosts] == equal_sizes(n, 4)
     assert _spread(equal.predicted_costs(cost)) > 1.3  # the imbalance the split removes
     assert _spread(balanced.predicted_costs(cost)) < 1.001
@@ -66,11 +65,12 @@ def test_balanced_split_evens_predicted_work(config, n):
 
 def test_plan_views_are_consistent():
     cost = CostModel(flops_per_token=1.0, flops_per_pair=1.0)
-    config = APBConfig(anchor_len=6, passing_len=4, query_in_anchor=True, query_offset=2)
+    config = APBConfig(anchor_len=6, passing_len=4, query_in_anchor=True, query_offset=2, split="balanced")
     plan = HostPlan(config, 101, 3, 4, cost=cost)
     assert plan.blocks[0][0] == 0 and plan.blocks[-1][1] == 101
     assert all(a[1] == b[0] for a, b in zip(plan.blocks, plan.blocks[1:], strict=False))
     assert plan.num_excluded == [6, 0, 0, 0] and plan.counts == [4, 4, 4, 0]
+    assert plan.hosts[0].block_len > 25 > plan.hosts[3].block_len  # uneven: 101 / 4 hosts
     assert [v.reads for v in plan.hosts] == [(), (0,), (0, 1), (0, 1, 2)]
     assert [v.num_anchor for v in plan.hosts] == [0, 6, 6, 6]
     assert plan.num_passing_keys(3) == 12
@@ -83,12 +83,14 @@ def test_plan_views_are_consistent():
     assert ids[0].tolist() == [0, 1, 900, 901, 902, 2] + list(range(*view.block))
     assert torch.equal(positions, view.position_ids())
     # a single host: no anchor, the whole context
+    equal = HostPlan(APBConfig.from_dict({**config.to_dict(), "split": "equal"}), 101, 3, 4)
+    assert equal.counts == [4, 4, 4, 0]
     single = HostPlan(config, 101, 3, 1, cost=cost)
     assert single.blocks == [(0, 101)] and single.counts == [0] and single.anchor_len == 0
 
 
 def test_plan_rejects_bad_input():
-    config = APBConfig(anchor_len=4, passing_len=2)
+    config = APBConfig(anchor_len=4, passing_len=2, split="balanced")
     with pytest.raises(ValueError, match="needs a CostModel"):
         HostPlan(config, 100, 2, 4)
     with pytest.raises(ValueError, match="num_hosts must be an int >= 1"):
@@ -150,9 +152,9 @@ def test_load_defaults_to_the_layout_the_heads_were_trained_for(tmp_path):
 
     model = tiny_model("llama")
     heads = build_heads(model, hidden_size=8)
-    trained = APBConfig(anchor_len=64, query_in_anchor=False, query_offset=3, pool_kernel=3, split="equal")
+    trained = APBConfig(anchor_len=64, query_in_anchor=False, query_offset=3, pool_kernel=3, split="balanced")
     save_adapter(heads, tmp_path / "a", apb_defaults=trained.to_dict())
-    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["apb"]["split"] == "equal"
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["apb"]["split"] == "balanced"
     apbm = apb.load(model, tmp_path / "a")
     config = apbm.default_config(4096, 4)
     expected = APBConfig.for_length(4096, 4)  # sizes follow the length
@@ -161,7 +163,8 @@ def test_load_defaults_to_the_layout_the_heads_were_trained_for(tmp_path):
         False,
         3,
         3,
-        "equal",
+        "balanced",
     )
     plan = apbm.plan(4096, 5, num_hosts=4)
-    assert plan.config == config and plan.blocks[0] == (0, 1024)
+    assert plan.config == config and plan.blocks[0][1] > 1024  # balanced: host 0 holds more
+    assert APBConfig.for_length(4096, 4).split == "equal" and APBConfig.exact().split == "balanced"
