@@ -3,7 +3,7 @@
 
     python scripts/bench_prefill.py --out benchmarks/prefill_results.json            # GPU, Llama-3.1-8B shapes
     python scripts/bench_prefill.py --model-shape qwen14b --lengths 32768 65536 ...  # Qwen-2.5-14B shapes
-    python scripts/bench_prefill.py --tiny --out /tmp/r.json                         # CPU smoke test, seconds
+    python scripts/bench_prefill.py --tiny --out runs/bench/tiny.json                # CPU smoke test, seconds
     python scripts/bench_prefill.py --from-json benchmarks/prefill_results.json \\
         --markdown benchmarks/prefill_results.md --plot benchmarks/prefill_speed.png  # tables + plot only
 

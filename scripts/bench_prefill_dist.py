@@ -2,9 +2,9 @@
 """Prefill speed with real hosts: one host per torch.distributed rank (NCCL on GPUs, gloo on the CPU).
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 scripts/bench_prefill_dist.py \\
-        --lengths 32768 65536 131072 --out $OUT/dist.json --markdown $OUT/dist.md \\
+        --lengths 32768 65536 131072 --out runs/bench/dist.json --markdown runs/bench/dist.md \\
         --simulated-json benchmarks/prefill_results.json
-    torchrun --nproc-per-node 2 scripts/bench_prefill_dist.py --tiny --out /tmp/d.json   # CPU, gloo
+    torchrun --nproc-per-node 2 scripts/bench_prefill_dist.py --tiny --out runs/bench/d.json   # CPU, gloo
 
 Same model (bench_prefill.py's MODEL_SHAPES, random weights from one seed, then broadcast from rank
 0 so every rank surely holds the same weights), same input ids, same APB / Star configs as the

@@ -1,7 +1,7 @@
 """Export an adapter from any checkpoint of a training run.
 
     python scripts/export_adapter.py runs/tiny                          # newest checkpoint -> runs/tiny/adapter
-    python scripts/export_adapter.py runs/tiny --checkpoint step_00000010 --out /tmp/adapter10
+    python scripts/export_adapter.py runs/tiny --checkpoint step_00000010 --out runs/tiny/adapter_step10
     python scripts/export_adapter.py runs/tiny --push-to-hub user/name
     python scripts/export_adapter.py runs/smollm2_qa --hub-id HuggingFaceTB/SmolLM2-135M-Instruct
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Exactness oracle over real ranks: exact-mode APB prefill (one host per rank) vs the unmodified model.
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 scripts/oracle_dist.py --out $OUT/oracle.json  # GPUs, bf16
-    torchrun --nproc-per-node 2 scripts/oracle_dist.py --cpu --out /tmp/oracle.json              # gloo, fp32
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 scripts/oracle_dist.py --out runs/bench/oracle.json  # GPUs, bf16
+    torchrun --nproc-per-node 2 scripts/oracle_dist.py --cpu --out runs/bench/oracle_cpu.json       # gloo, fp32
 
 Random Llama-shaped model (one seed, weights broadcast from rank 0), random ids. Every rank checks:
 
