@@ -221,3 +221,20 @@ def test_retain_cli_set_with_an_index(capsys):
         assert resolved["data"]["sources"][0]["num_samples"] == 7
         assert retain.main(["--config", config, "--dry-run", "--set", "data.sources[3].seed=1"]) == 2
         assert r"data.sources[3]: index out of range" in capsys.readouterr().err
+
+
+def test_retain_names_the_missing_train_extra(capsys, monkeypatch, tmp_path):
+    """Without deepspeed/datasets (a core-only install) training stops at once with the pip command."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
+    )
+    config = str(ROOT / "configs" / "tiny.yaml")
+    with script_module(ROOT / "train" / "retain.py") as retain:
+        args = ["--config", config, "--set", f"output_dir={tmp_path / 'run'}"]
+        assert retain.main(args) == 2
+        assert "training needs deepspeed: pip install 'apb-retain[train]'" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()  # nothing written
+        assert retain.main([*args, "--dry-run"]) == 0  # checking a config needs no extra

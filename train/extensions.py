@@ -125,4 +125,9 @@ def load_cpu_ops(timeout_s: float | None = None) -> None:
     folder = extensions_dir()
     with build_guard(folder, timeout_s):
         remove_stale_locks(folder)
+        if not any((folder / builder.NAME).glob("*.so")):
+            # warning: logging is not configured yet this early, and a silent minute looks like a hang
+            logger.warning(
+                "building DeepSpeed's CPU comm op once (about a minute; cached in %s for later runs)", folder
+            )
         builder.load(verbose=False)

@@ -36,6 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def missing_training_packages(tensorboard: bool = True) -> list[str]:
+    """The `[train]` extra's packages this Python cannot import (checked before any work)."""
+    import importlib.util
+
+    needed = ["deepspeed", "datasets"] + (["tensorboard"] if tensorboard else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import yaml
@@ -59,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         check_rerun(config)
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    missing = missing_training_packages(tensorboard=config.logging.tensorboard)
+    if missing and not args.dry_run:
+        print(
+            f"training needs {', '.join(missing)}: pip install 'apb-retain[train]' "
+            '(from a checkout: pip install -e ".[train]")',
+            file=sys.stderr,
+        )
         return 2
     if args.dry_run:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
