@@ -28,31 +28,49 @@ logger = logging.getLogger(__name__)
 
 BackendFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _REGISTRY: dict[str, BackendFn] = {}
+_DEVICE_TYPES: dict[str, tuple[str, ...]] = {}
+"""Device types a backend runs on; backends not listed run on any device."""
 
 
-def register_backend(name: str, fn: BackendFn) -> None:
-    """Add (or replace) a backend under `name`."""
+def register_backend(name: str, fn: BackendFn, device_types: tuple[str, ...] | None = None) -> None:
+    """Add (or replace) a backend under `name`; `device_types` ("cuda", ...) it is limited to (None: any)."""
     _REGISTRY[name] = fn
+    if device_types is None:
+        _DEVICE_TYPES.pop(name, None)
+    else:
+        _DEVICE_TYPES[name] = tuple(device_types)
 
 
-def available_backends() -> list[str]:
-    """Names usable now (optional backends appear only when their package imports)."""
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names usable now (optional backends appear only when their package imports); with `device`, only
+    those that run on that device's type."""
     _register_optional()
-    return sorted(_REGISTRY)
+    if device is None:
+        return sorted(_REGISTRY)
+    kind = torch.device(device).type
+    return sorted(name for name in _REGISTRY if kind in _DEVICE_TYPES.get(name, (kind,)))
 
 
 def get_backend(name: str, device: torch.device | str) -> BackendFn:
-    """The backend function for `name` ("auto": triton, else flex, on CUDA; reference otherwise)."""
+    """The backend function for `name` ("auto": triton, else flex, on CUDA; reference otherwise).
+
+    `ValueError` for an unknown name, or for a backend that cannot run on `device` (flex and flash need
+    CUDA: on the CPU, flex would fail deep inside Inductor's compile), naming the usable ones."""
     _register_optional()
-    if name == "auto":
-        if torch.device(device).type != "cuda":
-            name = "reference"
-        else:
-            # The Triton kernel measured 1.30x flex_attention at 128K on an H100 (benchmarks/RESULTS.md).
-            name = "triton" if "triton" in _REGISTRY and HAS_TRITON else "flex"
+    kind = torch.device(device).type
+    if name == "auto" and kind != "cuda":
+        name = "reference"
+    elif name == "auto":
+        # The Triton kernel measured 1.30x flex_attention at 128K on an H100 (benchmarks/RESULTS.md).
+        name = "triton" if "triton" in _REGISTRY and HAS_TRITON else "flex"
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown APB attention backend {name!r}; available: {', '.join(available_backends())}"
+        )
+    if kind not in _DEVICE_TYPES.get(name, (kind,)):
+        raise ValueError(
+            f"APB attention backend {name!r} needs {' or '.join(_DEVICE_TYPES[name]).upper()}, but the model is "
+            f"on {kind}; usable on {kind}: {', '.join(['auto', *available_backends(kind)])}"
         )
     return _REGISTRY[name]
 
@@ -132,7 +150,7 @@ def _flex(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | 
     return out, lse.float()
 
 
-register_backend("flex", _flex)
+register_backend("flex", _flex, device_types=("cuda",))
 
 
 # ---------------------------------------------------------------- decomposed (flash-attn)
@@ -198,7 +216,7 @@ def _flash(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float |
 
 def _register_optional() -> None:
     if "flash" not in _REGISTRY and importlib.util.find_spec("flash_attn") is not None:
-        register_backend("flash", _flash)
+        register_backend("flash", _flash, device_types=("cuda",))
     if "triton" not in _REGISTRY:
         try:
             kernels = importlib.import_module("apb.kernels")
