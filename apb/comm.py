@@ -8,9 +8,19 @@ The maths (apb.attention) is the same for both; only these three exchanges diffe
 - ``gather_partials``: the per-layer all-gather of partial attention outputs and log-sum-exps while
   decoding (Star Attention phase 2).
 - ``broadcast_from_last``: the last host's sampled tokens / stop flag to every host.
+
+Before the prefill, ``check_agreement`` makes sure every rank was given the same inputs: ranks given
+different contexts would otherwise agree on wrong logits, and ranks given different lengths or configs
+would abort inside a collective (or wait in it) with no word on why.
 """
 
 from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,6 +55,26 @@ class Communicator:
         """The last host's value of `tensor` on every host."""
         raise NotImplementedError
 
+    def check_agreement(self, descriptor: Mapping[str, Any], error: Exception | None = None) -> None:
+        """Every process must hold the same `descriptor` (a small JSON-able dict: lengths, config,
+        checksums of the ids). `ValueError` on every rank naming the differing fields and ranks.
+
+        `error`: this process refused its inputs; it is re-raised here after the exchange, and the other
+        ranks raise a `ValueError` naming this rank, instead of waiting in the prefill's first collective.
+        One process (simulation) has nothing to compare."""
+        if error is not None:
+            raise error
+
+    @contextmanager
+    def shared_refusal(self) -> Iterator[None]:
+        """Input checks run inside this block: a `TypeError`/`ValueError` raised in it is reported to the
+        other ranks (through `check_agreement`) before it propagates, so every rank stops together."""
+        try:
+            yield
+        except (TypeError, ValueError) as err:
+            self.check_agreement({}, error=err)
+            raise
+
 
 class SimulatedComm(Communicator):
     """H hosts in one process, run one after another in host order."""
@@ -77,10 +107,12 @@ class SimulatedComm(Communicator):
 class DistributedComm(Communicator):
     """One host per rank of a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("DistributedComm needs an initialised torch.distributed process group")
         self.group = group
+        self.device = torch.device(device) if device is not None else None
+        """Where the agreement check's small tensors live (the model's device; NCCL needs CUDA)."""
         self.num_hosts = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.hosts = [self.rank]
@@ -114,10 +146,75 @@ class DistributedComm(Communicator):
         dist.broadcast(tensor, src=src, group=self.group)
         return tensor
 
+    def check_agreement(self, descriptor, error=None):
+        mine = {
+            "descriptor": dict(descriptor),
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+        }
+        everyone = self._all_gather_json(mine)
+        if error is not None:
+            raise error
+        refused = [(rank, entry["error"]) for rank, entry in enumerate(everyone) if entry["error"]]
+        if refused:
+            raise ValueError(
+                "another rank refused its inputs, so this rank stops too: "
+                + "; ".join(f"rank {rank}: {message}" for rank, message in refused)
+            )
+        differences = _differences([entry["descriptor"] for entry in everyone])
+        if differences:
+            raise ValueError(
+                f"the {self.num_hosts} ranks were not given the same inputs (every rank must get the same "
+                "context, query and config; each is one host of one prefill): " + "; ".join(differences)
+            )
 
-def make_comm(num_hosts: int | None) -> Communicator:
+    def _all_gather_json(self, value: Any) -> list[Any]:
+        """`value` of every rank, in rank order, through two small all-gathers (sizes, then bytes)."""
+        device = self.device
+        if device is None:
+            device = torch.device("cpu")
+            if dist.get_backend(self.group) == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+        payload = torch.tensor(
+            list(json.dumps(value, sort_keys=True).encode()), dtype=torch.uint8, device=device
+        )
+        size = torch.tensor([payload.numel()], dtype=torch.long, device=device)
+        sizes = [torch.empty_like(size) for _ in range(self.num_hosts)]
+        dist.all_gather(sizes, size, group=self.group)
+        longest = max(int(s.item()) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+        padded[: payload.numel()] = payload
+        gathered = [torch.empty_like(padded) for _ in range(self.num_hosts)]
+        dist.all_gather(gathered, padded, group=self.group)
+        return [
+            json.loads(bytes(g[: int(n.item())].tolist()).decode())
+            for g, n in zip(gathered, sizes, strict=True)
+        ]
+
+
+def _differences(descriptors: list[dict[str, Any]]) -> list[str]:
+    """One line per field on which the ranks differ, naming the ranks that differ from the most common
+    value (rank 0's on a tie)."""
+    lines = []
+    for field in sorted(set().union(*descriptors)):
+        values = [json.dumps(d.get(field), sort_keys=True) for d in descriptors]
+        if len(set(values)) == 1:
+            continue
+        counts = Counter(values)
+        usual = max(counts, key=lambda v: (counts[v], v == values[0]))
+        odd = [rank for rank, value in enumerate(values) if value != usual]
+        agreeing = [rank for rank, value in enumerate(values) if value == usual]
+        shown = ", ".join(f"rank {rank}: {values[rank]}" for rank in odd)
+        lines.append(
+            f"{field} differs on rank(s) {', '.join(map(str, odd))} ({shown}; "
+            f"rank(s) {', '.join(map(str, agreeing))}: {usual})"
+        )
+    return lines
+
+
+def make_comm(num_hosts: int | None, device: torch.device | str | None = None) -> Communicator:
     """Distributed inside an initialised process group (num_hosts must equal the world size, or be
-    None), simulated otherwise (num_hosts defaults to 1)."""
+    None), simulated otherwise (num_hosts defaults to 1). `device`: the model's, for the distributed
+    agreement check's tensors."""
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         if num_hosts is not None and num_hosts != world:
@@ -125,7 +222,7 @@ def make_comm(num_hosts: int | None) -> Communicator:
                 f"num_hosts={num_hosts} but the process group has world size {world}: inside torch.distributed "
                 "every rank is one host (leave num_hosts unset)"
             )
-        return DistributedComm()
+        return DistributedComm(device=device)
     num_hosts = 1 if num_hosts is None else num_hosts
     if not isinstance(num_hosts, int) or num_hosts < 1:
         raise ValueError(f"num_hosts must be an int >= 1, got {num_hosts!r}")
