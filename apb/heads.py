@@ -12,6 +12,7 @@ model's outputs are bit-identical with or without heads attached.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -165,6 +166,7 @@ class ProjectionCapture:
     """
 
     def __init__(self, model: nn.Module):
+        """Hooks of its own on `model` (training, tests); `shared` is what `APBModel` uses."""
         self.layers = decoder_layers(model)
         self.enabled = False
         self.store: dict[int, dict[str, torch.Tensor]] = {}
@@ -178,6 +180,21 @@ class ProjectionCapture:
             }
             for name, module in sources.items():
                 self._handles.append(module.register_forward_hook(self._hook(layer_idx, name)))
+
+    @classmethod
+    def shared(cls, model: nn.Module) -> ProjectionCapture:
+        """The capture an earlier `APBModel` (`apb.load`) attached to `model`, or a new one.
+
+        Loading heads twice onto one base model must not stack a second set of q/k/v hooks (each set
+        copies every projection while capturing, and none was ever removed); the captures are read one
+        forward at a time, so every `APBModel` of the model can use the same one."""
+        layers = decoder_layers(model)
+        ref = _SHARED_CAPTURES.get(layers)
+        capture = ref() if ref is not None else None
+        if capture is None or not capture._handles:  # none yet, or someone removed its hooks
+            capture = cls(model)
+            _SHARED_CAPTURES[layers] = weakref.ref(capture)
+        return capture
 
     def _hook(self, layer_idx: int, name: str):
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -208,6 +225,13 @@ class ProjectionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+_SHARED_CAPTURES: weakref.WeakKeyDictionary[nn.Module, weakref.ref[ProjectionCapture]] = (
+    weakref.WeakKeyDictionary()
+)
+"""`ProjectionCapture.shared`'s captures by the model's decoder layers. Weak both ways (a capture holds
+its layers), so the registry never keeps a model alive."""
 
 
 def build_heads(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from apb.attention import DecodeState, LayerKV, PrefillState, activate, install
 from apb.backends import get_backend
 from apb.comm import Communicator, make_comm
 from apb.config import APBConfig
-from apb.decode import StopCriteria, sample_next_token
+from apb.decode import StopCriteria, check_generation, check_sampling, is_int, sample_next_token
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads
 from apb.plan import CostModel, HostPlan
 
@@ -36,10 +37,12 @@ class APBModel(nn.Module):
         self.shape = ModelShape.from_model(model)
         if heads is not None:
             _check_heads(self.shape, heads)
+            _check_finite(heads)
         self.model = model
         self.heads = heads
         self.adapter_config = adapter_config
-        self.capture = ProjectionCapture(model) if heads is not None else None
+        # Shared: a second APBModel / apb.load on the same model reuses the q/k/v hooks of the first.
+        self.capture = ProjectionCapture.shared(model) if heads is not None else None
         install(model)
         window = getattr(model.config, "sliding_window", None)
         if window and getattr(model.config, "use_sliding_window", True):
@@ -77,10 +80,11 @@ class APBModel(nn.Module):
         the question alone when `query_ids` goes on past it (an answer prefix, gold answer tokens to
         score): the anchor then holds what a user would have asked, as at decode time.
         """
-        context, query = self._inputs(context_ids, query_ids)
-        anchor_query = self._anchor_query(anchor_query_ids, query)
-        comm = make_comm(num_hosts)
-        decode = self._prefill_context(context, anchor_query, config, comm)
+        comm = make_comm(num_hosts, self.device)
+        with comm.shared_refusal():
+            context, query = self._inputs(context_ids, query_ids)
+            anchor_query = self._anchor_query(anchor_query_ids, query)
+        decode = self._prefill_context(context, anchor_query, config, comm, query=query)
         hidden = self._run_tokens(decode, query, start=context.shape[1])
         return self._lm_head(hidden)
 
@@ -111,15 +115,18 @@ class APBModel(nn.Module):
         gives the same tokens; EOS / stop strings stop every host at the same step.
         `anchor_query_ids`: the tokens spliced into the anchor, as in `prefill` (default: `query_ids`).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        context, query = self._inputs(context_ids, query_ids)
-        anchor_query = self._anchor_query(anchor_query_ids, query)
-        if eos_token_id is None and tokenizer is not None:
-            eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        stop = StopCriteria(context.shape[0], eos_token_id, stop_strings, tokenizer)
-        comm = make_comm(num_hosts)
-        decode = self._prefill_context(context, anchor_query, config, comm)
+        comm = make_comm(num_hosts, self.device)
+        with comm.shared_refusal():  # every argument is checked before the prefill
+            check_generation(max_new_tokens=max_new_tokens, seed=seed)
+            check_sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+            context, query = self._inputs(context_ids, query_ids)
+            anchor_query = self._anchor_query(anchor_query_ids, query)
+            if eos_token_id is None and tokenizer is not None:
+                eos_token_id = getattr(tokenizer, "eos_token_id", None)
+            stop = StopCriteria(context.shape[0], eos_token_id, stop_strings, tokenizer)
+        decode = self._prefill_context(
+            context, anchor_query, config, comm, query=query, max_new_tokens=max_new_tokens
+        )
         hidden = self._run_tokens(decode, query, start=context.shape[1])
         logits = self._lm_head(hidden[:, -1:])[:, 0]
         generator = None
@@ -164,9 +171,14 @@ class APBModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids must be in [0, vocab_size): the input embedding's rows."""
+        return self.model.get_input_embeddings().num_embeddings
+
     def _inputs(self, context_ids: TokenIds, query_ids: TokenIds) -> tuple[torch.Tensor, torch.Tensor]:
-        context = _as_batch(context_ids, "context_ids", self.device)
-        query = _as_batch(query_ids, "query_ids", self.device)
+        context = _as_batch(context_ids, "context_ids", self.device, self.vocab_size)
+        query = _as_batch(query_ids, "query_ids", self.device, self.vocab_size)
         if context.shape[0] != query.shape[0]:
             raise ValueError(f"context batch {context.shape[0]} != query batch {query.shape[0]}")
         if query.shape[1] < 1:
@@ -176,7 +188,7 @@ class APBModel(nn.Module):
     def _anchor_query(self, anchor_query_ids: TokenIds | None, query: torch.Tensor) -> torch.Tensor:
         if anchor_query_ids is None:
             return query
-        anchor_query = _as_batch(anchor_query_ids, "anchor_query_ids", self.device)
+        anchor_query = _as_batch(anchor_query_ids, "anchor_query_ids", self.device, self.vocab_size)
         if anchor_query.shape[0] != query.shape[0]:
             raise ValueError(
                 f"anchor_query_ids batch {anchor_query.shape[0]} != query batch {query.shape[0]}"
@@ -228,11 +240,33 @@ class APBModel(nn.Module):
         return config
 
     def _prefill_context(
-        self, context: torch.Tensor, anchor_query: torch.Tensor, config: APBConfig | None, comm: Communicator
+        self,
+        context: torch.Tensor,
+        anchor_query: torch.Tensor,
+        config: APBConfig | None,
+        comm: Communicator,
+        query: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
     ) -> DecodeState:
-        plan = self.plan(context.shape[1], anchor_query.shape[1], comm.num_hosts, config)
-        config = plan.config
-        backend = get_backend(config.backend, self.device)
+        """`query` (run after the prefill) and `max_new_tokens` only enter the ranks' agreement check."""
+        with comm.shared_refusal():
+            plan = self.plan(context.shape[1], anchor_query.shape[1], comm.num_hosts, config)
+            config = plan.config
+            backend = get_backend(config.backend, self.device)
+        comm.check_agreement(
+            {
+                "batch_size": context.shape[0],
+                "context_len": context.shape[1],
+                "query_len": None if query is None else query.shape[1],
+                "anchor_query_len": anchor_query.shape[1],
+                "context_sha256": _checksum(context),
+                "query_sha256": None if query is None else _checksum(query),
+                "anchor_query_sha256": _checksum(anchor_query),
+                "has_heads": self.heads is not None,
+                "max_new_tokens": max_new_tokens,
+                **{f"config.{key}": value for key, value in config.to_dict().items()},
+            }
+        )
         anchor = plan.anchor_ids(context, anchor_query)
         stores: dict[int, list[LayerKV]] = {}
         self.last_plan = plan
@@ -304,29 +338,72 @@ def _check_heads(shape: ModelShape, heads: RetainingHeads) -> None:
         )
 
 
-def _as_batch(ids: TokenIds, name: str, device: torch.device) -> torch.Tensor:
-    """1-D or 2-D ids (tensor or lists) -> [batch, seq] long on `device`; rows must share a length."""
+def _check_finite(heads: RetainingHeads) -> None:
+    """ValueError naming the first head tensor holding NaN or inf (`apb.load` refuses such a file already;
+    this covers heads built or trained in memory)."""
+    for key, tensor in heads.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            num_bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"retaining heads: tensor {key} holds {num_bad} NaN/inf value(s) of {tensor.numel()}; heads "
+                "with such weights would pass arbitrary tokens (did the training diverge?)"
+            )
+
+
+def _as_batch(ids: TokenIds, name: str, device: torch.device, vocab_size: int) -> torch.Tensor:
+    """1-D or 2-D integer ids (tensor or lists) -> [batch, seq] long on `device`; rows must share a length.
+
+    Float or bool ids are a `TypeError` (a cast would truncate 3.7 to 3 without a word); ids outside
+    [0, vocab_size) a `ValueError`, both naming the argument."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(
+            f"{name} must be token ids, got text {ids[:40]!r}; tokenize it first (tokenizer(text).input_ids)"
+        )
     if isinstance(ids, torch.Tensor):
         tensor = ids
     else:
-        rows = list(ids)
-        if (
-            rows
-            and not isinstance(rows[0], int)
-            and not (isinstance(rows[0], torch.Tensor) and rows[0].dim() == 0)
-        ):
+        try:
+            rows = list(ids)
+        except TypeError as err:
+            raise TypeError(
+                f"{name} must be token ids (a tensor or a list of ints), got {type(ids).__name__}"
+            ) from err
+        if rows and not is_int(rows[0]) and getattr(rows[0], "ndim", 1) != 0 and hasattr(rows[0], "__len__"):
             lengths = [len(r) for r in rows]
             if len(set(lengths)) > 1:
                 raise ValueError(
                     f"{name}: batch rows have different lengths {lengths}; APB needs equal lengths "
                     "(run them one at a time)"
                 )
-        tensor = torch.as_tensor(rows, dtype=torch.long)
+        try:
+            tensor = torch.as_tensor(rows)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be integer token ids (a tensor or a list of ints): {err}") from err
+        if tensor.numel() == 0:
+            tensor = tensor.long()  # [] comes out float32
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must hold integer token ids, got {tensor.dtype}: a cast would silently truncate them "
+            "(pass the tokenizer's ids, e.g. tokenizer(text, return_tensors='pt').input_ids)"
+        )
     if tensor.dim() == 1:
         tensor = tensor.unsqueeze(0)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be [seq] or [batch, seq], got shape {tuple(tensor.shape)}")
+    if tensor.numel():
+        low, high = int(tensor.min()), int(tensor.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"{name} holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                f"[0, {vocab_size}) (a tokenizer of another model?)"
+            )
     return tensor.to(device=device, dtype=torch.long)
+
+
+def _checksum(ids: torch.Tensor) -> str:
+    """SHA-256 of [batch, seq] long ids (16 hex digits: enough to tell inputs apart, short in a message),
+    for the ranks' agreement check."""
+    return hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _sync(device: torch.device) -> None:
