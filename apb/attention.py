@@ -32,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from apb.comm import Communicator
 from apb.heads import ProjectionCapture, RetainingHeads
 from apb.kernels import decode_attention
+from apb.selectors import SelectionInputs
 
 ATTN_NAME = "apb"
 
@@ -107,8 +108,18 @@ class PrefillState:
     pool_kernel: int
     comm: Communicator
     backend: Callable
+    selector: Callable | None = None
+    """Scores the local block for the passing block (`apb.selectors`); None when passing all or none."""
+    anchor_visible: bool = True
+    """False: the anchor rows run but the local rows do not attend to them (host 0's probe anchor)."""
+    question_rows: tuple[int, int] | None = None
+    """[start, end) of the question among the anchor rows."""
+    block_start: int = 0
+    """Context position of the local block's first token."""
     heads: RetainingHeads | None = None
     capture: ProjectionCapture | None = None
+    oracle_scores: dict[int, torch.Tensor] | None = None
+    seed: int = 0
     store: list[LayerKV | None] = dataclasses.field(default_factory=list)
     """Output: post-RoPE local K/V per layer."""
     passing_indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -128,22 +139,51 @@ class PrefillState:
             elif self.passing_all:
                 k_pass, v_pass = k_local[:, :, self.num_excluded :], v_local[:, :, self.num_excluded :]
             else:
-                q_pre, k_pre, v_pre = self.capture.pop(layer_idx)
-                scores = self.heads(layer_idx, q_pre[:, a:], k_pre[:, a:], v_pre[:, a:])
+                scores = self.selector(
+                    SelectionInputs(
+                        layer_idx=layer_idx,
+                        host=self.host,
+                        query=query,
+                        key=key,
+                        num_anchor=a,
+                        question_rows=self.question_rows,
+                        block_start=self.block_start,
+                        scaling=scaling,
+                        heads=self.heads,
+                        capture=self.capture,
+                        oracle_scores=self.oracle_scores,
+                        seed=self.seed,
+                    )
+                )
                 idx = select_passing(scores, count, self.pool_kernel, self.num_excluded)
                 if self.record_indices:
                     self.passing_indices[layer_idx] = idx
                 k_pass, v_pass = gather_tokens(k_local, idx), gather_tokens(v_local, idx)
             earlier = self.comm.exchange_passing(layer_idx, self.host, k_pass, v_pass, self.counts)
         num_passing = sum(k.shape[2] for k, _ in earlier)
-        if num_passing:
-            keys = torch.cat([k for k, _ in earlier] + [key], dim=2)
-            values = torch.cat([v for _, v in earlier] + [value], dim=2)
+        if a and not self.anchor_visible:  # a probe anchor: its rows and the block's, apart
+            assert not num_passing, "only host 0, which reads no passing block, has a probe anchor"
+            anchor_out, _ = self.backend(
+                query[:, :, :a],
+                key[:, :, :a],
+                value[:, :, :a],
+                num_passing=0,
+                num_anchor=a,
+                softmax_scale=scaling,
+            )
+            local_out, _ = self.backend(
+                query[:, :, a:], k_local, v_local, num_passing=0, num_anchor=0, softmax_scale=scaling
+            )
+            out = torch.cat([anchor_out, local_out], dim=2)
         else:
-            keys, values = key, value
-        out, _ = self.backend(
-            query, keys, values, num_passing=num_passing, num_anchor=a, softmax_scale=scaling
-        )
+            if num_passing:
+                keys = torch.cat([k for k, _ in earlier] + [key], dim=2)
+                values = torch.cat([v for _, v in earlier] + [value], dim=2)
+            else:
+                keys, values = key, value
+            out, _ = self.backend(
+                query, keys, values, num_passing=num_passing, num_anchor=a, softmax_scale=scaling
+            )
         if a:  # don't keep the anchor's storage alive through a view
             k_local, v_local = k_local.contiguous(), v_local.contiguous()
         while len(self.store) <= layer_idx:

@@ -39,6 +39,10 @@ class APBConfig:
     backend: str = "auto"
     """Attention backend name (see `apb.backends.available_backends()`); "auto" = triton on CUDA,
     reference on the CPU."""
+    selector: str = "heads"
+    """What scores a host's block to choose its passing block (`apb.selectors`): "heads" (the adapter's
+    retaining heads), "query_attention" (training-free: the attention the question in the anchor gives
+    each key; needs query_in_anchor), "random" (a control), "oracle" (evaluation only)."""
     split: str = "equal"
     """How the context is cut into host blocks (`apb.plan`): "equal" gives every host n // H tokens, as
     in the paper; "balanced" sizes the blocks so that every host's predicted work is the same (later
@@ -60,13 +64,25 @@ class APBConfig:
             )
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend must be a backend name, got {self.backend!r}")
+        if not isinstance(self.selector, str) or not self.selector:
+            raise ValueError(f"selector must be a selector name, got {self.selector!r}")
+        if self.selector == "query_attention" and self.needs_selection and not self.query_in_anchor:
+            raise ValueError(
+                "selector='query_attention' scores keys by the attention of the question in the anchor: "
+                "it needs query_in_anchor=True"
+            )
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
     @property
-    def needs_heads(self) -> bool:
-        """True when passing blocks are chosen by retaining heads (0 < passing_len < all)."""
+    def needs_selection(self) -> bool:
+        """True when passing blocks are chosen by a selector (0 < passing_len < all)."""
         return self.passing_len is not None and self.passing_len > 0
+
+    @property
+    def needs_heads(self) -> bool:
+        """True when passing blocks are chosen by retaining heads."""
+        return self.needs_selection and self.selector == "heads"
 
     @property
     def is_exact(self) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -18,10 +20,21 @@ from apb.config import APBConfig
 from apb.decode import StopCriteria, check_generation, check_sampling, is_int, sample_next_token
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads
 from apb.plan import CostModel, HostPlan
+from apb.selectors import get_selector
 
 logger = logging.getLogger(__name__)
 
 TokenIds = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class PrefillRecord:
+    """What `APBModel.recording` saw of a prefill (hosts of this process only)."""
+
+    plan: HostPlan | None = None
+    passing: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    """host -> layer -> indices [batch, num_kv_heads, count] into the host's block."""
+    host_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 class APBModel(nn.Module):
@@ -58,8 +71,26 @@ class APBModel(nn.Module):
         """The `HostPlan` of the last prefill."""
         self.last_prefill_times: dict[int, float] = {}
         """Seconds per host of the last context prefill (hosts of this process only)."""
+        self._record: PrefillRecord | None = None
 
     # ------------------------------------------------------------------ public API
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[PrefillRecord]:
+        """Record what the prefills inside the block did, for evaluation and benchmarks: the plan, the
+        passing indices every host of this process chose (host -> layer -> [batch, num_kv_heads, count],
+        block coordinates) and each host's seconds. Costs one small dict per layer; the last prefill
+        inside the block is what the record holds.
+
+            with apbm.recording() as record:
+                apbm.prefill(context_ids, query_ids, config=config, num_hosts=4)
+            record.passing[0][5]  # what host 0 passed at layer 5
+        """
+        previous, self._record = self._record, PrefillRecord()
+        try:
+            yield self._record
+        finally:
+            self._record = previous
 
     def forward(self, context_ids: TokenIds, query_ids: TokenIds, **kwargs) -> torch.Tensor:
         return self.prefill(context_ids, query_ids, **kwargs)
@@ -72,6 +103,7 @@ class APBModel(nn.Module):
         config: APBConfig | None = None,
         num_hosts: int | None = None,
         anchor_query_ids: TokenIds | None = None,
+        oracle_scores: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """APB prefill of the context, then the query on top. Returns the query tokens' logits
         [batch, len(query), vocab] (the same on every host).
@@ -79,12 +111,16 @@ class APBModel(nn.Module):
         `anchor_query_ids` are the tokens spliced into the anchor (default: all of `query_ids`). Pass
         the question alone when `query_ids` goes on past it (an answer prefix, gold answer tokens to
         score): the anchor then holds what a user would have asked, as at decode time.
+        `oracle_scores`: for ``selector="oracle"`` only (evaluation): `apb.recall.attention_mass` of
+        the same input.
         """
         comm = make_comm(num_hosts, self.device)
         with comm.shared_refusal():
             context, query = self._inputs(context_ids, query_ids)
             anchor_query = self._anchor_query(anchor_query_ids, query)
-        decode = self._prefill_context(context, anchor_query, config, comm, query=query)
+        decode = self._prefill_context(
+            context, anchor_query, config, comm, query=query, oracle_scores=oracle_scores
+        )
         hidden = self._run_tokens(decode, query, start=context.shape[1])
         return self._lm_head(hidden)
 
@@ -200,7 +236,12 @@ class APBModel(nn.Module):
     def default_config(self, num_context: int, num_hosts: int) -> APBConfig:
         """The config used when none is given: the paper's sizes for this length
         (`APBConfig.for_length`) with the layout the heads were trained for (the adapter's `apb` section:
-        query_in_anchor, query_offset, pool_kernel, split) where it records them."""
+        query_in_anchor, query_offset, pool_kernel, split) where it records them. Without heads the
+        passing blocks are chosen by the training-free "query_attention" selector (and a context too
+        short for an anchor passes everything: exact attention)."""
+        if self.heads is None:
+            config = APBConfig.for_length(num_context, num_hosts, selector="query_attention")
+            return config if config.anchor_len else APBConfig.exact()
         trained = dict(getattr(self.adapter_config, "apb", None) or {})
         layout = {
             k: trained[k] for k in ("query_in_anchor", "query_offset", "pool_kernel", "split") if k in trained
@@ -223,20 +264,17 @@ class APBModel(nn.Module):
 
     def _resolve_config(self, config: APBConfig | None, num_context: int, num_hosts: int) -> APBConfig:
         if config is None:
-            if self.heads is None:
-                raise ValueError(
-                    "no config given and no retaining heads attached: the default APB config needs heads; "
-                    "pass config=APBConfig.exact() or APBConfig.star(n, num_hosts), or attach heads"
-                )
             config = self.default_config(num_context, num_hosts)
         if not isinstance(config, APBConfig):
             raise TypeError(f"config must be an apb.APBConfig, got {type(config).__name__}")
         if config.needs_heads and self.heads is None:
             raise ValueError(
                 f"passing_len={config.passing_len} selects passing blocks with retaining heads, but this model "
-                "has none attached (APBModel(model, heads) / apb.load); heads are not needed for "
-                "APBConfig.exact() (passing_len=None) or Star (passing_len=0)"
+                "has none attached (APBModel(model, heads) / apb.load); without heads use "
+                "selector='query_attention' (training-free), APBConfig.exact() (passing_len=None) or Star "
+                "(passing_len=0)"
             )
+        get_selector(config.selector)  # an unknown name is refused here, before any work
         return config
 
     def _prefill_context(
@@ -247,12 +285,19 @@ class APBModel(nn.Module):
         comm: Communicator,
         query: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
+        oracle_scores: dict[int, torch.Tensor] | None = None,
     ) -> DecodeState:
         """`query` (run after the prefill) and `max_new_tokens` only enter the ranks' agreement check."""
         with comm.shared_refusal():
             plan = self.plan(context.shape[1], anchor_query.shape[1], comm.num_hosts, config)
             config = plan.config
             backend = get_backend(config.backend, self.device)
+            if config.selector == "oracle" and config.needs_selection and oracle_scores is None:
+                raise ValueError(
+                    "selector='oracle' is for evaluation only: pass oracle_scores="
+                    "apb.recall.attention_mass(model, context_ids, query_ids)"
+                )
+            selector = get_selector(config.selector)
         comm.check_agreement(
             {
                 "batch_size": context.shape[0],
@@ -271,11 +316,14 @@ class APBModel(nn.Module):
         stores: dict[int, list[LayerKV]] = {}
         self.last_plan = plan
         self.last_prefill_times = {}
-        self._passing_indices: dict[int, dict[int, torch.Tensor]] = {}
+        record = self._record
+        if record is not None:
+            record.plan = plan
         for host in comm.hosts:
             view = plan.hosts[host]
             ids, positions = plan.host_inputs(host, context, anchor)
-            use_heads = config.needs_heads and view.passing_count > 0
+            selects = config.needs_selection and view.passing_count > 0
+            use_heads = selects and config.selector == "heads"
             state = PrefillState(
                 host=host,
                 num_anchor=view.num_anchor,
@@ -285,9 +333,14 @@ class APBModel(nn.Module):
                 pool_kernel=config.pool_kernel,
                 comm=comm,
                 backend=backend,
+                selector=selector if selects else None,
+                anchor_visible=view.anchor_visible,
+                question_rows=plan.question_rows,
+                block_start=view.block[0],
                 heads=self.heads if use_heads else None,
                 capture=self.capture if use_heads else None,
-                record_indices=getattr(self, "_record_passing", False),
+                oracle_scores=oracle_scores,
+                record_indices=record is not None,
             )
             _sync(context.device)
             started = time.perf_counter()
@@ -295,8 +348,9 @@ class APBModel(nn.Module):
             _sync(context.device)
             self.last_prefill_times[host] = time.perf_counter() - started
             stores[host] = state.store
-            if state.record_indices:  # tests read what each host passed
-                self._passing_indices[host] = state.passing_indices
+            if record is not None:
+                record.passing[host] = state.passing_indices
+                record.host_seconds[host] = self.last_prefill_times[host]
             logger.debug(
                 "host %d prefill: %d tokens in %.3fs", host, ids.shape[1], self.last_prefill_times[host]
             )

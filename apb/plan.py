@@ -50,6 +50,9 @@ class HostView:
     """Entries per KV head this host passes on (0 for the last host, whose block nobody reads)."""
     reads: tuple[int, ...]
     """Earlier hosts whose passing blocks this host attends to (those that pass anything)."""
+    anchor_visible: bool = True
+    """False for host 0's probe anchor (the "query_attention" selector): the anchor rows run, so the
+    question's queries exist, but the block does not attend to them and its results stay exact."""
 
     @property
     def block_len(self) -> int:
@@ -259,18 +262,29 @@ class HostPlan:
             return excluded, available
         return excluded, min(self.config.passing_len, available)
 
+    @property
+    def question_rows(self) -> tuple[int, int] | None:
+        """[start, end) of the query tokens among the anchor rows (None when none are spliced in)."""
+        if not (self.config.query_in_anchor and self.anchor_len):
+            return None
+        return self.config.query_offset, self.config.query_offset + self.num_query
+
     def _views(self, sizes: list[int]) -> tuple[HostView, ...]:
         views, start, passers = [], 0, []
+        # host 0 runs the anchor as a probe when its selector reads the question's attention
+        probe = self.config.selector == "query_attention" and self.config.needs_selection
         for host, size in enumerate(sizes):
             excluded, count = self._count(host, size)
+            host0_probe = host == 0 and probe and count > 0 and self.anchor_len > 0
             views.append(
                 HostView(
                     host=host,
                     block=(start, start + size),
-                    num_anchor=self.anchor_len if host > 0 else 0,
+                    num_anchor=self.anchor_len if host > 0 or host0_probe else 0,
                     num_excluded=excluded,
                     passing_count=count,
                     reads=tuple(passers),
+                    anchor_visible=not host0_probe,
                 )
             )
             if count:

@@ -1,0 +1,160 @@
+"""Passing-block selectors (apb.selectors) and the passing-block recall metric (apb.recall).
+
+Tolerances: fp32 tiny models; two APB runs that must agree differ only by float reassociation (atol 1e-5,
+as in test_apb_oracle); hand-computed scores and masses are compared at 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_config, tiny_model
+
+import apb
+from apb import APBConfig, APBModel
+from apb.plan import HostPlan
+from apb.recall import attention_mass, passing_recall
+from apb.selectors import SelectionInputs, available_selectors, get_selector
+
+ATOL = 1e-5
+
+
+def _ids(seed: int, n: int) -> torch.Tensor:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_names_every_selector():
+    assert available_selectors() == ["heads", "oracle", "query_attention", "random"]
+    with pytest.raises(ValueError, match="unknown passing-block selector 'nope'; available: heads, oracle"):
+        get_selector("nope")
+    with pytest.raises(ValueError, match="query_attention.*needs query_in_anchor=True"):
+        APBConfig(anchor_len=8, passing_len=2, selector="query_attention")
+
+
+def test_query_attention_scores_by_hand():
+    g = torch.Generator().manual_seed(0)
+    num_anchor, block, head_dim = 6, 5, 4
+    query = torch.randn(1, 4, num_anchor + block, head_dim, generator=g)  # 4 query heads
+    key = torch.randn(1, 2, num_anchor + block, head_dim, generator=g)  # 2 KV heads: groups of 2
+    inputs = SelectionInputs(
+        layer_idx=0, host=1, query=query, key=key, num_anchor=num_anchor, question_rows=(2, 4),
+        block_start=30, scaling=0.5,
+    )  # fmt: skip
+    scores = get_selector("query_attention")(inputs)
+    assert scores.shape == (1, block, 2)
+    for kv in range(2):
+        for j in range(block):
+            expected = 0.0
+            for head in (2 * kv, 2 * kv + 1):
+                for row in (2, 3):
+                    logits = [
+                        float(query[0, head, row] @ key[0, kv, num_anchor + m]) * 0.5 for m in range(block)
+                    ]
+                    expected += torch.tensor(logits).softmax(0)[j].item()
+            assert scores[0, j, kv].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_without_adapter_runs_query_attention(family):
+    """apb.load(model) needs no adapter: the default config selects with the question's attention."""
+    model = tiny_model(family)
+    apbm = apb.load(model)
+    context, query = _ids(1, 400), _ids(2, 3)
+    with apbm.recording() as record:
+        logits = apbm.prefill(context, query, num_hosts=4)
+    config = record.plan.config
+    assert config.selector == "query_attention" and config.query_in_anchor and config.passing_len == 12
+    assert torch.isfinite(logits).all() and logits.shape == (1, 3, model.config.vocab_size)
+    assert sorted(record.passing) == [0, 1, 2, 3] and not record.passing[3]
+    assert record.passing[0][0].shape == (1, model.config.num_key_value_heads, 12)
+    assert record.plan.hosts[0].num_anchor == config.anchor_len and not record.plan.hosts[0].anchor_visible
+    # the choice depends on the question: another question passes other tokens somewhere
+    with apbm.recording() as other:
+        apbm.prefill(context, _ids(3, 3), num_hosts=4)
+    assert any(
+        not torch.equal(record.passing[h][layer], other.passing[h][layer])
+        for h in (0, 1, 2)
+        for layer in record.passing[h]
+    )
+    ids = apbm.generate(context, query, num_hosts=4, max_new_tokens=3)
+    assert ids.shape == (1, 3)
+
+
+def test_query_attention_passing_everything_is_exact_and_the_probe_anchor_changes_nothing():
+    """With a budget that keeps every candidate, the query_attention path (host 0 running the anchor as a
+    probe its block does not see) gives what passing everything gives."""
+    model = tiny_model("qwen2")
+    apbm = APBModel(model)
+    context, query = _ids(4, 90), _ids(5, 3)
+    base = {"anchor_len": 10, "query_in_anchor": True, "query_offset": 2}
+    selected = APBConfig(**base, passing_len=1000, selector="query_attention")
+    everything = APBConfig(**base, passing_len=None)
+    a = apbm.prefill(context, query, config=selected, num_hosts=3)
+    assert apbm.last_plan.hosts[0].num_anchor == 10  # the probe ran
+    b = apbm.prefill(context, query, config=everything, num_hosts=3)
+    assert apbm.last_plan.hosts[0].num_anchor == 0
+    assert (a - b).abs().max().item() < ATOL
+
+
+def test_random_selector_is_seeded_per_host_and_layer():
+    model = tiny_model("llama")
+    apbm = APBModel(model)
+    context, query = _ids(6, 120), _ids(7, 2)
+    config = APBConfig(anchor_len=8, passing_len=5, selector="random")
+    with apbm.recording() as first:
+        apbm.prefill(context, query, config=config, num_hosts=3)
+    with apbm.recording() as second:
+        apbm.prefill(context, query, config=config, num_hosts=3)
+    assert all(torch.equal(first.passing[h][0], second.passing[h][0]) for h in (0, 1))
+    assert not torch.equal(first.passing[0][0], first.passing[0][1])  # layers differ
+
+
+def test_attention_mass_equals_eager_attention_weights():
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    APBModel(model)  # installs APB's attention
+    eager = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    context, query = _ids(8, 30), _ids(9, 4)
+    mass = attention_mass(model, context, query)
+    with torch.no_grad():
+        weights = eager(torch.cat([context, query])[None], output_attentions=True).attentions
+    kv, group = (
+        model.config.num_key_value_heads,
+        model.config.num_attention_heads // model.config.num_key_value_heads,
+    )
+    for layer, w in enumerate(weights):  # [1, heads, 34, 34]
+        expected = w[:, :, -4:, :30].reshape(1, kv, group, 4, 30).sum(dim=(2, 3))
+        assert torch.allclose(mass[layer], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_passing_recall_by_hand():
+    from apb.plan import CostModel
+
+    config = APBConfig(anchor_len=2, passing_len=2, split="equal")
+    plan = HostPlan(config, 12, 1, 2, cost=CostModel(flops_per_token=1.0, flops_per_pair=1.0))
+    # host 0: block [0, 6), positions 0-1 excluded (anchor); one KV head
+    mass = {0: torch.tensor([[[9.0, 9.0, 1.0, 4.0, 2.0, 3.0, 0, 0, 0, 0, 0, 0]]])}
+    idx = torch.tensor([[[2, 4]]])  # passed masses 1 + 2 = 3; the oracle's best two of [1, 4, 2, 3]: 7
+    summary = passing_recall(mass, plan, {0: {0: idx}, 1: {}})
+    assert summary.mean == pytest.approx(3 / 7) and summary.per_host == {0: pytest.approx(3 / 7)}
+
+
+def test_oracle_selector_reaches_recall_one_and_is_refused_without_scores():
+    model = tiny_model("mistral")
+    apbm = APBModel(model)
+    context, query = _ids(10, 160), _ids(11, 3)
+    mass = attention_mass(model, context, query)
+    results = {}
+    for selector in ("oracle", "random"):
+        config = APBConfig(anchor_len=8, passing_len=6, pool_kernel=1, selector=selector)
+        with apbm.recording() as record:
+            apbm.prefill(context, query, config=config, num_hosts=4, oracle_scores=mass)
+        results[selector] = passing_recall(mass, record.plan, record.passing).mean
+    assert results["oracle"] == pytest.approx(1.0, abs=1e-6)
+    assert results["random"] < 1 - 1e-3  # random-weight attention is near uniform: close, but below
+    with pytest.raises(ValueError, match="selector='oracle' is for evaluation only"):
+        apbm.prefill(
+            context, query, config=APBConfig(anchor_len=8, passing_len=6, selector="oracle"), num_hosts=4
+        )
