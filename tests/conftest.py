@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny random-weight models of every supported family, built from configs."""
+"""Shared fixtures: tiny random-weight models of every supported family, built from configs; helpers
+for tests that start processes (a free port, a run that fails with a message instead of hanging)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import socket
+import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
 
@@ -70,3 +75,49 @@ def script_module(path: str | Path) -> Iterator[ModuleType]:
     finally:
         sys.modules.pop(spec.name, None)
         sys.path.remove(folder)
+
+
+# Variables of an enclosing launcher (torchrun, deepspeed, a SLURM job) that would make a child process
+# join that launcher's group or port instead of its own.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for a test's own process group: a fixed port
+    such as 29500 fails or hangs when another job on the machine holds it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without launcher variables, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(overrides)
+    return env
+
+
+def run_or_fail(cmd: list[str], *, timeout_s: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True, **kwargs)` in a session of its own; past
+    `timeout_s` the whole process group (a launcher and its ranks) is killed and the test fails with the
+    command and the end of its output, instead of hanging or leaving ranks behind."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(
+            f"{' '.join(map(str, cmd))} did not finish in {timeout_s:.0f} s (a hang?); "
+            f"last output:\n{(out + err)[-3000:]}"
+        )
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of `proc` (started with start_new_session=True, not yet reaped, so the
+    group id is still ours); quiet if the group is gone."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

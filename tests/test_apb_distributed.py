@@ -9,19 +9,21 @@ come from BLAS threading), token ids exactly, and every rank must hold the same 
 from __future__ import annotations
 
 import os
-import socket
+import time
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_model
+from conftest import free_port, tiny_model
 
 from apb import APBConfig, APBModel, build_heads
 from apb.decode import StopCriteria, sample_next_token
 
 NUM_HOSTS = 3
 ATOL = 1e-5
+TIMEOUT_S = 300  # the spawn takes ~10-20 s; past this a rank is stuck (a collective one rank missed)
 
 
 class _DigitTokenizer:
@@ -77,7 +79,8 @@ def _scenarios(num_hosts: int | None) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective that one rank never joins raises after this long instead of waiting 30 min
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         results = _scenarios(None)
         try:
@@ -91,16 +94,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> list[dict]:
     out_dir = str(tmp_path_factory.mktemp("apb_dist"))
-    mp.spawn(_worker, args=(NUM_HOSTS, _free_port(), out_dir), nprocs=NUM_HOSTS, join=True)
+    ranks = mp.spawn(_worker, args=(NUM_HOSTS, free_port(), out_dir), nprocs=NUM_HOSTS, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ranks.join(timeout=1):  # re-raises a rank's exception
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the {NUM_HOSTS} spawned ranks did not finish in {TIMEOUT_S} s (a hang?)")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(NUM_HOSTS)]
 
 

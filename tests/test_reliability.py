@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import script_module, tiny_model
+from conftest import clean_env, run_or_fail, script_module, tiny_model
 from safetensors.torch import save_file
 
 from apb.adapter import WEIGHTS_NAME, load_heads, save_adapter
@@ -50,20 +50,10 @@ def _plant(path: Path, marker: Path) -> None:
     torch.save({"state": Payload(str(marker)), "weights": torch.zeros(2)}, path)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
-
-
-def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(
-            cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S, **kwargs
-        )
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{' '.join(map(str, cmd))} did not finish in {TIMEOUT_S} s (a hang?): {err.stdout!r}")
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    # single processes: without launcher variables they take a free port (init_distributed)
+    env = clean_env(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    return run_or_fail(cmd, cwd=ROOT, env=env, timeout_s=TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------- bad inputs

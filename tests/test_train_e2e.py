@@ -7,7 +7,6 @@ comm op once (~60 s); TORCH_EXTENSIONS_DIR points at a persistent cache so later
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from apb.train.config import load_config
+from conftest import clean_env, free_port, kill_group, run_or_fail
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -28,12 +28,12 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 
+TIMEOUT_S = 600  # a tiny two-rank run takes ~30 s once DeepSpeed's CPU op is built (~70 s, first run only)
+
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = clean_env(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")  # the CPU path, also on a GPU machine
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "apb-retain" / "torch_extensions"))
-    env["PYTHONUNBUFFERED"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, also on a machine with GPUs
     return env
 
 
@@ -60,12 +60,14 @@ def _two_ranks(run: Path, *sets: str) -> tuple[subprocess.CompletedProcess, str]
         "deepspeed.launcher.runner",
         "--num_gpus",
         "2",
+        "--master_port",  # the launcher's default, 29500, may belong to another job on this machine
+        str(free_port()),
         str(ROOT / "train" / "retain.py"),
     ]
     cmd += ["--config", str(TINY), "--set", f"output_dir={run}", "--set", "logging.tqdm=false"]
     for item in sets:
         cmd += ["--set", item]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_or_fail(cmd, cwd=ROOT, env=_env(), timeout_s=TIMEOUT_S)
     return proc, proc.stdout + proc.stderr
 
 
@@ -94,22 +96,9 @@ def test_deepspeed_two_ranks_trains_and_exports(tmp_path):
 
     # Export from an earlier checkpoint with the script.
     out = tmp_path / "adapter20"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "export_adapter.py"),
-            str(run),
-            "--checkpoint",
-            "step_00000020",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    export = [sys.executable, str(ROOT / "scripts" / "export_adapter.py"), str(run)]
+    export += ["--checkpoint", "step_00000020", "--out", str(out)]
+    proc = run_or_fail(export, cwd=ROOT, env=_env(), timeout_s=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     heads20, config20 = apb.load_heads(_tiny_base(), out)
     assert config20.training["steps"] == 20
@@ -137,9 +126,7 @@ def test_kill_and_resume_continues_the_same_loss_curve(tmp_path):
         return cmd
 
     straight = tmp_path / "straight"
-    proc = subprocess.run(
-        command(straight), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
-    )
+    proc = run_or_fail(command(straight), cwd=ROOT, env=_env(), timeout_s=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
@@ -157,12 +144,12 @@ def test_kill_and_resume_continues_the_same_loss_curve(tmp_path):
         if latest.is_file() and latest.read_text().strip() >= "step_00000012":
             break
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)  # our own process group (start_new_session)
+    kill_group(victim)  # our own process group (start_new_session)
     assert victim.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
     steps_before = max(_losses(killed))
     assert 12 <= steps_before < 24
 
-    proc = subprocess.run(command(killed), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_or_fail(command(killed), cwd=ROOT, env=_env(), timeout_s=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
 
