@@ -1,38 +1,29 @@
-"""The issue-7 multi-GPU scripts run with 2 gloo ranks on the CPU (torchrun from a temp cwd, free port).
+"""The multi-GPU scripts run with 2 gloo ranks on the CPU (torchrun from a temp cwd, free port).
 
 scripts/bench_prefill_dist.py --tiny: APB and Star rows with times > 0, measured comm, speedup = full /
 total, and the simulated columns when a simulated JSON is given; scripts/oracle_dist.py --cpu: exact-mode
 APB over 2 processes equals the one-process model (fp32) and sampled generation stops together.
-scripts/bench_multigpu.sh is only syntax-checked here (it needs N GPUs).
+scripts/bench_multigpu.sh needs N GPUs: here it is syntax-checked, and its arguments and output folder
+are checked against a stand-in `nvidia-smi` that reports one GPU (it must stop with a message).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import clean_env, free_port, run_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")
-    }
-    env["OMP_NUM_THREADS"] = "1"
+    env = clean_env(OMP_NUM_THREADS="1")
     command = [
         sys.executable,
         "-m",
@@ -42,12 +33,12 @@ def _torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         str(ROOT / "scripts" / script),
         *args,
     ]
     # from a temp cwd: at the repo root, kernels/ would be importable as a top-level `kernels`
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    done = run_or_fail(command, cwd=cwd, env=env, timeout_s=300)  # ~20 s each on 2 cores
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -130,3 +121,38 @@ def test_bench_multigpu_script_parses():
     assert done.returncode == 0, done.stderr
     text = (ROOT / "scripts" / "bench_multigpu.sh").read_text()
     assert "export NCCL_NVLS_ENABLE=0" in text
+
+
+def _bench_multigpu(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """The script with a stand-in nvidia-smi on PATH that reports one GPU."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    smi = fake / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$*" in *query-gpu*) echo "Stand-in GPU";; *) echo "topology";; esac\n')
+    smi.chmod(0o755)
+    path = f"{fake}:{clean_env()['PATH']}"
+    command = ["bash", str(ROOT / "scripts" / "bench_multigpu.sh"), *args]
+    return run_or_fail(command, cwd=tmp_path, env=clean_env(PATH=path, **env), timeout_s=60)
+
+
+def test_bench_multigpu_arguments_and_output_folder(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.fail("bash not found")
+    usage = _bench_multigpu("--help", tmp_path=tmp_path)
+    assert usage.returncode == 0 and "bash scripts/bench_multigpu.sh" in usage.stdout
+    wrong = _bench_multigpu("benchmark", tmp_path=tmp_path)
+    assert wrong.returncode == 2 and "unknown argument: benchmark" in wrong.stderr
+
+    # --out DIR, relative to the caller's folder; one GPU is refused with a message in the summary
+    done = _bench_multigpu("--out", "results", "bench", tmp_path=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    summary = (tmp_path / "results" / "summary.txt").read_text()
+    assert (
+        "machine: 1 x Stand-in GPU, steps: bench" in summary and "needs at least 2 GPUs, found 1" in summary
+    )
+    assert (tmp_path / "results" / "topo.txt").read_text() == "topology\n"
+
+    # OUT_DIR from the environment; all three steps by default
+    done = _bench_multigpu(tmp_path=tmp_path, OUT_DIR=str(tmp_path / "from_env"))
+    assert done.returncode == 2
+    assert "steps: bench oracle train" in (tmp_path / "from_env" / "summary.txt").read_text()
