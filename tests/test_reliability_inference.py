@@ -1,6 +1,6 @@
-"""Issue 14, the inference side: every bad input is one clear error before the prefill, never a silent
-wrong answer; ranks given different inputs stop together with the differing rank and field named;
-loading heads twice onto one model keeps one set of hooks.
+"""Reliability of inference: every bad input is one clear error before the prefill, never a silent wrong answer;
+ranks given different inputs stop together with the differing rank and field named; loading heads twice onto
+one model keeps one set of hooks.
 """
 
 from __future__ import annotations
