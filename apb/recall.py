@@ -111,3 +111,81 @@ def passing_recall(
     all_values = [r for v in values for r in v["recall"]]
     mean = sum(all_values) / len(all_values) if all_values else float("nan")
     return RecallSummary(mean=mean, per_host=per_host, values=values)
+
+
+@torch.no_grad()
+def recall_runs(
+    apbm: Any,
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    methods: dict[str, tuple[str, Any]],
+    hosts: list[int],
+    divisors: list[int],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Passing-block recall of several compressors on the same inputs, one row per (sample, host count,
+    budget, method): ``{"sample", "length", "hosts", "divisor", "passing_len", "method", "recall"}``.
+
+    samples: ``(context_ids [n], query_ids [q], anchor_query_ids [a])``; the attention mass is that of the
+    query rows. methods: name -> (selector, retaining heads or None); the APB config is the paper's for
+    the length and host count (`APBConfig.for_length`) with passing_len = block / divisor.
+    A setting the input does not fit (say, a question longer than the anchor) gets recall None and the
+    reason."""
+    from tqdm.auto import tqdm
+
+    from apb.config import APBConfig
+
+    rows = []
+    total = len(samples) * len(hosts) * len(divisors) * len(methods)
+    bar = tqdm(total=total, desc="recall", disable=not progress)
+    for index, (context, query, anchor_query) in enumerate(samples):
+        mass = attention_mass(apbm.model, context, query)
+        n = context.shape[-1]
+        for num_hosts in hosts:
+            for divisor in divisors:
+                passing_len = max(1, (n // num_hosts) // divisor)
+                for name, (selector, heads) in methods.items():
+                    row = {"sample": index, "length": n, "hosts": num_hosts, "divisor": divisor}
+                    row.update(passing_len=passing_len, method=name, recall=None)
+                    bar.update(1)
+                    try:
+                        config = APBConfig.for_length(
+                            n, num_hosts, passing_len=passing_len, selector=selector
+                        )
+                    except ValueError as err:
+                        rows.append({**row, "error": str(err)})
+                        continue
+                    if heads is not None:
+                        apbm.heads = heads
+                    try:
+                        with apbm.recording() as record:
+                            apbm.prefill(
+                                context,
+                                query,
+                                config=config,
+                                num_hosts=num_hosts,
+                                anchor_query_ids=anchor_query,
+                                oracle_scores=mass if selector == "oracle" else None,
+                            )
+                    except ValueError as err:
+                        rows.append({**row, "error": str(err)})
+                        continue
+                    row["recall"] = passing_recall(mass, record.plan, record.passing).mean
+                    rows.append(row)
+    bar.close()
+    return rows
+
+
+def recall_markdown(rows: list[dict[str, Any]]) -> str:
+    """Mean recall per method (rows) and (host count, budget) (columns), with the number of samples."""
+    settings = sorted({(r["hosts"], r["divisor"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = "| method | " + " | ".join(f"H={h}, block/{d}" for h, d in settings) + " |"
+    lines = [head, "|" + "---|" * (len(settings) + 1)]
+    for method in methods:
+        cells = []
+        for h, d in settings:
+            values = [r["recall"] for r in rows if (r["method"], r["hosts"], r["divisor"]) == (method, h, d)]
+            done = [v for v in values if v is not None]
+            cells.append(f"{sum(done) / len(done):.3f} (n={len(done)})" if done else "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

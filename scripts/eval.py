@@ -453,6 +453,49 @@ def load_head_sets(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     return heads
 
 
+def recall_main(
+    args: argparse.Namespace, model: Any, heads: dict[str, Any], items: list[EvalItem], started: float
+) -> int:
+    """Passing-block recall (apb.recall) of every head set and of the training-free selectors, on the
+    eval items: the query rows are question + answer prefix, the anchor gets the question."""
+    from apb import APBModel
+    from apb.recall import recall_markdown, recall_runs
+
+    device = next(model.parameters()).device
+    methods: dict[str, tuple[str, Any]] = {f"heads-{name}": ("heads", h) for name, h in heads.items()}
+    methods.update(
+        query_attention=("query_attention", None), random=("random", None), oracle=("oracle", None)
+    )
+    samples = [
+        (
+            _tensor(i.context_ids, device)[0],
+            _tensor(i.question_ids + i.prefix_ids, device)[0],
+            _tensor(i.question_ids, device)[0],
+        )
+        for i in items
+    ]
+    apbm = APBModel(model, next(iter(heads.values())))
+    rows = recall_runs(apbm, samples, methods, list(args.hosts), list(args.budgets))
+    for row in rows:
+        item = items[row["sample"]]
+        row.update(task=item.task, cell=item.length, index=item.index)
+    result = {
+        "command": "python scripts/eval.py " + " ".join(sys.argv[1:]),
+        "machine": args.machine or platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    table = recall_markdown(rows)
+    Path(args.markdown).write_text(table)
+    print(table, flush=True)
+    return 0
+
+
 def extra_adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
     """``--adapter NAME=PATH`` pairs (method ``apb-NAME``)."""
     pairs = []
@@ -474,7 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", choices=("teacher", "generate"), default="teacher")
+    parser.add_argument(
+        "--mode",
+        choices=("teacher", "generate", "recall"),
+        default="teacher",
+        help="teacher / generate: task accuracy; recall: passing-block recall of each compressor (apb.recall)",
+    )
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[8, 16, 32], help="recall mode: passing_len = block / N"
+    )
     parser.add_argument("--qa-adapter", default="adapters/smollm2-135m-qa")
     parser.add_argument(
         "--qagn-adapter",
@@ -556,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {len(items)} items to {args.prepare} in {time.perf_counter() - started:.0f}s")
         return 0
     heads = load_head_sets(model, args)
+    if args.mode == "recall":
+        return recall_main(args, model, heads, items, started)
     wanted = [*args.methods, *(f"apb-{name}" for name, _ in extra_adapters(args))]
     methods = tuple(m for m in wanted if heads_name(m) is None or heads_name(m) in heads)
     apb_methods = [m for m in methods if m.startswith("apb-")]

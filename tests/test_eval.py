@@ -308,3 +308,19 @@ def test_merge_replaces_a_differing_row_and_refuses_other_eval_sets(ev):
         ev.merge_results([run([1.0, 0.0], [0.0, 0.0]), run([0.0, 0.0], [0.0, 0.0])])
     with pytest.raises(ValueError, match="another evaluation"):
         ev.merge_results([run([1.0], [1.0]), run([1.0], [1.0], lengths=(4096,))])
+
+
+def test_recall_mode_compares_every_compressor(ev, tmp_path):
+    out, md = tmp_path / "recall.json", tmp_path / "recall.md"
+    argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2"]
+    argv += ["--qa-adapter", str(tmp_path / "none"), "--qagn-adapter", str(tmp_path / "none")]
+    argv += ["--mode", "recall", "--budgets", "8", "32", "--out", str(out), "--markdown", str(md)]
+    assert ev.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    methods = {r["method"] for r in rows}
+    assert methods == {"heads-random", "query_attention", "random", "oracle"}
+    assert {(r["hosts"], r["divisor"]) for r in rows} == {(2, 8), (2, 32)}
+    oracle = [r["recall"] for r in rows if r["method"] == "oracle"]
+    assert oracle and all(0.9 < v <= 1.0 + 1e-6 for v in oracle)  # max-pooled oracle ranking: near 1
+    assert all(r["recall"] is None or 0.0 <= r["recall"] <= 1.0 + 1e-6 for r in rows)
+    assert "| oracle | " in md.read_text() and "H=2, block/32" in md.read_text()
