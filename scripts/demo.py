@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from apb.eval import assets
+from apb.eval.assets import tiny_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ADAPTER = REPO / "adapters" / "smollm2-135m-qa"
@@ -55,25 +56,6 @@ class DemoResult:
     """Generated ids with full attention."""
     apb_ids: list[int]
     """Generated ids with APB."""
-
-
-def tiny_model_and_tokenizer(seed: int = 0) -> tuple[Any, Any]:
-    """A 2-layer random Llama with the project's tiny tokenizer: the demo's logic without downloads."""
-    from apb.data import build_tiny_tokenizer
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=16384,
-    )
-    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
 
 
 def make_question(
@@ -199,8 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         haystack = "builtin"
         print("tiny random model (no downloads): the answers are noise; this checks the pipeline")
     else:
-        import assets
-
         print(
             "1/3 fetching SmolLM2-135M-Instruct and the Gutenberg texts (cached after the first run)",
             flush=True,

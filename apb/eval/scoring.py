@@ -1,0 +1,145 @@
+"""Scoring one eval item with one method: full attention, Star Attention or APB (a head set, equal or
+balanced split) on simulated hosts, teacher-forced (one prefill over question + answer prefix + gold
+answer) or by greedy decoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from apb.eval.tasks import EvalItem
+
+METHODS = ("full", "star", "apb-qa", "apb-qagn", "apb-random")
+"""Built-in methods; every ``--adapter NAME=PATH`` adds ``apb-NAME``."""
+
+
+BALANCED_SUFFIX = "/balanced"
+"""Added to an APB method run with the balanced split of the context into host blocks (``--splits
+balanced``); APB methods without it run the paper's equal split, the default (`APBConfig.split`)."""
+
+
+def heads_name(method: str) -> str | None:
+    """The head set an APB method runs with (``apb-qa`` and ``apb-qa/balanced`` -> ``qa``); None for full
+    and Star."""
+    method = method.removesuffix(BALANCED_SUFFIX)
+    return method[len("apb-") :] if method.startswith("apb-") else None
+
+
+def token_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
+    """[1, len(ids)] int64 ids on `device`."""
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def teacher_forced_hits(logits: torch.Tensor, item: EvalItem) -> list[bool]:
+    """Per expected item: does greedy argmax equal every gold token of its span?
+
+    logits: [num_answer, vocab], row j predicts answer token j.
+    """
+    right = logits.argmax(-1).cpu() == torch.tensor(item.answer_ids)
+    return [bool(right[s:e].all()) for s, e in item.spans]
+
+
+class Evaluator:
+    """Runs one item with one method and host count; returns the item's score in [0, 1]."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        heads: dict[str, Any],
+        backend: str = "reference",
+    ):
+        from apb import APBModel
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.heads = heads
+        self.backend = backend
+        first = next(iter(heads.values()))
+        self.apb = APBModel(model, first)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def config(self, method: str, num_context: int, num_hosts: int) -> Any:
+        from apb import APBConfig
+
+        if method == "star":
+            return APBConfig.star(num_context, num_hosts, backend=self.backend)
+        split = "balanced" if method.endswith(BALANCED_SUFFIX) else "equal"
+        return APBConfig.for_length(num_context, num_hosts, backend=self.backend, split=split)
+
+    @torch.no_grad()
+    def answer_logits(self, item: EvalItem, method: str, num_hosts: int) -> torch.Tensor:
+        """[num_answer, vocab] logits predicting each gold answer token (one prefill call)."""
+        device = self.device
+        tail = item.question_ids + item.prefix_ids + item.answer_ids[:-1]
+        first = len(item.question_ids) + len(item.prefix_ids) - 1  # row that predicts answer token 0
+        if method == "full":
+            ids = token_tensor(item.context_ids + tail, device)
+            hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            hidden = hidden[:, len(item.context_ids) + first :]
+            return self.model.get_output_embeddings()(hidden)[0].float()
+        if heads_name(method):
+            self.apb.heads = self.heads[heads_name(method)]
+        # The anchor gets the question only; the answer prefix and gold answer run on the last host after
+        # the prefill, like tokens being decoded.
+        logits = self.apb.prefill(
+            token_tensor(item.context_ids, device),
+            token_tensor(tail, device),
+            config=self.config(method, len(item.context_ids), num_hosts),
+            num_hosts=num_hosts,
+            anchor_query_ids=token_tensor(item.question_ids, device),
+        )
+        return logits[0, first:].float()
+
+    def score_teacher(self, item: EvalItem, method: str, num_hosts: int) -> float:
+        hits = teacher_forced_hits(self.answer_logits(item, method, num_hosts), item)
+        return sum(hits) / len(hits)
+
+    @torch.no_grad()
+    def generate_ids(
+        self, item: EvalItem, method: str, num_hosts: int, max_new_tokens: int = 48
+    ) -> list[int]:
+        """Greedy continuation after question + answer prefix (EOS and what follows dropped).
+
+        APB: the anchor gets the question only, as in teacher mode, so that the two modes agree exactly.
+        """
+        device = self.device
+        eos = self.tokenizer.eos_token_id
+        if method == "full":
+            ids = token_tensor(item.context_ids + item.question_ids + item.prefix_ids, device)
+            out = self.model.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+            )
+            new = [int(t) for t in out[0, ids.shape[1] :]]
+        else:
+            if heads_name(method):
+                self.apb.heads = self.heads[heads_name(method)]
+            config = self.config(method, len(item.context_ids), num_hosts)
+            out = self.apb.generate(
+                token_tensor(item.context_ids, device),
+                token_tensor(item.question_ids + item.prefix_ids, device),
+                config=config,
+                num_hosts=num_hosts,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                anchor_query_ids=token_tensor(item.question_ids, device),
+            )
+            new = [int(t) for t in out[0]]
+        return new[: new.index(eos)] if eos in new else new
+
+    def generate_text(self, item: EvalItem, method: str, num_hosts: int, max_new_tokens: int = 48) -> str:
+        ids = self.generate_ids(item, method, num_hosts, max_new_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def score_generate(self, item: EvalItem, method: str, num_hosts: int) -> tuple[float, str]:
+        from apb.data import Sample, score
+
+        text = self.generate_text(item, method, num_hosts)
+        sample = Sample(
+            context="", question="", answer=item.expected[0], task=item.task, meta={"expected": item.expected}
+        )
+        return score(text, sample), text
