@@ -116,8 +116,10 @@ def host_progress(indent: str = "    ") -> Iterator[None]:
 def make_question(
     tokenizer: Any, context_tokens: int, haystack: str, seed: int, depth: float
 ) -> tuple[Any, list[int], list[int]]:
-    """A single-needle sample (eval split) and its context and query ids (chat template)."""
-    from apb.data import make_sample, tokenize_sample
+    """A single-needle sample (eval split), asked as one chat message, and its context and query ids."""
+    from apb.data import make_sample
+
+    from apb import chat_inputs
 
     sample = make_sample(
         "single_needle",
@@ -129,8 +131,9 @@ def make_question(
         haystack=haystack,
         depth=depth,
     )
-    tok = tokenize_sample(sample, tokenizer)
-    return sample, list(tok.context_ids), list(tok.question_ids)
+    message = {"role": "user", "content": f"{sample.context.strip()}\n\n{sample.question.strip()}"}
+    context_ids, query_ids = chat_inputs(tokenizer, [message], question=sample.question)
+    return sample, context_ids, query_ids
 
 
 def run_demo(
