@@ -20,12 +20,14 @@ def load(
     dtype: torch.dtype | None = None,
     cache_dir: str | Path | None = None,
 ) -> APBModel:
-    """Attach retaining heads to `model` and return it ready for APB inference.
+    """Attach retaining heads to `model` and return it ready for APB inference: the `from_pretrained`
+    matching `APBModel.save_pretrained` / `push_to_hub` (`APBModel.from_pretrained` is this function).
 
     `adapter` is a local adapter folder, a Hub repo id (resolved with `huggingface_hub.snapshot_download`,
     honouring `HF_HUB_OFFLINE`, `revision` and `token`), or a legacy Locret/APB `.bin` file. Loading is
     strict: any mismatch with the model is one `ValueError` listing expected vs found.
-    `adapter=None` gives an `APBModel` without heads, which runs the exact and Star Attention modes only.
+    `adapter=None` gives an `APBModel` without heads: its passing blocks are chosen by the training-free
+    ``query_attention`` selector (and the exact and Star Attention modes work as with heads).
     """
     if adapter is None:
         return APBModel(model)

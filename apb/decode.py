@@ -113,8 +113,14 @@ class StopCriteria:
         eos_token_id: int | Sequence[int] | None = None,
         stop_strings: str | Sequence[str] | None = None,
         tokenizer=None,
+        pad_token_id: int | None = None,
     ):
         self.eos_ids = eos_ids(eos_token_id)
+        if pad_token_id is not None and not is_int(pad_token_id):
+            raise TypeError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
+        if pad_token_id is not None and pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be >= 0, got {pad_token_id}")
+        self._pad_token_id = None if pad_token_id is None else int(pad_token_id)
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         self.stop_strings = list(stop_strings or [])
@@ -131,7 +137,10 @@ class StopCriteria:
 
     @property
     def pad_token_id(self) -> int | None:
-        """What finished rows get from then on (the first EOS id, as transformers does)."""
+        """What finished rows get from then on: `pad_token_id` if given, else the first EOS id (as
+        transformers does when the model has no pad token)."""
+        if self._pad_token_id is not None:
+            return self._pad_token_id
         return self.eos_ids[0] if self.eos_ids else None
 
     def update(self, generated: torch.Tensor) -> bool:

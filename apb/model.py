@@ -7,7 +7,8 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,21 +109,31 @@ class APBModel(nn.Module):
         """APB prefill of the context, then the query on top. Returns the query tokens' logits
         [batch, len(query), vocab] (the same on every host).
 
+        Ids are [seq] or [batch, seq] (tensors or lists). Rows of different lengths (lists of lists)
+        are prefilled one at a time, each exactly as alone; the logits then come back as one tensor
+        [batch, longest query, vocab] with shorter queries **left**-padded with zeros, so that
+        ``logits[:, -1]`` is every row's next-token logits and row i's are ``logits[i, -len(query_i):]``.
         `anchor_query_ids` are the tokens spliced into the anchor (default: all of `query_ids`). Pass
         the question alone when `query_ids` goes on past it (an answer prefix, gold answer tokens to
         score): the anchor then holds what a user would have asked, as at decode time.
-        `oracle_scores`: for ``selector="oracle"`` only (evaluation): `apb.recall.attention_mass` of
-        the same input.
+        `oracle_scores`: for ``selector="oracle"`` only (evaluation, rows of equal length):
+        `apb.recall.attention_mass` of the same input.
         """
         comm = make_comm(num_hosts, self.device)
         with comm.shared_refusal():
-            context, query = self._inputs(context_ids, query_ids)
-            anchor_query = self._anchor_query(anchor_query_ids, query)
-        decode = self._prefill_context(
-            context, anchor_query, config, comm, query=query, oracle_scores=oracle_scores
-        )
-        hidden = self._run_tokens(decode, query, start=context.shape[1])
-        return self._lm_head(hidden)
+            batches = self._batches(context_ids, query_ids, anchor_query_ids)
+            if len(batches) > 1 and oracle_scores is not None:
+                raise ValueError("oracle_scores are for rows of equal length: prefill the rows one at a time")
+        outputs = []
+        for context, query, anchor_query in batches:
+            decode = self._prefill_context(
+                context, anchor_query, config, comm, query=query, oracle_scores=oracle_scores
+            )
+            hidden = self._run_tokens(decode, query, start=context.shape[1])
+            outputs.append(self._lm_head(hidden))
+        if len(outputs) == 1:
+            return outputs[0]
+        return _pad_rows(outputs, 0.0, left=True)
 
     @torch.no_grad()
     def generate(
@@ -142,27 +153,240 @@ class APBModel(nn.Module):
         seed: int | None = None,
         return_logits: bool = False,
         anchor_query_ids: TokenIds | None = None,
+        streamer: Any = None,
+        pad_token_id: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Prefill, then generate up to `max_new_tokens` tokens after the query.
 
-        Returns the new ids [batch, steps] (finished rows padded with the first EOS id), and with
-        `return_logits` also the logits each token was chosen from [batch, steps, vocab]. Tokens are
-        chosen on the last host (seeded `torch.Generator`) and broadcast, so any number of processes
-        gives the same tokens; EOS / stop strings stop every host at the same step.
+        Returns **only the new ids** [batch, steps] (not the prompt, unlike transformers' `generate`;
+        steps <= `max_new_tokens`, fewer when every row stopped), and with `return_logits` also the
+        logits each token was chosen from [batch, steps, vocab]. A row that stopped before the others is
+        padded on the right with `pad_token_id` (default: the first EOS id).
+        Tokens are chosen on the last host (seeded `torch.Generator`) and broadcast, so any number of
+        processes gives the same tokens; EOS / stop strings stop every host at the same step.
+
+        EOS: `eos_token_id`, else `tokenizer.eos_token_id`, else the model's
+        ``generation_config.eos_token_id`` (``eos_token_id=[]`` turns stopping at EOS off).
+        Rows of different lengths (lists of lists) run one at a time, each exactly as alone (same
+        `seed`); their ids (and logits, padded with zeros) are padded on the right to the longest.
+        `streamer`: an object with ``put(ids)`` and ``end()``, such as transformers' `TextStreamer`.
+        As in transformers, it gets the prompt first (``context + query`` ids [batch, seq], which
+        ``TextStreamer(tokenizer, skip_prompt=True)`` skips), then each step's new ids [batch], then
+        ``end()``. It is called only in the process that holds host 0 (rank 0 under torch.distributed;
+        the one process when hosts are simulated): other ranks may pass the same streamer or None.
+        Rows of different lengths cannot be streamed (TextStreamer takes one row anyway).
         `anchor_query_ids`: the tokens spliced into the anchor, as in `prefill` (default: `query_ids`).
         """
         comm = make_comm(num_hosts, self.device)
         with comm.shared_refusal():  # every argument is checked before the prefill
             check_generation(max_new_tokens=max_new_tokens, seed=seed)
             check_sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+            batches = self._batches(context_ids, query_ids, anchor_query_ids)
+            eos_token_id = self._eos_token_id(eos_token_id, tokenizer)
+            stop = StopCriteria(1, eos_token_id, stop_strings, tokenizer, pad_token_id)
+            if streamer is not None and not callable(getattr(streamer, "put", None)):
+                raise TypeError(f"streamer must have put(ids) and end() (a TextStreamer), got {streamer!r}")
+            if len(batches) > 1 and streamer is not None:
+                raise ValueError(
+                    "streamer: rows of different lengths run one at a time and cannot be streamed together; "
+                    "generate them one by one"
+                )
+            if len(batches) > 1 and stop.pad_token_id is None and stop.stop_strings:
+                raise ValueError(
+                    "rows of different lengths stopped by stop_strings need a pad id for the rows that stop "
+                    "early: pass pad_token_id (or eos_token_id)"
+                )
+        outputs = [
+            self._generate_batch(
+                context,
+                query,
+                anchor_query,
+                config,
+                comm,
+                StopCriteria(context.shape[0], eos_token_id, stop_strings, tokenizer, pad_token_id),
+                max_new_tokens=max_new_tokens,
+                sampling={"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p},
+                seed=seed,
+                return_logits=return_logits,
+                streamer=streamer,
+            )
+            for context, query, anchor_query in batches
+        ]
+        if len(outputs) == 1:
+            ids, logits = outputs[0]
+            return (ids, logits) if return_logits else ids
+        ids = _pad_rows([ids for ids, _ in outputs], stop.pad_token_id or 0)  # 0 unused: no row stops early
+        if return_logits:
+            return ids, _pad_rows([logits for _, logits in outputs], 0.0)
+        return ids
+
+    # ------------------------------------------------------------------ save, load, push
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter: str | Path | None = None, **kwargs: Any) -> APBModel:
+        """`apb.load(model, adapter, **kwargs)`: the heads of an adapter folder, Hub id or legacy `.bin`
+        attached to `model` (no adapter: the training-free selector)."""
+        from apb.api import load  # apb.api imports this module
+
+        return load(model, adapter, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        base_model_name_or_path: str | None = None,
+        apb_defaults: Any = None,
+        training: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Save the retaining heads as an adapter folder (`apb.save_adapter`: config, safetensors
+        weights, model card; rank 0 writes, every rank waits) and return it. Only the heads are saved,
+        not the base model; read it back with ``apb.load(model, folder)`` (or `from_pretrained`).
+
+        The config's fields default to those of the adapter this model was loaded from (base model, the
+        APB layout the heads were trained for, the training record), so a save and load round-trip keeps
+        the defaults `generate` uses. `ValueError` when the model has no heads.
+        """
+        from apb.adapter import save_adapter
+
+        return save_adapter(
+            self._heads_to_save(),
+            save_directory,
+            metrics=metrics,
+            **self._adapter_fields(
+                base_model_name_or_path=base_model_name_or_path, apb_defaults=apb_defaults, training=training
+            ),
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        base_model_name_or_path: str | None = None,
+        apb_defaults: Any = None,
+        training: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Upload the heads as an adapter to the Hub repo `repo_id` (`apb.push_to_hub`: created if needed,
+        `revision` a branch; rank 0 only, the others return None) and return the commit info. The
+        config's fields default as in `save_pretrained`."""
+        from apb.hub import push_to_hub
+
+        return push_to_hub(
+            self._heads_to_save(),
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            metrics=metrics,
+            **self._adapter_fields(
+                base_model_name_or_path=base_model_name_or_path, apb_defaults=apb_defaults, training=training
+            ),
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _heads_to_save(self) -> RetainingHeads:
+        if self.heads is None:
+            raise ValueError(
+                "this APBModel has no retaining heads to save (apb.load(model) without an adapter selects "
+                "passing blocks training-free); train heads with train/retain.py or load an adapter"
+            )
+        return self.heads
+
+    def _adapter_fields(self, **given: Any) -> dict[str, Any]:
+        """`given` (base_model_name_or_path, apb_defaults, training), each defaulting to the loaded
+        adapter's value."""
+        loaded = self.adapter_config
+        defaults = {
+            "base_model_name_or_path": getattr(loaded, "base_model_name_or_path", None) or None,
+            "apb_defaults": getattr(loaded, "apb", None) or None,
+            "training": getattr(loaded, "training", None) or None,
+        }
+        return {key: defaults[key] if value is None else value for key, value in given.items()}
+
+    def _eos_token_id(self, eos_token_id: Any, tokenizer: Any) -> Any:
+        """The EOS ids to stop at: given, else the tokenizer's, else the model's generation config's."""
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return eos_token_id
+
+    def _batches(
+        self, context_ids: TokenIds, query_ids: TokenIds, anchor_query_ids: TokenIds | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Checked inputs as (context, query, anchor_query) [batch, seq] batches: one batch, or one per
+        row when some argument holds rows of different lengths (each row then runs as alone)."""
+        named = {"context_ids": context_ids, "query_ids": query_ids, "anchor_query_ids": anchor_query_ids}
+        if not any(_has_ragged_rows(ids) for ids in named.values()):
             context, query = self._inputs(context_ids, query_ids)
-            anchor_query = self._anchor_query(anchor_query_ids, query)
-            if eos_token_id is None and tokenizer is not None:
-                eos_token_id = getattr(tokenizer, "eos_token_id", None)
-            stop = StopCriteria(context.shape[0], eos_token_id, stop_strings, tokenizer)
+            return [(context, query, self._anchor_query(anchor_query_ids, query))]
+        rows = {name: _rows(ids, name) for name, ids in named.items() if ids is not None}
+        sizes = {name: len(r) for name, r in rows.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch sizes differ: {sizes}")
+        batches = []
+        for i in range(sizes["context_ids"]):
+            anchor = rows["anchor_query_ids"][i] if "anchor_query_ids" in rows else None
+            try:
+                context, query = self._inputs(rows["context_ids"][i], rows["query_ids"][i])
+                batches.append((context, query, self._anchor_query(anchor, query)))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"row {i}: {err}") from err
+        return batches
+
+    def _generate_batch(
+        self,
+        context: torch.Tensor,
+        query: torch.Tensor,
+        anchor_query: torch.Tensor,
+        config: APBConfig | None,
+        comm: Communicator,
+        stop: StopCriteria,
+        *,
+        max_new_tokens: int,
+        sampling: dict[str, Any],
+        seed: int | None,
+        return_logits: bool,
+        streamer: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`generate` of one batch of equal-length rows: ids [batch, steps], logits [batch, steps, vocab]
+        (None unless `return_logits`)."""
         decode = self._prefill_context(
             context, anchor_query, config, comm, query=query, max_new_tokens=max_new_tokens
         )
+        streams = streamer is not None and 0 in comm.hosts
+        if not streams:
+            return self._decode_batch(
+                decode, context, query, stop, max_new_tokens, sampling, seed, return_logits
+            )
+        streamer.put(torch.cat([context, query], dim=1).cpu())
+        try:
+            return self._decode_batch(
+                decode, context, query, stop, max_new_tokens, sampling, seed, return_logits, streamer
+            )
+        finally:  # also on an error, so that a consumer iterating a TextIteratorStreamer is not left waiting
+            streamer.end()
+
+    def _decode_batch(
+        self,
+        decode: DecodeState,
+        context: torch.Tensor,
+        query: torch.Tensor,
+        stop: StopCriteria,
+        max_new_tokens: int,
+        sampling: dict[str, Any],
+        seed: int | None,
+        return_logits: bool,
+        streamer: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query on top of the prefilled context, then the token loop; `streamer.put` each token."""
         hidden = self._run_tokens(decode, query, start=context.shape[1])
         logits = self._lm_head(hidden[:, -1:])[:, 0]
         generator = None
@@ -172,14 +396,7 @@ class APBModel(nn.Module):
         tokens: list[torch.Tensor] = []
         step_logits: list[torch.Tensor] = []
         for step in range(max_new_tokens):
-            token = sample_next_token(
-                logits,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
+            token = sample_next_token(logits, generator=generator, **sampling)
             if stop.pad_token_id is not None and any(stop.finished):
                 done = torch.tensor(stop.finished, device=token.device)
                 token = token.masked_fill(done, stop.pad_token_id)
@@ -189,6 +406,8 @@ class APBModel(nn.Module):
             packed = decode.comm.broadcast_from_last(packed)
             token, finished = packed[:-1], bool(packed[-1].item())
             tokens.append(token[:, None])
+            if streamer is not None:
+                streamer.put(token.cpu())
             if return_logits:
                 step_logits.append(logits)
             if finished or step == max_new_tokens - 1:
@@ -196,12 +415,7 @@ class APBModel(nn.Module):
             hidden = self._run_tokens(decode, token[:, None], start=position)
             position += 1
             logits = self._lm_head(hidden[:, -1:])[:, 0]
-        ids = torch.cat(tokens, dim=1)
-        if return_logits:
-            return ids, torch.stack(step_logits, dim=1)
-        return ids
-
-    # ------------------------------------------------------------------ internals
+        return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1) if return_logits else None
 
     @property
     def device(self) -> torch.device:
@@ -404,6 +618,48 @@ def _check_finite(heads: RetainingHeads) -> None:
             )
 
 
+def _is_nested(rows: Sequence[Any]) -> bool:
+    """`rows` (a list) holds rows of ids rather than ids."""
+    return (
+        bool(rows)
+        and not is_int(rows[0])
+        and getattr(rows[0], "ndim", 1) != 0
+        and hasattr(rows[0], "__len__")
+    )
+
+
+def _has_ragged_rows(ids: TokenIds | None) -> bool:
+    """A list of rows (lists or 1-D tensors) whose lengths differ."""
+    if ids is None or isinstance(ids, (torch.Tensor, str, bytes)) or not isinstance(ids, Sequence):
+        return False
+    return _is_nested(ids) and len({len(row) for row in ids}) > 1
+
+
+def _rows(ids: TokenIds, name: str) -> list[Any]:
+    """`ids` split into its rows (each [seq]); a single row is a batch of one."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 1:
+            return [ids]
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must be [seq] or [batch, seq], got shape {tuple(ids.shape)}")
+        return list(ids.unbind(0))
+    if isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)) and _is_nested(ids):
+        return list(ids)
+    return [ids]
+
+
+def _pad_rows(rows: list[torch.Tensor], value: float | int, left: bool = False) -> torch.Tensor:
+    """[1, steps_i, ...] tensors -> [len(rows), max steps, ...], padded with `value` on the right (or left)."""
+    longest = max(row.shape[1] for row in rows)
+    out = rows[0].new_full((len(rows), longest, *rows[0].shape[2:]), value)
+    for i, row in enumerate(rows):
+        if left:
+            out[i, longest - row.shape[1] :] = row[0]
+        else:
+            out[i, : row.shape[1]] = row[0]
+    return out
+
+
 def _as_batch(ids: TokenIds, name: str, device: torch.device, vocab_size: int) -> torch.Tensor:
     """1-D or 2-D integer ids (tensor or lists) -> [batch, seq] long on `device`; rows must share a length.
 
@@ -422,12 +678,12 @@ def _as_batch(ids: TokenIds, name: str, device: torch.device, vocab_size: int) -
             raise TypeError(
                 f"{name} must be token ids (a tensor or a list of ints), got {type(ids).__name__}"
             ) from err
-        if rows and not is_int(rows[0]) and getattr(rows[0], "ndim", 1) != 0 and hasattr(rows[0], "__len__"):
+        if _is_nested(rows):
             lengths = [len(r) for r in rows]
             if len(set(lengths)) > 1:
                 raise ValueError(
-                    f"{name}: batch rows have different lengths {lengths}; APB needs equal lengths "
-                    "(run them one at a time)"
+                    f"{name}: batch rows have different lengths {lengths}; rows of one tensor "
+                    "share a length (APBModel.prefill / generate take such rows as lists and run them one by one)"
                 )
         try:
             tensor = torch.as_tensor(rows)

@@ -35,6 +35,17 @@ class _DigitTokenizer:
         return " ".join(str(i) for i in ids)
 
 
+class _RecordingStreamer:
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value)
+
+    def end(self):
+        self.ended += 1
+
+
 def _ids(seed: int, *shape: int) -> torch.Tensor:
     return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -55,6 +66,10 @@ def _scenarios(num_hosts: int | None) -> dict[str, torch.Tensor]:
     out["eos"] = llama.generate(
         context, query, config=exact, num_hosts=num_hosts, max_new_tokens=6, eos_token_id=eos
     )
+    streamer = _RecordingStreamer()
+    llama.generate(context, query, config=exact, num_hosts=num_hosts, max_new_tokens=6, streamer=streamer)
+    out["streamed"] = torch.tensor([streamer.ended, *(int(p.numel()) for p in streamer.puts[:1])])
+    out["streamed_ids"] = torch.stack(streamer.puts[1:], dim=1) if streamer.puts else torch.empty(0)
     stop = " ".join(str(i) for i in out["greedy"][0, 1:3].tolist())
     out["stop"] = llama.generate(
         context,
@@ -136,6 +151,16 @@ def test_eos_and_stop_strings_stop_every_host_together(spawned, simulated):
     for results in spawned:  # every rank stopped at the same step with the same tokens
         assert results["eos"].shape == simulated["eos"].shape
         assert results["stop"].shape == simulated["stop"].shape
+
+
+@pytest.mark.slow
+def test_streamer_runs_on_the_process_of_host_0(spawned, simulated):
+    assert simulated["streamed"].tolist() == [1, 37 + 4]  # end() once; the prompt first
+    assert torch.equal(simulated["streamed_ids"], simulated["greedy"])
+    assert spawned[0]["streamed"].tolist() == [1, 37 + 4]
+    assert torch.equal(spawned[0]["streamed_ids"], simulated["greedy"])
+    for results in spawned[1:]:  # the other ranks never touch it
+        assert results["streamed"].tolist() == [0] and results["streamed_ids"].numel() == 0
 
 
 # ---------------------------------------------------------------- sampling (in process)
