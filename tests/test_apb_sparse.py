@@ -68,7 +68,7 @@ def test_decomposed_backend_matches_reference():
 
 
 def test_backend_registry():
-    assert get_backend("auto", "cpu") is get_backend("reference", "cpu")
+    assert get_backend("auto", "cpu") is get_backend("sdpa", "cpu")  # the fused CPU path, not the reference
     with pytest.raises(ValueError, match="unknown APB attention backend 'nope'"):
         get_backend("nope", "cpu")
 
@@ -342,3 +342,20 @@ def test_flex_short_blocks_use_reference():
     out, lse = get_backend("flex", "cuda")(q, k, v, num_passing=20, num_anchor=10, softmax_scale=0.3)
     ref_out, ref_lse = apb_attention_ref(q, k, v, num_passing=20, num_anchor=10, softmax_scale=0.3)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.parametrize(
+    ("num_passing", "num_anchor", "num_local"), [(0, 0, 37), (11, 7, 29), (5, 0, 13), (0, 9, 4)]
+)
+def test_sdpa_backend_matches_reference(num_passing, num_anchor, num_local):
+    """The CPU default: torch's SDPA with the APB mask. fp32 on both sides: only float reassociation
+    differs (atol 1e-5, as the oracle tests); no lse (the prefill does not use it)."""
+    g = torch.Generator().manual_seed(num_passing + num_local)
+    q = torch.randn(2, 6, num_anchor + num_local, 8, generator=g)
+    k, v = (torch.randn(2, 3, num_passing + num_anchor + num_local, 8, generator=g) for _ in range(2))
+    out, lse = get_backend("sdpa", "cpu")(
+        q, k, v, num_passing=num_passing, num_anchor=num_anchor, softmax_scale=0.4
+    )
+    ref, _ = apb_attention_ref(q, k, v, num_passing=num_passing, num_anchor=num_anchor, softmax_scale=0.4)
+    assert lse is None and (out - ref).abs().max().item() < ATOL
+    assert get_backend("auto", "cpu") is get_backend("sdpa", "cpu")
