@@ -447,23 +447,31 @@ class APBModel(nn.Module):
             raise ValueError("anchor_query_ids is empty: pass None to splice query_ids into the anchor")
         return anchor_query
 
-    def default_config(self, num_context: int, num_hosts: int) -> APBConfig:
+    def default_config(self, num_context: int, num_hosts: int, num_query: int = 0) -> APBConfig:
         """The config used when none is given: the paper's sizes for this length
         (`APBConfig.for_length`) with the layout the heads were trained for (the adapter's `apb` section:
         query_in_anchor, query_offset, pool_kernel, split) where it records them. Without heads the
-        passing blocks are chosen by the training-free "query_attention" selector (and a context too
-        short for an anchor passes everything: exact attention)."""
-        if self.heads is None:
-            config = APBConfig.for_length(num_context, num_hosts, selector="query_attention")
-            return config if config.anchor_len else APBConfig.exact()
-        trained = dict(getattr(self.adapter_config, "apb", None) or {})
+        passing blocks are chosen by the training-free "query_attention" selector.
+
+        A query of `num_query` tokens that the paper's anchor (block/4) cannot hold after query_offset
+        gets a larger anchor, up to one host's block; when even that is too small (short contexts) the
+        prefill passes everything, which is exact attention."""
+        trained = dict(getattr(self.adapter_config, "apb", None) or {}) if self.heads is not None else {}
         layout = {
             k: trained[k] for k in ("query_in_anchor", "query_offset", "pool_kernel", "split") if k in trained
         }
-        config = APBConfig.for_length(num_context, num_hosts)
-        if layout.get("query_in_anchor") and not config.anchor_len:
-            layout.pop("query_in_anchor")  # too short for an anchor at this length
-        return APBConfig.from_dict({**config.to_dict(), **layout})
+        if self.heads is None:
+            layout["selector"] = "query_attention"
+        values = {**APBConfig.for_length(num_context, num_hosts).to_dict(), **layout}
+        if not values["anchor_len"]:  # too short for an anchor (and then for a passing block)
+            return APBConfig.exact()
+        config = APBConfig.from_dict(values)
+        need = config.query_offset + num_query
+        if config.query_in_anchor and num_hosts > 1 and need > config.anchor_len:
+            if need > num_context // num_hosts:
+                return APBConfig.exact()
+            config = APBConfig.from_dict({**values, "anchor_len": need})
+        return config
 
     def plan(
         self, num_context: int, num_query: int, num_hosts: int | None = None, config: APBConfig | None = None
@@ -473,12 +481,14 @@ class APBModel(nn.Module):
         `num_hosts` defaults to the world size inside torch.distributed, else 1."""
         if num_hosts is None:
             num_hosts = make_comm(None).num_hosts
-        config = self._resolve_config(config, num_context, num_hosts)
+        config = self._resolve_config(config, num_context, num_hosts, num_query)
         return HostPlan(config, num_context, num_query, num_hosts, cost=self.cost_model)
 
-    def _resolve_config(self, config: APBConfig | None, num_context: int, num_hosts: int) -> APBConfig:
+    def _resolve_config(
+        self, config: APBConfig | None, num_context: int, num_hosts: int, num_query: int = 0
+    ) -> APBConfig:
         if config is None:
-            config = self.default_config(num_context, num_hosts)
+            config = self.default_config(num_context, num_hosts, num_query)
         if not isinstance(config, APBConfig):
             raise TypeError(f"config must be an apb.APBConfig, got {type(config).__name__}")
         if config.needs_heads and self.heads is None:

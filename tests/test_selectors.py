@@ -158,3 +158,16 @@ def test_oracle_selector_reaches_recall_one_and_is_refused_without_scores():
         apbm.prefill(
             context, query, config=APBConfig(anchor_len=8, passing_len=6, selector="oracle"), num_hosts=4
         )
+
+
+def test_default_config_fits_the_question():
+    """Without a config the anchor grows to hold a question longer than block/4 allows, and a context
+    too short for that passes everything (exact)."""
+    model = tiny_model("llama")
+    apbm = apb.load(model)
+    plan = apbm.plan(180, 13, num_hosts=2)  # block 90: the paper's anchor 22 < query_offset 16 + 13
+    assert plan.config.anchor_len == 29 and plan.config.selector == "query_attention"
+    assert apbm.plan(40, 13, num_hosts=2).config.is_exact  # 16 + 13 > one block of 20
+    assert apbm.plan(6, 2, num_hosts=2).config.is_exact  # no anchor at all
+    logits = apbm.prefill(_ids(20, 180), _ids(21, 13), num_hosts=2)
+    assert torch.isfinite(logits).all()

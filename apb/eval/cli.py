@@ -90,21 +90,27 @@ def recall_main(
         for i in items
     ]
     apbm = APBModel(model, next(iter(heads.values())))
-    rows = recall_runs(apbm, samples, methods, list(args.hosts), list(args.budgets))
-    for row in rows:
-        item = items[row["sample"]]
-        row.update(task=item.task, cell=item.length, index=item.index)
-    result = {
-        "command": command_line(),
-        "machine": args.machine or platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "dtype": args.dtype,
-        "elapsed_s": round(time.perf_counter() - started, 1),
-        "rows": rows,
-    }
+    rows: list[dict[str, Any]] = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    for index, sample in enumerate(samples):  # the results file is rewritten after every sample
+        for row in recall_runs(apbm, [sample], methods, list(args.hosts), list(args.budgets), progress=False):
+            item = items[index]
+            row.update(sample=index, task=item.task, cell=item.length, index=item.index)
+            rows.append(row)
+        result = {
+            "command": command_line(),
+            "machine": args.machine or platform.platform(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__,
+            "dtype": args.dtype,
+            "elapsed_s": round(time.perf_counter() - started, 1),
+            "samples_done": index + 1,
+            "rows": rows,
+        }
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(
+            f"recall: sample {index + 1}/{len(samples)} done ({item.task}, {item.length} tokens)", flush=True
+        )
     table = recall_markdown(rows)
     Path(args.markdown).write_text(table)
     print(table, flush=True)
