@@ -217,12 +217,16 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    """`namespace/name` as the Hub spells it (no leading '.', '/', '~', no file suffix of ours)."""
+def looks_like_hub_id(name: str, *, namespace: bool = True) -> bool:
+    """`namespace/name` (or, with ``namespace=False``, also a bare `name`) as the Hub spells it, and not a
+    path: no leading '.', '/', '~', no file suffix of ours, no OS path separator."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith((".bin", ".pt", ".pth")):
+    slashes = name.count("/")
+    if slashes > 1 or (namespace and slashes != 1) or name.startswith((".", "/", "~")):
+        return False
+    if name.endswith((".bin", ".pt", ".pth")) or (os.sep != "/" and os.sep in name):
         return False
     try:
         validate_repo_id(name)
@@ -235,7 +239,7 @@ def model_card(config: AdapterConfig, metrics: Mapping[str, Any] | None = None) 
     """The adapter's README.md: YAML front matter for the Hub, then what the heads are and how to use them."""
     front: dict[str, Any] = {"library_name": LIBRARY_NAME}
     base = config.base_model_name_or_path
-    if base and _looks_like_repo_id(base):
+    if base and looks_like_hub_id(base):
         front["base_model"] = base  # the Hub only accepts repo ids here, not local paths
     front["tags"] = ["apb", "retaining-heads", "long-context", "kv-cache-compression", config.model_type]
     num_params = (
@@ -365,7 +369,7 @@ def resolve_adapter(
             logger.warning("revision=%r ignored: %s is a local path", revision, path)
         return path
     name = str(adapter)
-    if not _looks_like_repo_id(name):
+    if not looks_like_hub_id(name):
         raise FileNotFoundError(
             f"adapter {name!r}: no such file or folder, and not a Hub repo id of the form 'namespace/name'"
         )

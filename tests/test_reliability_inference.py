@@ -157,12 +157,12 @@ def test_eos_ids_as_a_list_or_tensor_stop_generation(llama):
 def test_flex_on_the_cpu_is_refused_at_config_resolution(monkeypatch, llama):
     _no_prefill(monkeypatch, llama)
     with pytest.raises(
-        ValueError, match=r"backend 'flex' needs CUDA.*on cpu; usable on cpu: auto, reference"
+        ValueError, match=r"backend 'flex' needs CUDA.*on cpu; usable on cpu: auto, .*reference, sdpa"
     ):
         llama.prefill(_ids(0, 300), _ids(1, 4), config=APBConfig.exact(backend="flex"), num_hosts=2)
     with pytest.raises(ValueError, match=r"'flex' needs CUDA"):
         get_backend("flex", "cpu")
-    assert get_backend("reference", "cpu") is get_backend("auto", "cpu")
+    assert get_backend("sdpa", "cpu") is get_backend("auto", "cpu")
 
 
 # -------------------------------------------------------------------------------------------- heads

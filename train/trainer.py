@@ -32,6 +32,7 @@ from apb.train.process_group import DistInfo, close_distributed, init_distribute
 from apb.train.step import HeadsStack, micro_step, prepare_base
 from torch import nn
 
+from apb.adapter import looks_like_hub_id
 from apb.heads import ModelShape, RetainingHeads
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,6 @@ def cached_tokenized_samples(
     settings reads its samples back instead of making them again. `write`: save them (the main rank);
     `fingerprint`: `data_fingerprint` when the caller has it already."""
     import gzip
-    import os
 
     from apb.data.sample import TokenizedSample
 
@@ -218,20 +218,6 @@ def _model_config(config: RunConfig) -> Any:
     return AutoConfig.from_pretrained(m.name_or_path)
 
 
-def _plausible_hub_id(name: str) -> bool:
-    """`name` or `namespace/name` as the Hub spells it; not a path (no leading '/', '.', '~')."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if name.count("/") > 1 or name.startswith(("/", ".", "~")) or os.sep != "/" and os.sep in name:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def check_model_paths(config: RunConfig) -> None:
     """ValueError for a model or tokenizer that is neither an existing path nor a plausible Hub id.
 
@@ -241,7 +227,7 @@ def check_model_paths(config: RunConfig) -> None:
     for key, name in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
         if name is None or name == "builtin:tiny" or Path(name).expanduser().exists():
             continue
-        if not _plausible_hub_id(name):
+        if not looks_like_hub_id(name, namespace=False):
             raise ValueError(
                 f"{key}: {name!r} is not an existing file or folder, and not a Hub repo id "
                 "(name or namespace/name)"
