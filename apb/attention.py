@@ -125,6 +125,9 @@ class PrefillState:
     passing_indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     """Output when recorded: layer -> indices (local coordinates) this host passed on."""
     record_indices: bool = False
+    exchange_marks: list[tuple[Any, Any]] | None = None
+    """When recorded: (start, end) `clock` marks around each passing exchange are appended here."""
+    clock: Callable[[], Any] | None = None
 
     def attend(self, module: nn.Module, query, key, value, scaling: float):
         layer_idx = module.layer_idx
@@ -159,7 +162,10 @@ class PrefillState:
                 if self.record_indices:
                     self.passing_indices[layer_idx] = idx
                 k_pass, v_pass = gather_tokens(k_local, idx), gather_tokens(v_local, idx)
+            start = self.clock() if self.exchange_marks is not None else None
             earlier = self.comm.exchange_passing(layer_idx, self.host, k_pass, v_pass, self.counts)
+            if self.exchange_marks is not None:
+                self.exchange_marks.append((start, self.clock()))
         num_passing = sum(k.shape[2] for k, _ in earlier)
         if a and not self.anchor_visible:  # a probe anchor: its rows and the block's, apart
             assert not num_passing, "only host 0, which reads no passing block, has a probe anchor"

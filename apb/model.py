@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,11 @@ class PrefillRecord:
     passing: dict[int, dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)
     """host -> layer -> indices [batch, num_kv_heads, count] into the host's block."""
     host_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
+    clock: Callable[[], Any] = time.perf_counter
+    """What marks the start and end of each passing exchange (a benchmark on a GPU passes CUDA events)."""
+    exchange_marks: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    """(start, end) `clock` marks around every passing exchange (one per layer of a host that takes part;
+    under torch.distributed this includes waiting for the other ranks)."""
 
 
 class APBModel(nn.Module):
@@ -77,17 +82,18 @@ class APBModel(nn.Module):
     # ------------------------------------------------------------------ public API
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[PrefillRecord]:
+    def recording(self, clock: Callable[[], Any] | None = None) -> Iterator[PrefillRecord]:
         """Record what the prefills inside the block did, for evaluation and benchmarks: the plan, the
         passing indices every host of this process chose (host -> layer -> [batch, num_kv_heads, count],
-        block coordinates) and each host's seconds. Costs one small dict per layer; the last prefill
-        inside the block is what the record holds.
+        block coordinates), each host's seconds and `clock` marks around every passing exchange
+        (default `time.perf_counter`). Costs one small dict per layer; the last prefill inside the block
+        is what the record holds (the exchange marks of all of them).
 
             with apbm.recording() as record:
                 apbm.prefill(context_ids, query_ids, config=config, num_hosts=4)
             record.passing[0][5]  # what host 0 passed at layer 5
         """
-        previous, self._record = self._record, PrefillRecord()
+        previous, self._record = self._record, PrefillRecord(clock=clock or time.perf_counter)
         try:
             yield self._record
         finally:
@@ -565,6 +571,8 @@ class APBModel(nn.Module):
                 capture=self.capture if use_heads else None,
                 oracle_scores=oracle_scores,
                 record_indices=record is not None,
+                exchange_marks=None if record is None else record.exchange_marks,
+                clock=None if record is None else record.clock,
             )
             _sync(context.device)
             started = time.perf_counter()

@@ -13,8 +13,8 @@ simulated benchmark (bench_prefill.py is imported, not copied). Per setting, aft
 
 - context ms: each rank's decoder call over its own block (CUDA events / perf_counter via the
   decoder hooks of bench_prefill); the row reports the slowest rank;
-- comm ms: time inside `DistributedComm.exchange_passing` (the per-layer all-gather of passing blocks,
-  padding and stacking included), summed over layers, wrapped from this script for the duration.
+- comm ms: time inside the per-layer all-gather of passing blocks (padding and stacking included), summed
+  over layers, from the exchange marks of `APBModel.recording(clock=...)`.
   It includes waiting for slower ranks to reach the collective; the row reports the largest rank;
 - query ms: the query pass (every rank over its cache, partials all-gathered), slowest rank;
 - total ms: wall time from a barrier to the end of `APBModel.prefill` on the slowest rank.
@@ -27,14 +27,12 @@ carries the simulated numbers of the same method, length and host count and real
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib.util
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,39 +61,6 @@ DIST_METHODS = ["full", "star", "exact", "apb", "apb-balanced"]
 APB with the paper's equal split, APB with the balanced split."""
 
 
-class CommTimer:
-    """Wraps `DistributedComm.exchange_passing` while active: one (start, end) marker pair per call."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.marks: list[tuple[Any, Any]] = []
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[CommTimer]:
-        from apb.comm import DistributedComm
-
-        original = DistributedComm.exchange_passing
-        timer = self
-
-        def timed(comm, *args, **kwargs):
-            start = timer.clock.mark()
-            try:
-                return original(comm, *args, **kwargs)
-            finally:
-                timer.marks.append((start, timer.clock.mark()))
-
-        self.marks = []
-        DistributedComm.exchange_passing = timed
-        try:
-            yield self
-        finally:
-            DistributedComm.exchange_passing = original
-
-    def total_ms(self) -> float:
-        """Sum over the recorded calls (call after `clock.sync()`)."""
-        return sum(self.clock.ms(s, e) for s, e in self.marks)
-
-
 class DistBench:
     """bench_prefill.Bench on every rank (model, ids, configs, timers) plus the distributed timing."""
 
@@ -114,7 +79,6 @@ class DistBench:
             if tensor.device.type == device.type:  # NCCL moves CUDA tensors only
                 dist.broadcast(tensor.data, src=0)
         self.clock = self.bench.clock
-        self.comm_timer = CommTimer(self.clock)
         self.simulated = json.loads(Path(args.simulated_json).read_text()) if args.simulated_json else None
         meta = dict(self.bench.results["meta"])
         meta.update(
@@ -124,7 +88,7 @@ class DistBench:
             backend_dist=dist.get_backend(),
             nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
             timing="per rank: decoder hooks (CUDA events / perf_counter) for context and query; comm = time "
-            "inside DistributedComm.exchange_passing (includes waiting for slower ranks); total = wall from a "
+            "inside the passing all-gather (APBModel.recording's exchange marks; includes waiting for slower ranks); total = wall from a "
             f"barrier to the end of prefill on the slowest rank; warm-up {cfg.warmup_layers} layers; median of "
             f"{cfg.repeats} run(s)",
             simulated_json=str(args.simulated_json) if args.simulated_json else None,
@@ -171,7 +135,7 @@ class DistBench:
         for _ in range(self.cfg.repeats):
             dist.barrier()
             self.clock.sync()  # every rank starts from an idle GPU right after the barrier
-            with bench.recorder.recording() as calls, self.comm_timer.active():
+            with bench.recorder.recording() as calls, bench.apbm.recording(clock=self.clock.mark) as record:
                 start = self.clock.mark()
                 wall0 = time.perf_counter()
                 logits = prefill()
@@ -185,8 +149,8 @@ class DistBench:
                 "wall": self._max(wall * 1000.0),
                 "context": self._max(context_ms),
                 "query": self._max(query_ms),
-                "comm": self._max(self.comm_timer.total_ms()),
-                "comm_calls": len(self.comm_timer.marks),
+                "comm": self._max(sum(self.clock.ms(a, b) for a, b in record.exchange_marks)),
+                "comm_calls": len(record.exchange_marks),
             }
             samples.append((max(sample["total"]), sample))
         _, s = bp._median(samples)

@@ -107,6 +107,14 @@ def test_random_selector_is_seeded_per_host_and_layer():
         apbm.prefill(context, query, config=config, num_hosts=3)
     assert all(torch.equal(first.passing[h][0], second.passing[h][0]) for h in (0, 1))
     assert not torch.equal(first.passing[0][0], first.passing[0][1])  # layers differ
+    # one passing exchange per host and layer, marked by the record's clock
+    num_layers = model.config.num_hidden_layers
+    assert len(first.exchange_marks) == 3 * num_layers
+    assert all(isinstance(a, float) and b >= a for a, b in first.exchange_marks)
+    ticks = iter(range(1000))
+    with apbm.recording(clock=lambda: next(ticks)) as counted:
+        apbm.prefill(context, query, config=config, num_hosts=3)
+    assert counted.exchange_marks == [(2 * i, 2 * i + 1) for i in range(3 * num_layers)]
 
 
 def test_attention_mass_equals_eager_attention_weights():
