@@ -91,7 +91,7 @@ def _is_batch(messages: Any) -> bool:
 def _split(
     tokenizer: Any, messages: Messages, question: str | None, template_kwargs: Mapping[str, Any]
 ) -> tuple[list[int], list[int]]:
-    from apb.data.tokenization import QUESTION_SEPARATOR, _split_at_char, has_chat_template
+    from apb.data.tokenization import QUESTION_SEPARATOR, _split_at_char, has_chat_template, render_and_locate
 
     if not has_chat_template(tokenizer):
         raise ValueError(
@@ -123,14 +123,5 @@ def _split(
         document = text[: len(text) - len(asked)].rstrip()
     if not document:
         raise ValueError("the last user message holds no document before the question")
-    rendered = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=True, **template_kwargs
-    )
-    if not isinstance(rendered, str):
-        raise ValueError(f"apply_chat_template(tokenize=False) returned {type(rendered).__name__}, not str")
-    start = rendered.rfind(text)
-    if start < 0:
-        raise ValueError(
-            "the chat template changed the last user message; cannot locate the document in the prompt"
-        )
+    rendered, start = render_and_locate(tokenizer, list(messages), text, last=True, **template_kwargs)
     return _split_at_char(tokenizer, rendered, start + len(document))

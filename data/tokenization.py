@@ -59,15 +59,25 @@ def render_prompt(
     user = f"{context}{QUESTION_SEPARATOR}{question}" if context else question
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": user})
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered, start = render_and_locate(tokenizer, messages, user)
+    return rendered, start + len(context)
+
+
+def render_and_locate(
+    tokenizer: Any, messages: list[dict[str, str]], text: str, *, last: bool = False, **template_kwargs: Any
+) -> tuple[str, int]:
+    """The chat-template prompt of `messages` (with the generation prompt) and the character offset of
+    `text` (a user message's content) in it: the first occurrence, or with `last` the last one."""
+    rendered = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+    )
     if not isinstance(rendered, str):
         raise ValueError(f"apply_chat_template(tokenize=False) returned {type(rendered).__name__}, not str")
-    start = rendered.find(user)
+    start = rendered.rfind(text) if last else rendered.find(text)
     if start < 0:
-        raise ValueError(
-            "the chat template changed the user message; cannot locate the context in the prompt"
-        )
-    return rendered, start + len(context)
+        which = "last user message" if last else "user message"
+        raise ValueError(f"the chat template changed the {which}; cannot locate it in the prompt")
+    return rendered, start
 
 
 def _split_at_char(tokenizer: Any, text: str, char_end: int) -> tuple[list[int], list[int]]:
