@@ -225,7 +225,7 @@ if HAS_TRITON:
         return acc, l_i, m_i
 
     def _set_block_shapes(nargs) -> None:
-        # TMA descriptors carry the tile shape, which depends on the config being tried.
+        # TMA descriptors hold the tile shape, which depends on the config being tried.
         if nargs.get("USE_TMA"):
             for name in ("K", "V"):
                 nargs[name].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
