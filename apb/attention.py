@@ -36,6 +36,20 @@ from apb.selectors import SelectionInputs
 
 ATTN_NAME = "apb"
 
+PREFILL_REGIONS: dict[str, str] = {
+    "step": "APB's whole attention step of one layer: the regions below, plus concatenating the keys "
+    "[passing | anchor | local] and keeping the local K/V in the host's store",
+    "score": "the passing-block selector scoring the local block (the retaining heads' MLP, or a "
+    "training-free selector)",
+    "top_k": "max-pooling the scores and choosing the top-k per KV head (`select_passing`)",
+    "gather": "gathering the chosen tokens' K/V",
+    "exchange": "the passing exchange (under torch.distributed, the all-gather, waiting for the other "
+    "ranks included)",
+    "attention": "the attention backend over [passing | anchor | local]",
+}
+"""Names of the timing regions the prefill marks when `APBModel.recording(regions=True)` is active, and
+what each covers; `score`, `top_k` and `gather` only on hosts that select a passing block."""
+
 # KV store of one host: per layer (k, v), each [batch, num_kv_heads, tokens, head_dim], post-RoPE.
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
@@ -91,6 +105,18 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- phase states
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TimedRegion:
+    """One marked region of a host's prefill (see `PREFILL_REGIONS`); `start` and `end` are whatever
+    the recording's clock returned (seconds from `time.perf_counter`, or a benchmark's CUDA events)."""
+
+    host: int
+    layer: int
+    name: str
+    start: Any
+    end: Any
+
+
 @dataclasses.dataclass(kw_only=True, slots=True)
 class PrefillState:
     """One host's context prefill (see module docstring)."""
@@ -127,9 +153,26 @@ class PrefillState:
     record_indices: bool = False
     exchange_marks: list[tuple[Any, Any]] | None = None
     """When recorded: (start, end) `clock` marks around each passing exchange are appended here."""
+    regions: list[TimedRegion] | None = None
+    """When recorded with regions: a `TimedRegion` per marked region (`PREFILL_REGIONS`) is appended here."""
     clock: Callable[[], Any] | None = None
 
+    def _mark(self) -> Any:
+        return self.clock() if self.regions is not None else None
+
+    def _region(self, name: str, layer_idx: int, start: Any) -> None:
+        if self.regions is not None:
+            self.regions.append(TimedRegion(self.host, layer_idx, name, start, self.clock()))
+
     def attend(self, module: nn.Module, query, key, value, scaling: float):
+        if self.regions is None:
+            return self._attend(module, query, key, value, scaling)
+        start = self.clock()
+        out = self._attend(module, query, key, value, scaling)
+        self._region("step", module.layer_idx, start)
+        return out
+
+    def _attend(self, module: nn.Module, query, key, value, scaling: float):
         layer_idx = module.layer_idx
         a = self.num_anchor
         k_local, v_local = key[:, :, a:], value[:, :, a:]
@@ -142,6 +185,7 @@ class PrefillState:
             elif self.passing_all:
                 k_pass, v_pass = k_local[:, :, self.num_excluded :], v_local[:, :, self.num_excluded :]
             else:
+                start = self._mark()
                 scores = self.selector(
                     SelectionInputs(
                         layer_idx=layer_idx,
@@ -158,17 +202,28 @@ class PrefillState:
                         seed=self.seed,
                     )
                 )
+                self._region("score", layer_idx, start)
+                start = self._mark()
                 idx = select_passing(scores, count, self.pool_kernel, self.num_excluded)
+                self._region("top_k", layer_idx, start)
                 if self.record_indices:
                     self.passing_indices[layer_idx] = idx
+                start = self._mark()
                 k_pass, v_pass = gather_tokens(k_local, idx), gather_tokens(v_local, idx)
-            start = self.clock() if self.exchange_marks is not None else None
+                self._region("gather", layer_idx, start)
+            marked = self.exchange_marks is not None or self.regions is not None
+            start = self.clock() if marked else None
             earlier = self.comm.exchange_passing(layer_idx, self.host, k_pass, v_pass, self.counts)
-            if self.exchange_marks is not None:
-                self.exchange_marks.append((start, self.clock()))
+            if marked:
+                end = self.clock()
+                if self.exchange_marks is not None:
+                    self.exchange_marks.append((start, end))
+                if self.regions is not None:
+                    self.regions.append(TimedRegion(self.host, layer_idx, "exchange", start, end))
         num_passing = sum(k.shape[2] for k, _ in earlier)
         if a and not self.anchor_visible:  # a probe anchor: its rows and the block's, apart
             assert not num_passing, "only host 0, which reads no passing block, has a probe anchor"
+            start = self._mark()
             anchor_out, _ = self.backend(
                 query[:, :, :a],
                 key[:, :, :a],
@@ -181,15 +236,18 @@ class PrefillState:
                 query[:, :, a:], k_local, v_local, num_passing=0, num_anchor=0, softmax_scale=scaling
             )
             out = torch.cat([anchor_out, local_out], dim=2)
+            self._region("attention", layer_idx, start)
         else:
             if num_passing:
                 keys = torch.cat([k for k, _ in earlier] + [key], dim=2)
                 values = torch.cat([v for _, v in earlier] + [value], dim=2)
             else:
                 keys, values = key, value
+            start = self._mark()
             out, _ = self.backend(
                 query, keys, values, num_passing=num_passing, num_anchor=a, softmax_scale=scaling
             )
+            self._region("attention", layer_idx, start)
         if a:  # don't keep the anchor's storage alive through a view
             k_local, v_local = k_local.contiguous(), v_local.contiguous()
         while len(self.store) <= layer_idx:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from apb.attention import DecodeState, LayerKV, PrefillState, activate, install
+from apb.attention import DecodeState, LayerKV, PrefillState, TimedRegion, activate, install
 from apb.backends import get_backend
 from apb.comm import Communicator, make_comm
 from apb.config import APBConfig
@@ -41,6 +41,26 @@ class PrefillRecord:
     exchange_marks: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
     """(start, end) `clock` marks around every passing exchange (one per layer of a host that takes part;
     under torch.distributed this includes waiting for the other ranks)."""
+    regions: list[TimedRegion] | None = None
+    """With ``recording(regions=True)``: a `TimedRegion` (host, layer, name, start, end) for every region of
+    APB's attention step each host ran, in order; the names are `apb.attention.PREFILL_REGIONS`
+    (step, score, top_k, gather, exchange, attention). None otherwise."""
+
+    def region_seconds(
+        self, elapsed: Callable[[Any, Any], float] | None = None
+    ) -> dict[int, dict[str, float]]:
+        """host -> region name -> total over layers. `elapsed(start, end)` turns two clock marks into a
+        duration (default ``end - start``: seconds with the default clock; a benchmark timing with CUDA
+        events passes ``lambda a, b: a.elapsed_time(b)`` after a synchronize). `ValueError` when the
+        recording did not ask for regions."""
+        if self.regions is None:
+            raise ValueError("no regions were recorded: use APBModel.recording(regions=True)")
+        elapsed = elapsed or (lambda start, end: end - start)
+        totals: dict[int, dict[str, float]] = {}
+        for region in self.regions:
+            per_host = totals.setdefault(region.host, {})
+            per_host[region.name] = per_host.get(region.name, 0.0) + elapsed(region.start, region.end)
+        return totals
 
 
 class APBModel(nn.Module):
@@ -82,18 +102,32 @@ class APBModel(nn.Module):
     # ------------------------------------------------------------------ public API
 
     @contextlib.contextmanager
-    def recording(self, clock: Callable[[], Any] | None = None) -> Iterator[PrefillRecord]:
+    def recording(
+        self, clock: Callable[[], Any] | None = None, *, regions: bool = False
+    ) -> Iterator[PrefillRecord]:
         """Record what the prefills inside the block did, for evaluation and benchmarks: the plan, the
         passing indices every host of this process chose (host -> layer -> [batch, num_kv_heads, count],
         block coordinates), each host's seconds and `clock` marks around every passing exchange
         (default `time.perf_counter`). Costs one small dict per layer; the last prefill inside the block
-        is what the record holds (the exchange marks of all of them).
+        is what the record holds (the exchange marks and regions of all of them).
+
+        `regions`: also mark, with `clock`, every region of APB's attention step on every layer
+        (`apb.attention.PREFILL_REGIONS`: the whole step, selection scores, top-k, gather, exchange,
+        attention backend) into ``record.regions``; ``record.region_seconds()`` sums them per host. On a
+        GPU pass a clock that does not synchronise (CUDA events) and read the marks after a synchronize.
+        Without a recording (or without `regions`) nothing is marked.
 
             with apbm.recording() as record:
                 apbm.prefill(context_ids, query_ids, config=config, num_hosts=4)
             record.passing[0][5]  # what host 0 passed at layer 5
+            with apbm.recording(regions=True) as record:
+                apbm.prefill(context_ids, query_ids, config=config, num_hosts=4)
+            record.region_seconds()[1]["attention"]  # host 1's attention backend, all layers, seconds
         """
-        previous, self._record = self._record, PrefillRecord(clock=clock or time.perf_counter)
+        previous, self._record = (
+            self._record,
+            PrefillRecord(clock=clock or time.perf_counter, regions=[] if regions else None),
+        )
         try:
             yield self._record
         finally:
@@ -572,6 +606,7 @@ class APBModel(nn.Module):
                 oracle_scores=oracle_scores,
                 record_indices=record is not None,
                 exchange_marks=None if record is None else record.exchange_marks,
+                regions=None if record is None else record.regions,
                 clock=None if record is None else record.clock,
             )
             _sync(context.device)
