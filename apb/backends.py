@@ -9,7 +9,9 @@ Every backend has the signature of :func:`apb.kernels.reference.apb_attention_re
 
 Built in: "reference" (plain torch, any device), "sdpa" (torch's fused scaled_dot_product_attention
 with the APB mask as a boolean tensor; returns lse None), "flex" (torch flex_attention, CUDA), "flash"
-(flash-attn, only when importable), "triton" (``apb.kernels.apb_attention``, only when that exists).
+(FlashAttention-4, ``apb.kernels.flash4``, when ``flash-attn-4`` is installed: ``pip install
+"apb-retain[flash]"``; else flash-attn 2 when that is; CUDA), "triton" (``apb.kernels.apb_attention``,
+only when that exists).
 "auto" resolves to triton on CUDA (flex when triton is missing) and sdpa elsewhere.
 
 A backend may return ``lse = None`` when it cannot give it cheaply: APB's prefill uses only ``out``.
@@ -241,12 +243,31 @@ def _flash(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float |
     )
 
 
+# ---------------------------------------------------------------- FlashAttention-4
+
+
+def _flash4(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | None = None):
+    """APB attention on FlashAttention-4 (`apb.kernels.flash4.apb_attention_fa4`, its default method)."""
+    from apb.kernels.flash4 import apb_attention_fa4
+
+    return apb_attention_fa4(
+        q, k, v, num_passing=num_passing, num_anchor=num_anchor, softmax_scale=softmax_scale
+    )
+
+
 # ---------------------------------------------------------------- optional registration
 
 
 def _register_optional() -> None:
-    if "flash" not in _REGISTRY and importlib.util.find_spec("flash_attn") is not None:
-        register_backend("flash", _flash, device_types=("cuda",))
+    if "flash" not in _REGISTRY:
+        from apb.kernels.flash4 import fa4_available
+
+        # flash-attn-4 installs flash_attn/cute (no flash_attn/__init__.py), so finding `flash_attn`
+        # alone does not mean flash-attn 2's flash_attn_func is there: FA4 is checked first
+        if fa4_available():
+            register_backend("flash", _flash4, device_types=("cuda",))
+        elif importlib.util.find_spec("flash_attn") is not None:
+            register_backend("flash", _flash, device_types=("cuda",))
     if "triton" not in _REGISTRY:
         try:
             kernels = importlib.import_module("apb.kernels")
