@@ -46,7 +46,7 @@ class PrefillRecord:
     APB's attention step each host ran, in order; the names are `apb.attention.PREFILL_REGIONS`
     (step, score, top_k, gather, exchange, attention). None otherwise."""
 
-    def region_seconds(
+    def region_times(
         self, elapsed: Callable[[Any, Any], float] | None = None
     ) -> dict[int, dict[str, float]]:
         """host -> region name -> total over layers. `elapsed(start, end)` turns two clock marks into a
@@ -113,7 +113,7 @@ class APBModel(nn.Module):
 
         `regions`: also mark, with `clock`, every region of APB's attention step on every layer
         (`apb.attention.PREFILL_REGIONS`: the whole step, selection scores, top-k, gather, exchange,
-        attention backend) into ``record.regions``; ``record.region_seconds()`` sums them per host. On a
+        attention backend) into ``record.regions``; ``record.region_times()`` sums them per host. On a
         GPU pass a clock that does not synchronise (CUDA events) and read the marks after a synchronize.
         Without a recording (or without `regions`) nothing is marked.
 
@@ -122,7 +122,7 @@ class APBModel(nn.Module):
             record.passing[0][5]  # what host 0 passed at layer 5
             with apbm.recording(regions=True) as record:
                 apbm.prefill(context_ids, query_ids, config=config, num_hosts=4)
-            record.region_seconds()[1]["attention"]  # host 1's attention backend, all layers, seconds
+            record.region_times()[1]["attention"]  # host 1's attention backend, all layers, seconds
         """
         previous, self._record = (
             self._record,

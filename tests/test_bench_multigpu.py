@@ -1,6 +1,6 @@
 """The multi-GPU scripts run with 2 gloo ranks on the CPU (torchrun from a temp cwd, free port).
 
-scripts/bench_prefill_dist.py --tiny: APB and Star rows with times > 0, measured comm, speedup = full /
+scripts/bench_prefill_dist.py --tiny (`apb.bench.dist`): APB and Star rows with times > 0, measured comm, speedup = full /
 total, and the simulated columns when a simulated JSON is given; scripts/oracle_dist.py --cpu: exact-mode
 APB over 2 processes equals the one-process model (fp32) and sampled generation stops together.
 scripts/bench_multigpu.sh needs N GPUs: here it is syntax-checked, and its arguments and output folder
@@ -44,7 +44,7 @@ def _torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess
 
 
 def _simulated(path: Path) -> None:
-    """A bench_prefill.py-style results JSON for the same setting (tiny, 1024 tokens, 2 hosts)."""
+    """An `apb.bench.prefill` results JSON for the same setting (tiny, 1024 tokens, 2 hosts)."""
     runs = [
         {"method": "full", "length": 1024, "hosts": 1, "status": "ok", "compute_ms": 10.0, "comm_ms": 0.0,
          "query_ms": 0.0, "total_ms": 10.0},
@@ -69,6 +69,7 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     assert set(runs) == {"full", "star", "exact", "apb-balanced", "apb"}
     full = runs["full"]
     assert full["status"] == "ok" and full["hosts"] == 1 and full["total_ms"] > 0
+    assert full["full_attention"] == "sdpa, CPU"  # on a GPU: the first of cuDNN, FlashAttention-2, ...
     for method in ("apb", "apb-balanced", "exact", "star"):
         run = runs[method]
         assert run["status"] == "ok" and run["hosts"] == 2 and run["finite"]
@@ -96,6 +97,7 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     )
     table = (tmp_path / "dist.md").read_text()
     assert "Real multi-process run" in table and "| apb | 1K | " in table and "| exact | 1K | " in table
+    assert "| full (1 GPU, sdpa, CPU) | 1K | 1024 |" in table
 
 
 def test_oracle_two_gloo_ranks_fp32(tmp_path):

@@ -1,23 +1,23 @@
-"""scripts/bench_prefill.py end to end on the CPU (tiny model, simulated hosts) and its comm model."""
+"""The simulated prefill benchmark (`apb.bench.prefill`, scripts/bench_prefill.py) end to end on the CPU
+(tiny model, simulated hosts), its comm model and full attention's choice of SDPA kernel."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import script_module
+from conftest import clean_env, run_or_fail
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_prefill.py"
+import apb.attention
+import apb.bench.prefill as bench
+from apb.bench.common import SDPA_KERNELS, first_working_kernel, full_attention_label
 
-
-@pytest.fixture(scope="module")
-def bench():
-    with script_module(SCRIPT) as module:
-        yield module
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_comm_model_matches_the_stated_formula(bench):
+def test_comm_model_matches_the_stated_formula():
     # Llama-3.1-8B, 128K, 8 hosts: passing 2048 per KV head, K+V in bf16 -> 8 MiB per host per layer;
     # each GPU receives 7 of the 8 pieces per layer at 450 GB/s, 32 layers.
     ms = bench.comm_ms(
@@ -59,7 +59,41 @@ def test_passing_counts_follow_the_apb_config():
     assert HostPlan(APBConfig.star(131072, 8), 131072, 64, 8).counts == [0] * 8
 
 
-def test_tiny_run_end_to_end(bench, tmp_path):
+def test_full_attention_takes_the_first_sdpa_kernel_that_runs():
+    """cuDNN first, then FlashAttention-2, then memory-efficient; a failure is recorded, an OOM is not
+    taken for a missing kernel. (On the CPU the kernel restriction itself is a no-op.)"""
+    assert SDPA_KERNELS == ("cudnn", "flash", "efficient")
+    assert first_working_kernel(lambda: 7, cuda=True) == (7, "cudnn", [])
+    calls = []
+
+    def cudnn_fails():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return "logits"
+
+    result, kernel, failed = first_working_kernel(cudnn_fails, cuda=True)
+    assert (result, kernel) == ("logits", "flash") and failed == [
+        "cudnn: No available kernel. Aborting execution."
+    ]
+
+    def never():
+        raise RuntimeError("No available kernel")
+
+    with pytest.raises(RuntimeError):  # none of them, then torch's own choice: it fails too
+        first_working_kernel(never, cuda=True)
+
+    def oom():
+        raise __import__("torch").cuda.OutOfMemoryError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        first_working_kernel(oom, cuda=True)
+    assert first_working_kernel(lambda: 1, cuda=False) == (1, None, [])
+    assert full_attention_label("cudnn", True) == "sdpa cuDNN"
+    assert full_attention_label(None, False) == "sdpa, CPU"
+
+
+def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "r.json"
     md = tmp_path / "r.md"
     png = tmp_path / "r.png"
@@ -70,6 +104,8 @@ def test_tiny_run_end_to_end(bench, tmp_path):
     assert set(runs) == {("full", 1), ("star", 2), ("apb", 2)}
     assert all(r["status"] == "ok" and r["finite"] for r in runs.values())
     full = runs[("full", 1)]
+    assert full["full_attention"] == "sdpa, CPU" and full["sdpa_kernel"] is None
+    assert "SDPA on the first of cudnn, flash, efficient" in saved["meta"]["full_attention"]
     for key in (("star", 2), ("apb", 2)):
         run = runs[key]
         assert run["total_ms"] == pytest.approx(run["compute_ms"] + run["comm_ms"] + run["query_ms"])
@@ -93,16 +129,30 @@ def test_tiny_run_end_to_end(bench, tmp_path):
             assert cats["ffn"] > 0 and cats["qkv"] > 0 and cats["attention"] > 0
     apb_entry = next(b for b in saved["breakdown"] if b["method"] == "apb")
     assert apb_entry["per_host"][0]["runs_heads"] and apb_entry["per_host"][0]["ms"]["heads"] > 0
+    # the prefill's own regions (APBModel.recording(regions=True)) under the breakdown's raw names
+    raw = apb_entry["per_host"][0]["raw_ms"]
+    assert set(bench.REGION_RAW_NAMES.values()) <= set(raw) and all(raw[k] > 0 for k in raw)
+    assert raw["attend"] >= raw["heads_score"] + raw["heads_select"] + raw["backend"]
+    # nothing of apb was patched (the breakdown used to wrap these)
+    assert apb.attention.select_passing.__module__ == "apb.attention"
+    assert apb.attention.PrefillState.attend.__qualname__ == "PrefillState.attend"
     assert not apb_entry["per_host"][-1]["runs_heads"]
     assert "heads_share" in saved["targets"] and "apb_vs_star" in saved["targets"]
-    assert "| apb | 1K | 2 |" in md.read_text()
+    table = md.read_text()
+    assert "| apb | 1K | 2 |" in table and "| full (sdpa, CPU) | 1K | 1 |" in table
     assert png.stat().st_size > 10_000
     # re-rendering from the JSON gives the same numbers
     again = bench.main(["--from-json", str(out)])
     assert again["runs"] == results["runs"]
+    # the script is a thin entry point to the same code
+    md2 = tmp_path / "again.md"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_prefill.py"), "--from-json", str(out)]
+    done = run_or_fail([*command, "--markdown", str(md2)], cwd=tmp_path, env=clean_env(), timeout_s=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert md2.read_text() == table
 
 
-def test_head_hidden_reaches_the_heads(bench, tmp_path):
+def test_head_hidden_reaches_the_heads(tmp_path):
     """--head-hidden sets the retaining heads' hidden size (the heads-share measurement varies it)."""
     cfg = bench.config_from_args(bench.parse_args(["--tiny", "--head-hidden", "8"]))
     assert cfg.head_hidden == 8

@@ -40,7 +40,7 @@ def test_regions_mark_every_step_of_every_host_and_layer(apbm):
     for step in (r for r in record.regions if r.name == "step"):
         inner = [r for r in record.regions if (r.host, r.layer) == (step.host, step.layer) and r is not step]
         assert all(step.start <= r.start <= r.end <= step.end for r in inner)
-    totals = record.region_seconds()
+    totals = record.region_times()
     assert set(totals) == set(range(num_hosts))
     for host, seconds in totals.items():
         parts = sum(v for k, v in seconds.items() if k != "step")
@@ -55,7 +55,7 @@ def test_regions_use_the_recording_clock(apbm):
         apbm.prefill(_ids(2, 60), _ids(3, 2), config=APBConfig(anchor_len=4, passing_len=3), num_hosts=2)
     marks = [mark for r in record.regions for mark in (r.start, r.end)]
     assert all(isinstance(m, int) for m in marks) and len(set(marks)) == len(marks)  # one tick per mark
-    elapsed = record.region_seconds(lambda start, end: 10 * (end - start))
+    elapsed = record.region_times(lambda start, end: 10 * (end - start))
     assert all(v > 0 and v % 10 == 0 for seconds in elapsed.values() for v in seconds.values())
 
 
@@ -72,7 +72,7 @@ def test_no_regions_unless_asked(apbm):
     assert record.regions is None
     assert len(calls) == 2 * len(record.exchange_marks)  # the exchange marks only
     with pytest.raises(ValueError, match="recording\\(regions=True\\)"):
-        record.region_seconds()
+        record.region_times()
     # outside a recording the prefill marks nothing and its logits are the same
     with apbm.recording(regions=True):
         timed = apbm.prefill(_ids(0, 120), _ids(1, 3), config=config, num_hosts=3)

@@ -1,0 +1,270 @@
+"""What the simulated and the distributed prefill benchmarks share: model shapes, timers, full attention
+on its fastest SDPA kernel, and small helpers over result rows."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "llama8b": dict(
+        family="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=262144 + 1024,
+        rope_theta=500000.0,
+    ),
+    "qwen14b": dict(
+        family="qwen2",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        max_position_embeddings=262144 + 1024,
+        rope_theta=1000000.0,
+    ),
+    "tiny": dict(
+        family="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=16384,
+        rope_theta=10000.0,
+    ),
+}
+"""Benchmark model shapes (random weights): Llama-3.1-8B, Qwen-2.5-14B, and a tiny CPU one. ``family``
+picks the transformers config class; the rest are its fields."""
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A causal LM of `MODEL_SHAPES[shape]` with random weights, built on `device` (SDPA attention)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    fields = dict(MODEL_SHAPES[shape])
+    family = fields.pop("family")
+    config = LlamaConfig(**fields) if family == "llama" else Qwen2Config(**fields, use_sliding_window=False)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+# ---------------------------------------------------------------- timers
+
+
+class Clock:
+    """Time markers: recorded CUDA events on the GPU (no synchronisation), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start: Any, end: Any) -> float:
+        """Milliseconds between two markers (call after `sync`)."""
+        if self.cuda:
+            return float(start.elapsed_time(end))
+        return (end - start) * 1000.0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class DecoderRecorder:
+    """Forward pre/post hooks on the decoder: one record per decoder call (APB: one per host, then the
+    query pass; full: one) with time markers and, on CUDA, the memory allocated at the start and the peak
+    during the call (peak stats are reset at the call's start)."""
+
+    def __init__(self, decoder: nn.Module, clock: Clock):
+        self.clock = clock
+        self.calls: list[dict[str, Any]] = []
+        self.active = False
+        decoder.register_forward_pre_hook(self._pre)
+        decoder.register_forward_hook(self._post)
+
+    def _pre(self, _module, _args) -> None:
+        if not self.active:
+            return
+        record: dict[str, Any] = {"start": self.clock.mark()}
+        if self.clock.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            record["alloc_start"] = torch.cuda.memory_allocated()
+        self.calls.append(record)
+
+    def _post(self, _module, _args, _output) -> None:
+        if not self.active:
+            return
+        record = self.calls[-1]
+        record["end"] = self.clock.mark()
+        if self.clock.cuda:
+            record["peak"] = torch.cuda.max_memory_allocated()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[dict[str, Any]]]:
+        self.calls, self.active = [], True
+        try:
+            yield self.calls
+        finally:
+            self.active = False
+
+    @property
+    def current_call(self) -> int:
+        return len(self.calls) - 1
+
+
+# ---------------------------------------------------------------- communication model
+
+
+def comm_ms(
+    *,
+    num_layers: int,
+    num_hosts: int,
+    max_passing: int,
+    num_kv_heads: int,
+    head_dim: int,
+    bytes_per_element: int,
+    bandwidth_gbps: float,
+    latency_us: float = 0.0,
+) -> float:
+    """Modelled all-gather time of the passing blocks over all layers, in ms:
+
+        num_layers * ((H - 1) * P * num_kv_heads * head_dim * 2 (K and V) * bytes / B + latency)
+
+    P the largest passing block (the collective pads every host's block to it, as `DistributedComm`
+    does), B the all-gather bus bandwidth per GPU: an all-gather of H pieces of S bytes moves
+    (H - 1) / H * (H * S) bytes into each GPU."""
+    if num_hosts < 2 or max_passing == 0:
+        return 0.0
+    piece = max_passing * num_kv_heads * head_dim * 2 * bytes_per_element  # K and V of one host
+    per_layer_s = (num_hosts - 1) * piece / (bandwidth_gbps * 1e9) + latency_us * 1e-6
+    return num_layers * per_layer_s * 1000.0
+
+
+# ---------------------------------------------------------------- full attention's kernel
+
+SDPA_KERNELS = ("cudnn", "flash", "efficient")
+"""Full attention's SDPA kernels in order of preference, the fastest first: cuDNN (dense causal attention
+at Llama-8B shapes on an H200: ~570-610 TFLOP/s), FlashAttention-2 (~340), memory-efficient. Never the
+math kernel unless none of them runs the shape (it holds the whole [seq, seq] score matrix)."""
+
+_SDP_BACKENDS = {
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+}
+KERNEL_LABELS = {"cudnn": "cuDNN", "flash": "FlashAttention-2", "efficient": "memory-efficient"}
+
+
+@contextlib.contextmanager
+def sdpa_kernel_only(kernel: str | None) -> Iterator[None]:
+    """Inside the block, SDPA on CUDA runs only `kernel` (a `SDPA_KERNELS` name; None: torch's own choice,
+    math kernel included). A no-op without CUDA (the CPU has its own kernels)."""
+    if kernel is None or not torch.cuda.is_available():
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, _SDP_BACKENDS[kernel], None)
+    if backend is None:  # this torch has no such kernel (cuDNN came in 2.2)
+        raise RuntimeError(f"No available kernel: torch {torch.__version__} has no SDPA {kernel} backend")
+    with sdpa_kernel([backend]):
+        yield
+
+
+def first_working_kernel(
+    run: Callable[[], T], *, cuda: bool, log: Callable[[str], None] = lambda _: None
+) -> tuple[T, str | None, list[str]]:
+    """Call `run` (a warm-up forward at the timed shapes) under each of `SDPA_KERNELS` in turn until one
+    runs: ``(its result, the kernel, why the ones before it failed)``. The kernel is None (torch's own
+    choice) when none of them runs, and on the CPU, where only `run` is called."""
+    if not cuda:
+        return run(), None, []
+    failures = []
+    for kernel in SDPA_KERNELS:
+        try:
+            with sdpa_kernel_only(kernel):
+                return run(), kernel, failures
+        except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but no kernel would help
+            raise
+        except RuntimeError as error:  # no such kernel for this shape / dtype / GPU
+            failures.append(f"{kernel}: {str(error).splitlines()[0][:200]}")
+            log(f"SDPA {kernel} kernel failed here ({failures[-1]}); trying the next")
+    return run(), None, failures
+
+
+def full_attention_label(kernel: str | None, cuda: bool) -> str:
+    """How full attention ran, for results and tables: ``"sdpa cuDNN"`` and the like."""
+    if not cuda:
+        return "sdpa, CPU"
+    return f"sdpa {KERNEL_LABELS[kernel]}" if kernel else "sdpa, torch's choice"
+
+
+# ---------------------------------------------------------------- result rows
+
+
+def method_label(run: dict[str, Any]) -> str:
+    """A row's method for a table; full attention says how it ran: ``"full (sdpa cuDNN)"``."""
+    if run["method"] == "full" and run.get("full_attention"):
+        return f"full ({run['full_attention']})"
+    return run["method"]
+
+
+def median(samples: list[tuple[float, Any]]) -> tuple[float, Any]:
+    """The sample with the median key (the lower middle one for an even count)."""
+    ordered = sorted(samples, key=lambda s: s[0])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def find_run(runs: list[dict], method: str, length: int | None, hosts: int | None) -> dict | None:
+    """The first row of `method` at `length` and `hosts`, or None."""
+    for r in runs:
+        if r["method"] == method and r["length"] == length and r["hosts"] == hosts:
+            return r
+    return None
+
+
+def skipped_run(method: str, length: int, hosts: int, status: str) -> dict[str, Any]:
+    """A row for a setting that did not run, saying why."""
+    return {"method": method, "length": length, "hosts": hosts, "status": status}
+
+
+def fmt(value: float | None, suffix: str = "") -> str:
+    """A ratio or time for a table: 2 decimals below 10, 1 above; "—" for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.2f}{suffix}" if value < 10 else f"{value:.1f}{suffix}"
+
+
+def context_label(length: int) -> str:
+    """``131072`` -> ``"128K"``."""
+    return f"{length // 1024}K" if length >= 1024 else str(length)
+
+
+def package_version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return "unknown"
