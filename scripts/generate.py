@@ -7,6 +7,9 @@ One host per rank:
 Smoke test without downloads (random tiny Llama, random heads, byte tokenizer):
     python scripts/generate.py --tiny --hosts 3 --max-new-tokens 8
 
+With a tokenizer that has a chat template (instruct models), the document and the question go in one user
+message, cut into context and query by `apb.chat_inputs` (the prompt the model would see without APB);
+otherwise, or with ``--prompt-format plain``, the document is followed by "Question: ... Answer:".
 Prints the answer and the context-prefill time of every host.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +40,7 @@ class ByteTokenizer:
         return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF model path or id (omit with --tiny)")
     p.add_argument("--gguf-file", help="load --model's weights from this GGUF file in the model folder")
@@ -44,6 +48,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="random tiny Llama + random heads, no downloads")
     p.add_argument("--context-file", help="text file holding the context (default with --tiny: generated)")
     p.add_argument("--question", default="What is the secret word?", help="the question (the query)")
+    p.add_argument(
+        "--prompt-format",
+        choices=["auto", "chat", "plain"],
+        default="auto",
+        help="chat: one user message through the tokenizer's chat template (apb.chat_inputs); plain: the "
+        "document, then 'Question: ... Answer:'; auto (default): chat when the tokenizer has a template",
+    )
     p.add_argument(
         "--hosts", type=int, default=None, help="hosts simulated in one process (not under torchrun)"
     )
@@ -61,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not args.tiny and not args.model:
         p.error("--model is required (or --tiny)")
     return args
@@ -114,8 +125,23 @@ def load(args: argparse.Namespace, device: torch.device):
     return model, tokenizer, heads
 
 
-def main() -> None:
-    args = parse_args()
+def prompt_ids(
+    tokenizer: Any, context_text: str, question: str, prompt_format: str = "auto"
+) -> tuple[list[int], list[int], str]:
+    """``(context_ids, query_ids, the format used)`` for `context_text` and `question`."""
+    from apb.data import has_chat_template
+
+    if prompt_format == "chat" or (prompt_format == "auto" and has_chat_template(tokenizer)):
+        message = {"role": "user", "content": f"{context_text.strip()}\n\n{question.strip()}"}
+        context_ids, query_ids = apb.chat_inputs(tokenizer, [message], question=question)
+        return context_ids, query_ids, "chat"
+    context_ids = tokenizer.encode(context_text, add_special_tokens=False)
+    query_ids = tokenizer.encode(f"\n\nQuestion: {question}\nAnswer:", add_special_tokens=False)
+    return context_ids, query_ids, "plain"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     rank, world, device = setup_distributed()
     print0 = print if rank == 0 else (lambda *a, **k: None)
     model, tokenizer, heads = load(args, device)
@@ -129,11 +155,14 @@ def main() -> None:
             + "The secret word is 'apple'. "
             + ("The sun is yellow. " * 40)
         )
-    context_ids = tokenizer.encode(context_text, add_special_tokens=False)
-    query_ids = tokenizer.encode(f"\n\nQuestion: {args.question}\nAnswer:", add_special_tokens=False)
+    try:
+        context_ids, query_ids, used = prompt_ids(tokenizer, context_text, args.question, args.prompt_format)
+    except ValueError as err:  # --prompt-format chat without a chat template, no document, ...
+        raise SystemExit(f"prompt: {err}") from err
     num_hosts = world if world > 1 else (args.hosts or 1)
     print0(
-        f"context {len(context_ids)} tokens, query {len(query_ids)} tokens, mode {args.mode}, {num_hosts} hosts"
+        f"context {len(context_ids)} tokens, query {len(query_ids)} tokens ({used} prompt), mode {args.mode}, "
+        f"{num_hosts} hosts"
     )
 
     gen = dict(

@@ -1,0 +1,46 @@
+"""scripts/generate.py: chat prompts through `apb.chat_inputs`, plain ones otherwise, and a --tiny run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from apb.data import build_tiny_tokenizer
+from conftest import script_module
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "generate.py"
+
+
+@pytest.fixture(scope="module")
+def generate():
+    with script_module(SCRIPT) as module:
+        yield module
+
+
+def test_chat_prompt_is_the_chat_template_cut_by_chat_inputs(generate):
+    tokenizer = build_tiny_tokenizer()
+    document, question = "The secret word is apple. " * 20, "What is the secret word?"
+    context, query, used = generate.prompt_ids(tokenizer, document, question)
+    assert used == "chat"
+    message = {"role": "user", "content": f"{document.strip()}\n\n{question}"}
+    whole = tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=True)
+    whole = whole["input_ids"] if isinstance(whole, dict) or hasattr(whole, "keys") else whole
+    assert context + query == list(whole)
+    assert question in tokenizer.decode(query) and question not in tokenizer.decode(context)
+    # plain on request: the document, then "Question: ... Answer:"
+    context, query, used = generate.prompt_ids(tokenizer, document, question, "plain")
+    assert used == "plain" and tokenizer.decode(query).strip().endswith("Answer:")
+
+
+def test_chat_format_needs_a_chat_template(generate):
+    tokenizer = generate.ByteTokenizer()
+    assert generate.prompt_ids(tokenizer, "doc", "q?")[2] == "plain"  # auto: no template, plain
+    with pytest.raises(ValueError, match="no chat template"):
+        generate.prompt_ids(tokenizer, "doc", "q?", "chat")
+
+
+def test_tiny_run_prints_the_answer_and_host_times(generate, capsys):
+    generate.main(["--tiny", "--hosts", "2", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert "(plain prompt), mode apb, 2 hosts" in out
+    assert "prefill host 0:" in out and "prefill host 1:" in out and "answer (" in out
