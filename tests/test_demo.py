@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import script_module
+from conftest import clean_env, free_port, run_or_fail, script_module
 
 from apb.eval.assets import tiny_model_and_tokenizer
 
@@ -80,3 +81,30 @@ def test_main_prints_answers_prefill_times_and_the_parallel_estimate(demo, capsy
     block, anchor, passing = map(int, sizes.groups())
     assert 1150 < int(context.group(1)) < 1260 and block == int(context.group(1)) // 2
     assert (anchor, passing) == (block // 4, block // 8)
+
+
+@pytest.mark.slow
+def test_one_process_per_host_under_torchrun(tmp_path):
+    """torchrun --nproc-per-node 2 scripts/demo.py --tiny --distributed: two gloo processes, one host each,
+    and the measured time instead of the simulation's estimate (from a temp cwd, free port)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()), str(SCRIPT), "--tiny", "--distributed", "--context-tokens", "1200",
+        "--max-new-tokens", "4",
+    ]  # fmt: skip
+    done = run_or_fail(command, cwd=tmp_path, env=clean_env(OMP_NUM_THREADS="1"), timeout_s=300)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert out.count("2 processes, one host each, on cpu (gloo)") == 1  # process 0 alone prints
+    assert re.search(r"^full attention : .+ (right|wrong)$", out, re.M), out
+    assert re.search(r"^APB, 2 hosts   : .+ (right|wrong)$", out, re.M), out
+    assert "APB: 2 hosts at once, one per process" in out and "simulated" not in out
+    each = re.search(r"APB, each host\s*:\s*([\d.]+)s, ([\d.]+)s\s+\(one process each, at once", out)
+    measured = re.search(r"APB with one process per host\s*:\s*([\d.]+)s\s+measured: the slowest of 2", out)
+    assert each and measured, out
+    assert float(measured.group(1)) + 0.11 >= max(map(float, each.groups()))  # each printed to 0.1 s
+
+
+def test_distributed_flag_needs_torchrun(demo):
+    with pytest.raises(SystemExit, match="torchrun --nproc-per-node N scripts/demo.py"):
+        demo.main(["--tiny", "--distributed"])
