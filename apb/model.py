@@ -46,9 +46,7 @@ class PrefillRecord:
     APB's attention step each host ran, in order; the names are `apb.attention.PREFILL_REGIONS`
     (step, score, top_k, gather, exchange, attention). None otherwise."""
 
-    def region_times(
-        self, elapsed: Callable[[Any, Any], float] | None = None
-    ) -> dict[int, dict[str, float]]:
+    def region_times(self, elapsed: Callable[[Any, Any], float] | None = None) -> dict[int, dict[str, float]]:
         """host -> region name -> total over layers. `elapsed(start, end)` turns two clock marks into a
         duration (default ``end - start``: seconds with the default clock; a benchmark timing with CUDA
         events passes ``lambda a, b: a.elapsed_time(b)`` after a synchronize). `ValueError` when the
