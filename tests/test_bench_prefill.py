@@ -12,7 +12,13 @@ from conftest import clean_env, run_or_fail
 
 import apb.attention
 import apb.bench.prefill as bench
-from apb.bench.common import SDPA_KERNELS, first_working_kernel, full_attention_label
+from apb.bench.common import (
+    FULL_KERNELS,
+    SDPA_KERNELS,
+    first_working_kernel,
+    full_attention_kernel,
+    full_attention_label,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +66,10 @@ def test_passing_counts_follow_the_apb_config():
 
 
 def test_full_attention_takes_the_first_sdpa_kernel_that_runs():
-    """cuDNN first, then FlashAttention-2, then memory-efficient; a failure is recorded, an OOM is not
-    taken for a missing kernel. (On the CPU the kernel restriction itself is a no-op.)"""
-    assert SDPA_KERNELS == ("cudnn", "flash", "efficient")
+    """cuDNN first, then FlashAttention-2, then memory-efficient (FA4 only with a model and flash-attn-4
+    installed); a failure is recorded, an OOM is not taken for a missing kernel. (On the CPU the kernel
+    restriction itself is a no-op.)"""
+    assert ("fa4", *SDPA_KERNELS) == FULL_KERNELS and SDPA_KERNELS == ("cudnn", "flash", "efficient")
     assert first_working_kernel(lambda: 7, cuda=True) == (7, "cudnn", [])
     calls = []
 
@@ -90,7 +97,57 @@ def test_full_attention_takes_the_first_sdpa_kernel_that_runs():
         first_working_kernel(oom, cuda=True)
     assert first_working_kernel(lambda: 1, cuda=False) == (1, None, [])
     assert full_attention_label("cudnn", True) == "sdpa cuDNN"
+    assert full_attention_label("fa4", True) == "FlashAttention-4"
     assert full_attention_label(None, False) == "sdpa, CPU"
+
+
+def _causal_reference(q, k, v, *, softmax_scale=None):
+    """Stands in for FA4's dense causal call on the CPU: same shapes in and out."""
+    import torch
+
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale)
+    return out, None
+
+
+def test_full_attention_on_fa4_is_the_plain_models_attention(monkeypatch):
+    """The FA4 baseline swaps the model's attention implementation for the block only, feeds the kernel
+    [batch, heads, seq, dim] tensors with the model's scale and gives transformers back [batch, seq, heads,
+    dim]: with a causal reference in FA4's place, the logits equal the plain model's; FA4 is tried first
+    when present, and a failing FA4 falls through to cuDNN."""
+    import apb.kernels.flash4 as flash4
+    import torch
+
+    from apb.bench.common import build_model
+
+    monkeypatch.setattr(flash4, "fa4_available", lambda: True)
+    monkeypatch.setattr(flash4, "causal_attention_fa4", _causal_reference)
+    model = build_model("tiny", torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 37))
+    before = model.config._attn_implementation
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        with full_attention_kernel(model, "fa4"):
+            assert model.config._attn_implementation != before
+            on_fa4 = model(input_ids=ids).logits
+    assert model.config._attn_implementation == before
+    torch.testing.assert_close(on_fa4, plain, rtol=1e-5, atol=1e-5)  # fp32, same math in another order
+
+    assert first_working_kernel(lambda: 3, cuda=True, model=model) == (3, "fa4", [])
+
+    def fa4_fails(*args, **kwargs):
+        raise RuntimeError("cutlass: no sm90 kernel")
+
+    monkeypatch.setattr(flash4, "causal_attention_fa4", fa4_fails)
+
+    def forward():
+        return model(input_ids=ids).logits
+
+    with torch.inference_mode():
+        _, kernel, failed = first_working_kernel(forward, cuda=True, model=model)
+    assert kernel == "cudnn" and failed == ["fa4: cutlass: no sm90 kernel"]
+    assert model.config._attn_implementation == before
 
 
 def test_tiny_run_end_to_end(tmp_path):
@@ -104,8 +161,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert set(runs) == {("full", 1), ("star", 2), ("apb", 2)}
     assert all(r["status"] == "ok" and r["finite"] for r in runs.values())
     full = runs[("full", 1)]
-    assert full["full_attention"] == "sdpa, CPU" and full["sdpa_kernel"] is None
-    assert "SDPA on the first of cudnn, flash, efficient" in saved["meta"]["full_attention"]
+    assert full["full_attention"] == "sdpa, CPU" and full["full_kernel"] is None
+    assert "on the first of fa4, cudnn, flash, efficient" in saved["meta"]["full_attention"]
     for key in (("star", 2), ("apb", 2)):
         run = runs[key]
         assert run["total_ms"] == pytest.approx(run["compute_ms"] + run["comm_ms"] + run["query_ms"])

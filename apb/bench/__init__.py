@@ -12,6 +12,6 @@ Inside APB's prefill they see through the documented hook `APBModel.recording(cl
 nothing of `apb` is patched.
 """
 
-from apb.bench.common import MODEL_SHAPES, SDPA_KERNELS, Clock, DecoderRecorder, comm_ms
+from apb.bench.common import FULL_KERNELS, MODEL_SHAPES, Clock, DecoderRecorder, comm_ms
 
-__all__ = ["MODEL_SHAPES", "SDPA_KERNELS", "Clock", "DecoderRecorder", "comm_ms"]
+__all__ = ["FULL_KERNELS", "MODEL_SHAPES", "Clock", "DecoderRecorder", "comm_ms"]

@@ -163,17 +163,29 @@ def comm_ms(
 
 # ---------------------------------------------------------------- full attention's kernel
 
-SDPA_KERNELS = ("cudnn", "flash", "efficient")
-"""Full attention's SDPA kernels in order of preference, the fastest first: cuDNN (dense causal attention
-at Llama-8B shapes on an H200: ~570-610 TFLOP/s), FlashAttention-2 (~340), memory-efficient. Never the
-math kernel unless none of them runs the shape (it holds the whole [seq, seq] score matrix)."""
+FULL_KERNELS = ("fa4", "cudnn", "flash", "efficient")
+"""Full attention's kernels in order of preference, the fastest first (dense causal attention at Llama-8B
+shapes on an H200, `scripts/bench_kernel.py`): FlashAttention-4 (~650-675 TFLOP/s; only when
+``flash-attn-4`` is installed), then SDPA's cuDNN (~550-615), FlashAttention-2 (~340) and memory-efficient
+kernels. Never SDPA's math kernel unless none of them runs the shape (it holds the whole [seq, seq] score
+matrix)."""
+
+SDPA_KERNELS = FULL_KERNELS[1:]
+"""The SDPA kernels among `FULL_KERNELS`."""
 
 _SDP_BACKENDS = {
     "cudnn": "CUDNN_ATTENTION",
     "flash": "FLASH_ATTENTION",
     "efficient": "EFFICIENT_ATTENTION",
 }
-KERNEL_LABELS = {"cudnn": "cuDNN", "flash": "FlashAttention-2", "efficient": "memory-efficient"}
+KERNEL_LABELS = {
+    "fa4": "FlashAttention-4",
+    "cudnn": "sdpa cuDNN",
+    "flash": "sdpa FlashAttention-2",
+    "efficient": "sdpa memory-efficient",
+}
+FA4_ATTENTION = "apb_bench_fa4_causal"
+"""The transformers attention implementation name under which full attention runs on FA4."""
 
 
 @contextlib.contextmanager
@@ -192,32 +204,101 @@ def sdpa_kernel_only(kernel: str | None) -> Iterator[None]:
         yield
 
 
+def _fa4_causal_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: dense causal attention on FA4 (no padding, no dropout).
+    query: [batch, heads, seq, head_dim], key/value: [batch, kv_heads, seq, head_dim] ->
+    ([batch, seq, heads, head_dim], None)."""
+    from apb.kernels.flash4 import causal_attention_fa4
+
+    if attention_mask is not None:
+        raise RuntimeError("No available kernel: the FA4 full-attention baseline runs unpadded inputs only")
+    out, _ = causal_attention_fa4(query, key, value, softmax_scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """transformers mask function for `FA4_ATTENTION`: the kernel is causal itself."""
+    return None
+
+
+def _set_attention(model: nn.Module, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, AttributeError, TypeError):
+        model.config._attn_implementation = name
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name
+
+
+@contextlib.contextmanager
+def full_attention_kernel(model: nn.Module, kernel: str | None) -> Iterator[None]:
+    """Inside the block, the unmodified `model`'s attention runs on `kernel` (a `FULL_KERNELS` name):
+    "fa4" switches its attention implementation to FlashAttention-4 dense causal for the duration; the
+    SDPA names restrict SDPA as `sdpa_kernel_only` does (None: torch's own choice)."""
+    if kernel != "fa4":
+        with sdpa_kernel_only(kernel):
+            yield
+        return
+    from apb.kernels.flash4 import fa4_available
+
+    if not fa4_available():
+        raise RuntimeError("No available kernel: flash-attn-4 is not installed")
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(FA4_ATTENTION, _fa4_causal_forward)
+    AttentionMaskInterface.register(FA4_ATTENTION, _no_mask)
+    previous = model.config._attn_implementation
+    _set_attention(model, FA4_ATTENTION)
+    try:
+        yield
+    finally:
+        _set_attention(model, previous)
+
+
 def first_working_kernel(
-    run: Callable[[], T], *, cuda: bool, log: Callable[[str], None] = lambda _: None
+    run: Callable[[], T],
+    *,
+    cuda: bool,
+    log: Callable[[str], None] = lambda _: None,
+    model: nn.Module | None = None,
 ) -> tuple[T, str | None, list[str]]:
-    """Call `run` (a warm-up forward at the timed shapes) under each of `SDPA_KERNELS` in turn until one
-    runs: ``(its result, the kernel, why the ones before it failed)``. The kernel is None (torch's own
-    choice) when none of them runs, and on the CPU, where only `run` is called."""
+    """Call `run` (a warm-up forward at the timed shapes) under each of `FULL_KERNELS` in turn until one
+    runs: ``(its result, the kernel, why the ones before it failed)``. FA4 is tried only with `model`
+    given and ``flash-attn-4`` importable. The kernel is None (torch's own choice) when none of them
+    runs, and on the CPU, where only `run` is called."""
     if not cuda:
         return run(), None, []
+    from apb.kernels.flash4 import fa4_available
+
     failures = []
-    for kernel in SDPA_KERNELS:
+    for kernel in FULL_KERNELS:
+        if kernel == "fa4" and (model is None or not fa4_available()):
+            continue
         try:
-            with sdpa_kernel_only(kernel):
+            with full_attention_kernel(model, kernel):
                 return run(), kernel, failures
         except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but no kernel would help
             raise
-        except RuntimeError as error:  # no such kernel for this shape / dtype / GPU
+        except (RuntimeError, ValueError) as error:  # no such kernel for this shape / dtype / GPU
             failures.append(f"{kernel}: {str(error).splitlines()[0][:200]}")
-            log(f"SDPA {kernel} kernel failed here ({failures[-1]}); trying the next")
+            log(f"full attention's {kernel} kernel failed here ({failures[-1]}); trying the next")
     return run(), None, failures
 
 
 def full_attention_label(kernel: str | None, cuda: bool) -> str:
-    """How full attention ran, for results and tables: ``"sdpa cuDNN"`` and the like."""
+    """How full attention ran, for results and tables: ``"sdpa cuDNN"``, ``"FlashAttention-4"``..."""
     if not cuda:
         return "sdpa, CPU"
-    return f"sdpa {KERNEL_LABELS[kernel]}" if kernel else "sdpa, torch's choice"
+    return KERNEL_LABELS[kernel] if kernel else "sdpa, torch's choice"
 
 
 # ---------------------------------------------------------------- result rows

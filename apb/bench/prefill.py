@@ -11,10 +11,10 @@
 Random bf16 weights built on the GPU from a config (no downloads) and random retaining heads: time and
 memory do not depend on what the weights are. On the same input ids:
 
-- full: the unmodified model's forward over context + query on one GPU (SDPA, causal, no mask tensor) on
-  the fastest SDPA kernel that runs the shape (`apb.bench.common.SDPA_KERNELS`: cuDNN, then
-  FlashAttention-2, then memory-efficient; each row records the one that ran), logits of the last token
-  only;
+- full: the unmodified model's forward over context + query on one GPU (causal, no mask tensor) on the
+  fastest attention kernel that runs the shape (`apb.bench.common.FULL_KERNELS`: FlashAttention-4 when
+  installed, then SDPA's cuDNN, FlashAttention-2 and memory-efficient kernels; each row records the one
+  that ran), logits of the last token only;
 - star: Star Attention (`APBConfig.star`: anchor = one whole block, nothing passed);
 - apb: APB with the paper's defaults (`APBConfig.for_length`: anchor = block/4 capped at 8192,
   passing = block/8, query in the anchor).
@@ -70,8 +70,8 @@ import torch
 from torch import nn
 
 from apb.bench.common import (
+    FULL_KERNELS,
     MODEL_SHAPES,
-    SDPA_KERNELS,
     Clock,
     DecoderRecorder,
     build_model,
@@ -80,11 +80,11 @@ from apb.bench.common import (
     find_run,
     first_working_kernel,
     fmt,
+    full_attention_kernel,
     full_attention_label,
     median,
     method_label,
     package_version,
-    sdpa_kernel_only,
     skipped_run,
 )
 from apb.model import PrefillRecord
@@ -180,8 +180,8 @@ class BenchConfig:
 
 
 FULL_ATTENTION_NOTE = (
-    "the unmodified model, SDPA on the first of " + ", ".join(SDPA_KERNELS) + " that runs the shape "
-    "(chosen in the warm-up; each full row's full_attention / sdpa_kernel says which ran)"
+    "the unmodified model on the first of " + ", ".join(FULL_KERNELS) + " that runs the shape "
+    "(chosen in the warm-up; each full row's full_attention / full_kernel says which ran)"
 )
 
 # ---------------------------------------------------------------- breakdown
@@ -512,11 +512,13 @@ class Bench:
     # -------------------------------------------------------------- one measurement
 
     def full_kernel(self, forward: Callable[[], Any], length: int) -> str | None:
-        """The SDPA kernel full attention uses at `length`: the first of `SDPA_KERNELS` under which
+        """The kernel full attention uses at `length`: the first of `FULL_KERNELS` under which
         `forward` runs with the first `warmup_layers` layers (a warm-up too), kept per length."""
         if length not in self.full_kernels:
             with self.few_layers(max(1, self.cfg.warmup_layers)):
-                _, kernel, failed = first_working_kernel(forward, cuda=self.clock.cuda, log=self.log)
+                _, kernel, failed = first_working_kernel(
+                    forward, cuda=self.clock.cuda, log=self.log, model=self.model
+                )
             self.full_kernels[length] = kernel
             self.full_kernel_failures[length] = failed
         return self.full_kernels[length]
@@ -537,7 +539,7 @@ class Bench:
             self.clock.sync()
             samples = []
             for _ in range(self.cfg.repeats):
-                with self.recorder.recording() as calls, sdpa_kernel_only(kernel):
+                with self.recorder.recording() as calls, full_attention_kernel(self.model, kernel):
                     start = self.clock.mark()
                     logits = forward()
                     end = self.clock.mark()
@@ -555,11 +557,11 @@ class Bench:
             "total_ms": total,
             "finite": bool(torch.isfinite(logits).all()),
             "full_attention": full_attention_label(kernel, self.clock.cuda),
-            "sdpa_kernel": kernel,
+            "full_kernel": kernel,
             "sdpa_math_disabled": kernel is not None,
         }
         if self.full_kernel_failures[length]:
-            run["sdpa_kernels_failed"] = self.full_kernel_failures[length]
+            run["full_kernels_failed"] = self.full_kernel_failures[length]
         if self.clock.cuda:
             run["peak_gib"] = calls[0]["peak"] / 2**30
             run["host_est_gib"] = [calls[0]["peak"] / 2**30]
@@ -706,7 +708,11 @@ class Bench:
             kernel = self.full_kernel(forward, length)
             self.model.set_attn_implementation("bench_sdpa")
             try:
-                with breakdown.module_hooks(), self.recorder.recording() as calls, sdpa_kernel_only(kernel):
+                with (
+                    breakdown.module_hooks(),
+                    self.recorder.recording() as calls,
+                    full_attention_kernel(self.model, kernel),
+                ):
                     forward()
             finally:
                 self.model.set_attn_implementation("sdpa")
