@@ -82,6 +82,10 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
         # recorded); Star passes nothing, so no all-gather
         assert run["comm_calls"] == (0 if method == "star" else 2)
         assert len(run["rank_busy_ms"]) == 2 and sum(run["blocks"]) == 1024
+        assert len(run["rank_flop_bound_ms"]) == 2 and min(run["rank_flop_bound_ms"]) > 0
+        assert run["rank_busy_over_bound"] == pytest.approx(
+            [b / x for b, x in zip(run["rank_busy_ms"], run["rank_flop_bound_ms"], strict=True)]
+        )
         sim_total = {"apb": 5.0, "star": 8.0}.get(method)
         if sim_total is None:
             assert run["simulated"] is None
@@ -95,7 +99,10 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     assert runs["apb"]["speedup_vs_exact"] == pytest.approx(
         runs["exact"]["total_ms"] / runs["apb"]["total_ms"]
     )
+    rates = results["meta"]["rates_tflops"]
+    assert set(rates) == {"matmul", "attention"} and min(rates.values()) > 0
     table = (tmp_path / "dist.md").read_text()
+    assert "busy / FLOP bound" in table and "matmul" in table
     assert "Real multi-process run" in table and "| apb | 1K | " in table and "| exact | 1K | " in table
     assert "| full (1 GPU, sdpa, CPU) | 1K | 1024 |" in table
 

@@ -150,6 +150,24 @@ def test_full_attention_on_fa4_is_the_plain_models_attention(monkeypatch):
     assert model.config._attn_implementation == before
 
 
+def test_flop_bound_is_linear_work_at_the_matmul_rate_plus_attention_at_the_attention_rate():
+    """By hand for two equal hosts of 100 tokens, anchor 10, host 1 reading 5 passing keys."""
+    from apb import APBConfig, HostPlan
+    from apb.bench.common import flop_bound_ms
+    from apb.plan import CostModel
+
+    config = APBConfig(anchor_len=10, passing_len=5, query_in_anchor=False)
+    plan = HostPlan(config, 200, 0, 2)
+    cost = CostModel(flops_per_token=1e12, flops_per_pair=1e9)
+    bound = flop_bound_ms(plan, cost, {"matmul": 2.0, "attention": 0.5})
+    # host 0: no anchor, 100 causal rows; host 1: anchor 10 (causal) + 100 rows over 5 + 10 + causal 100
+    pairs = [100 * 101 / 2, 10 * 11 / 2 + 100 * (5 + 10) + 100 * 101 / 2]
+    tokens = [100, 110]
+    expected = [(t * 1e12 / 2e12 + p * 1e9 / 0.5e12) * 1000 for t, p in zip(tokens, pairs, strict=True)]
+    assert [v.num_anchor for v in plan.hosts] == [0, 10] and plan.num_passing_keys(1) == 5
+    assert bound == pytest.approx(expected)
+
+
 def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "r.json"
     md = tmp_path / "r.md"

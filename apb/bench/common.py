@@ -301,6 +301,68 @@ def full_attention_label(kernel: str | None, cuda: bool) -> str:
     return KERNEL_LABELS[kernel] if kernel else "sdpa, torch's choice"
 
 
+# ---------------------------------------------------------------- FLOP bound
+
+
+def measure_rates(
+    config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str,
+    *,
+    num_tokens: int = 16384,
+    repeats: int = 10,
+) -> dict[str, float]:
+    """What this GPU sustains on a host's two kinds of work, in TFLOP/s: ``matmul`` (a [num_tokens,
+    hidden] x [hidden, intermediate] GEMM, the MLP's up-projection) and ``attention`` (the APB attention
+    `backend` run dense causal over `num_tokens` tokens at the model's head shape). The FLOP bound of a
+    host (`flop_bound_ms`) divides its work by these."""
+    from apb.backends import get_backend
+
+    clock = Clock(device)
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()  # warm-up (and compile)
+        clock.sync()
+        start = clock.mark()
+        for _ in range(repeats):
+            fn()
+        end = clock.mark()
+        clock.sync()
+        return clock.ms(start, end) / repeats / 1000.0
+
+    a = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
+    b = torch.randn(hidden, intermediate, device=device, dtype=dtype)
+    matmul_s = timed(lambda: a @ b)
+    attend = get_backend(backend, device)
+    q = torch.randn(1, num_heads, num_tokens, head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, num_kv_heads, num_tokens, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    attention_s = timed(lambda: attend(q, k, v, num_passing=0, num_anchor=0))
+    pairs = num_tokens * (num_tokens + 1) / 2
+    return {
+        "matmul": 2.0 * num_tokens * hidden * intermediate / matmul_s / 1e12,
+        "attention": 4.0 * pairs * num_heads * head_dim / attention_s / 1e12,
+    }
+
+
+def flop_bound_ms(plan: Any, cost: Any, rates: dict[str, float]) -> list[float]:
+    """Every host's FLOP bound under `plan` (an `apb.HostPlan`): its token-linear work (QKV, O, MLP, from
+    `cost`, an `apb.plan.CostModel` with attention_weight 1) at the measured matmul rate plus its
+    attention work at the measured attention rate (`measure_rates`), in ms. What the retaining heads,
+    top-k, norms, RoPE and the rest add is the gap between a host's busy time and this bound."""
+    bounds = []
+    for view in plan.hosts:
+        linear = cost.flops_per_token * view.num_tokens
+        attention = cost.host_cost(view.num_anchor, view.block_len, plan.num_passing_keys(view.host)) - linear
+        seconds = linear / (rates["matmul"] * 1e12) + attention / (rates["attention"] * 1e12)
+        bounds.append(seconds * 1000.0)
+    return bounds
+
+
 # ---------------------------------------------------------------- result rows
 
 

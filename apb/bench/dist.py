@@ -41,9 +41,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from apb.bench.common import MODEL_SHAPES, context_label, find_run, fmt, median, method_label, skipped_run
+from apb.bench.common import (
+    MODEL_SHAPES,
+    context_label,
+    find_run,
+    flop_bound_ms,
+    fmt,
+    measure_rates,
+    median,
+    method_label,
+    skipped_run,
+)
 from apb.bench.prefill import FULL_ATTENTION_NOTE, Bench, BenchConfig
 from apb.bench.prefill import finalize as finalize_simulated
+from apb.plan import CostModel
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +99,8 @@ class DistBench:
         )
         meta.pop("comm_model", None)
         self.results: dict[str, Any] = {"meta": meta, "backend": None, "runs": []}
+        self.rates: dict[str, float] | None = None
+        self.cost = CostModel.from_model_config(self.bench.model.config)
 
     def log(self, message: str) -> None:
         self.bench.log(message)  # rank 0's only
@@ -167,6 +180,12 @@ class DistBench:
             # ranks: the transfer itself is small), both within the context prefill
             "rank_busy_ms": [c - w for c, w in zip(s["context"], s["comm"], strict=True)],
             "rank_wait_share": [w / t for w, t in zip(s["comm"], s["total"], strict=True)],
+            # the FLOP bound: linear work at the measured matmul rate + attention at the measured
+            # attention rate (measure_rates); busy / bound is what the host forward loses beyond that
+            "rank_flop_bound_ms": (bound := flop_bound_ms(plan, self.cost, self.rates)),
+            "rank_busy_over_bound": [
+                (c - w) / b for c, w, b in zip(s["context"], s["comm"], bound, strict=True)
+            ],
             "comm_calls": s["comm_calls"],
             "compute_ms": max(s["context"]),
             "comm_ms": max(s["comm"]),
@@ -191,6 +210,19 @@ class DistBench:
         dist.broadcast_object_list(chosen, src=0)  # every rank uses rank 0's choice
         self.results["backend"] = backend = chosen[0]
         self.log(f"{self.world} ranks, backend {backend!r}")
+        bench = self.bench
+        self.rates = measure_rates(
+            bench.model.config,
+            bench.device,
+            self.cfg.torch_dtype,
+            backend,
+            num_tokens=16384 if self.clock.cuda else 256,
+        )
+        self.results["meta"]["rates_tflops"] = self.rates
+        self.log(
+            f"measured rates: matmul {self.rates['matmul']:.0f} TFLOP/s, attention ({backend}, dense causal) "
+            f"{self.rates['attention']:.0f} TFLOP/s"
+        )
         for length in cfg.lengths:
             if cfg.deadline_s and self.bench.elapsed() > cfg.deadline_s:
                 self.log(f"deadline reached: not starting {length}")
@@ -257,23 +289,26 @@ def finalize(results: dict[str, Any], simulated: dict[str, Any] | None) -> dict[
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     f = fmt
+    measured = meta.get("rates_tflops") or {}
+    rates = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in measured.items()) or "not measured"
     lines = [
         f"**Real multi-process run**: {meta['world_size']} ranks ({meta['backend_dist']}), model shape "
         f"`{meta['model_shape']}` ({meta['dtype']}, random weights), query {meta['query_len']} tokens, device "
         f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date_utc']}, "
         f"NCCL_NVLS_ENABLE={meta.get('nccl_nvls_enable')}. APB/Star backend `{results.get('backend')}`. "
         f"Full = {meta.get('full_attention') or 'the unmodified model (SDPA)'}, on one GPU. Wait = time inside the per-layer passing all-gather, "
-        "mostly waiting for slower ranks.",
+        "mostly waiting for slower ranks. Busy / FLOP bound: a rank's busy time over its linear work at the "
+        f"measured matmul rate plus its attention at the measured attention rate ({rates}).",
         "",
         "| method | context | split (tokens per rank) | total ms | speedup vs full | vs Star | vs exact "
-        "| busy ms per rank | wait ms per rank | wait share (max) | simulated total ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| busy ms per rank | busy / FLOP bound | wait ms per rank | wait share (max) | simulated total ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {"full": 0, "star": 1, "exact": 2, "apb": 3, "apb-balanced": 4}
     for r in sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9))):
         ctx = context_label(r["length"])
         if r.get("status") != "ok":
-            lines.append(f"| {r['method']} | {ctx} | {r['status']} |" + " |" * 8)
+            lines.append(f"| {r['method']} | {ctx} | {r['status']} |" + " |" * 9)
             continue
         if r["method"] == "full":
             label = (
@@ -281,15 +316,16 @@ def markdown(results: dict[str, Any]) -> str:
                 if r.get("full_attention")
                 else "full (1 GPU)"
             )
-            lines.append(f"| {label} | {ctx} | {r['length']} | {f(r['total_ms'])} |" + " |" * 7)
+            lines.append(f"| {label} | {ctx} | {r['length']} | {f(r['total_ms'])} |" + " |" * 8)
             continue
         sim = r.get("simulated") or {}
         blocks = " / ".join(str(b) for b in r.get("blocks", []))
         busy = " / ".join(f"{x:.0f}" for x in r["rank_busy_ms"])
         wait = " / ".join(f"{x:.0f}" for x in r["rank_comm_ms"])
+        over = " / ".join(f"{x:.2f}" for x in r.get("rank_busy_over_bound", []))
         lines.append(
             f"| {r['method']} | {ctx} | {blocks} | {f(r['total_ms'])} | {f(r.get('speedup_vs_full'), 'x')} "
-            f"| {f(r.get('speedup_vs_star'), 'x')} | {f(r.get('speedup_vs_exact'), 'x')} | {busy} | {wait} "
+            f"| {f(r.get('speedup_vs_star'), 'x')} | {f(r.get('speedup_vs_exact'), 'x')} | {busy} | {over} | {wait} "
             f"| {max(r['rank_wait_share']):.0%} | {f(sim.get('total_ms'))} |"
         )
     return "\n".join(lines) + "\n"
