@@ -93,8 +93,6 @@ class APBModel(nn.Module):
         """Predicted per-host work, used by the balanced split (`apb.plan`)."""
         self.last_plan: HostPlan | None = None
         """The `HostPlan` of the last prefill."""
-        self.last_prefill_times: dict[int, float] = {}
-        """Seconds per host of the last context prefill (hosts of this process only)."""
         self._record: PrefillRecord | None = None
 
     # ------------------------------------------------------------------ public API
@@ -105,8 +103,9 @@ class APBModel(nn.Module):
     ) -> Iterator[PrefillRecord]:
         """Record what the prefills inside the block did, for evaluation and benchmarks: the plan, the
         passing indices every host of this process chose (host -> layer -> [batch, num_kv_heads, count],
-        block coordinates), each host's seconds and `clock` marks around every passing exchange
-        (default `time.perf_counter`). Costs one small dict per layer; the last prefill inside the block
+        block coordinates), each host's seconds (a device synchronize before and after each host, taken
+        only inside a recording) and `clock` marks around every passing exchange (default
+        `time.perf_counter`). Costs one small dict per layer; the last prefill inside the block
         is what the record holds (the exchange marks and regions of all of them).
 
         `regions`: also mark, with `clock`, every region of APB's attention step on every layer
@@ -577,7 +576,6 @@ class APBModel(nn.Module):
         anchor = plan.anchor_ids(context, anchor_query)
         stores: dict[int, list[LayerKV]] = {}
         self.last_plan = plan
-        self.last_prefill_times = {}
         record = self._record
         if record is not None:
             record.plan = plan
@@ -607,18 +605,18 @@ class APBModel(nn.Module):
                 regions=None if record is None else record.regions,
                 clock=None if record is None else record.clock,
             )
-            _sync(context.device)
-            started = time.perf_counter()
+            if record is not None:  # a host's time is only taken when asked: it costs two device syncs
+                _sync(context.device)
+                started = time.perf_counter()
             self._run_decoder(state, ids, positions, capture=use_heads)
-            _sync(context.device)
-            self.last_prefill_times[host] = time.perf_counter() - started
             stores[host] = state.store
             if record is not None:
+                _sync(context.device)
+                record.host_seconds[host] = time.perf_counter() - started
                 record.passing[host] = state.passing_indices
-                record.host_seconds[host] = self.last_prefill_times[host]
-            logger.debug(
-                "host %d prefill: %d tokens in %.3fs", host, ids.shape[1], self.last_prefill_times[host]
-            )
+                logger.debug(
+                    "host %d prefill: %d tokens in %.3fs", host, ids.shape[1], record.host_seconds[host]
+                )
         return DecodeState(stores=stores, last_host=plan.num_hosts - 1, comm=comm)
 
     def _run_decoder(self, state, input_ids: torch.Tensor, positions: torch.Tensor, capture: bool = False):

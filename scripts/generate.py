@@ -203,19 +203,20 @@ def main(argv: list[str] | None = None) -> None:
             }
             config = APBConfig.for_length(n, num_hosts, backend=args.backend, **overrides)
         apbm = APBModel(model, heads)
-        out = apbm.generate(
-            context_ids,
-            query_ids,
-            config=config,
-            num_hosts=None if world > 1 else num_hosts,
-            eos_token_id=tokenizer.eos_token_id,
-            stop_strings=args.stop,
-            tokenizer=tokenizer,
-            seed=args.seed,
-            **gen,
-        )
+        with apbm.recording() as record:  # per-host prefill times (hosts of this process)
+            out = apbm.generate(
+                context_ids,
+                query_ids,
+                config=config,
+                num_hosts=None if world > 1 else num_hosts,
+                eos_token_id=tokenizer.eos_token_id,
+                stop_strings=args.stop,
+                tokenizer=tokenizer,
+                seed=args.seed,
+                **gen,
+            )
         ids = out[0].tolist()
-        times = dict(apbm.last_prefill_times)
+        times = dict(record.host_seconds)
         if world > 1:
             gathered: list[dict] = [{} for _ in range(world)]
             dist.all_gather_object(gathered, times)
