@@ -112,7 +112,10 @@ def test_main_writes_every_method_and_host_count(tmp_path):
     argv += ["--qa-adapter", str(tmp_path / "none"), "--qagn-adapter", str(tmp_path / "none")]
     assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"full", "star H=2", "apb-random H=2", "star H=4", "apb-random H=4"}
+    assert set(result["results"]) == {
+        "full",
+        *(f"{m} H={h}" for h in (2, 4) for m in ("star", "apb-random", "apb-qattn")),
+    }
     assert result["samples_per_cell"] == 1
     for summary in result["results"].values():
         assert 0.0 <= summary["average"] <= 100.0
@@ -346,3 +349,154 @@ def test_python_m_apb_eval_and_the_script_entry_points(tmp_path):
     ):
         result = run_or_fail([sys.executable, str(ROOT / "scripts" / script), "--help"], timeout_s=120)
         assert result.returncode == 0 and flag in result.stdout, (script, result.stderr[-2000:])
+
+
+def test_method_names_carry_split_and_budget():
+    spec = ev.parse_method("apb-qa/balanced@block/32")
+    assert (spec.name, spec.split, spec.divisor, spec.heads, spec.selector) == (
+        "apb-qa",
+        "balanced",
+        32,
+        "qa",
+        "heads",
+    )
+    assert (
+        spec.method == "apb-qa/balanced@block/32"
+        and spec.renamed("apb-qattn") == "apb-qattn/balanced@block/32"
+    )
+    qattn = ev.parse_method("apb-qattn")
+    assert (qattn.heads, qattn.selector, qattn.divisor) == (None, "query_attention", None)
+    assert ev.heads_name("apb-qattn@block/8") is None and ev.heads_name("star") is None
+    assert ev.with_budget("apb-random", 16) == "apb-random@block/16"
+    for bad in ("star@block/8", "apb-qa@block/0", "apb-qa@block/x"):
+        with pytest.raises(ValueError, match="budget"):
+            ev.parse_method(bad)
+    evaluator = types.SimpleNamespace(backend="reference")
+    config = ev.Evaluator.config(evaluator, "apb-qattn@block/32", 8000, 4)
+    assert (config.selector, config.passing_len, config.split) == ("query_attention", 2000 // 32, "equal")
+    default = ev.Evaluator.config(evaluator, "apb-qa", 8000, 4)
+    assert (default.selector, default.passing_len) == ("heads", 2000 // 8)
+    assert ev.Evaluator.config(evaluator, "apb-qa@block/8", 8000, 4) == default  # the paper's is block/8
+
+
+def test_paired_differences_compare_methods_at_the_same_budget():
+    def cell(values):
+        return {"single_needle": {2048: values}}
+
+    scores = {
+        "star H=4": cell([0.0, 0.0]),
+        "apb-qa@block/8 H=4": cell([1.0, 1.0]),
+        "apb-qattn@block/8 H=4": cell([1.0, 0.0]),
+        "apb-qa@block/32 H=4": cell([1.0, 0.0]),
+        "apb-qattn@block/32 H=4": cell([0.0, 0.0]),
+        "apb-qagn@block/32 H=4": cell([0.0, 1.0]),
+        "apb-random@block/32 H=4": cell([0.0, 0.0]),
+    }
+    paired = {(p["a"], p["b"]): p for p in ev.paired_differences(scores, (4,))}
+    expected = {(k, "star H=4") for k in scores if k != "star H=4"} | {
+        ("apb-qa@block/8 H=4", "apb-qattn@block/8 H=4"),
+        ("apb-qa@block/32 H=4", "apb-qagn@block/32 H=4"),
+        ("apb-qa@block/32 H=4", "apb-qattn@block/32 H=4"),
+        ("apb-qa@block/32 H=4", "apb-random@block/32 H=4"),
+        ("apb-qagn@block/32 H=4", "apb-qattn@block/32 H=4"),
+        ("apb-qagn@block/32 H=4", "apb-random@block/32 H=4"),
+        ("apb-qattn@block/32 H=4", "apb-random@block/32 H=4"),
+    }
+    assert set(paired) == expected  # never across budgets
+    assert paired[("apb-qa@block/8 H=4", "apb-qattn@block/8 H=4")]["diff"] == 50.0
+
+
+def test_main_runs_query_attention_and_every_budget_on_the_same_items(tiny, tmp_path):
+    from apb import build_heads, save_adapter
+
+    model, _ = tiny
+    torch.manual_seed(2)
+    save_adapter(build_heads(model, hidden_size=8), tmp_path / "qa")
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2"]
+    argv += ["--qa-adapter", str(tmp_path / "qa"), "--qagn-adapter", "none", "--backend", "sdpa"]
+    argv += ["--methods", "full", "star", "apb-qa", "apb-qattn", "--budgets", "8", "32"]
+    assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
+    result = json.loads(out.read_text())
+    rows = {f"apb-{m}@block/{d} H=2" for m in ("qa", "qattn") for d in (8, 32)}
+    assert set(result["results"]) == {"full", "star H=2", *rows}
+    assert all(n == 1 for n in result["samples_per_method"].values())
+    pairs = {(p["a"], p["b"]) for p in result["paired"]}
+    for d in (8, 32):
+        assert (f"apb-qa@block/{d} H=2", f"apb-qattn@block/{d} H=2") in pairs
+    assert "| apb-qa@block/32 H=2 − apb-qattn@block/32 H=2 |" in md.read_text()
+    with pytest.raises(ValueError, match="NAME other than qa, qagn, random, qattn"):
+        ev.main([*argv, "--adapter", "qattn=x"])
+
+
+def _run_result(hosts, scores):
+    """A results dict as an accuracy run writes it (one task, 2K)."""
+    return {
+        "command": "c",
+        "date": "d",
+        "machine": "m",
+        "model": "x",
+        "dtype": "float32",
+        "backend": "reference",
+        "torch": "t",
+        "seed": 0,
+        "mode": "teacher",
+        "tasks": ["single_needle"],
+        "lengths": [2048],
+        "hosts": hosts,
+        "elapsed_s": 1.0,
+        "raw_scores": {k: {"single_needle": {"2048": v}} for k, v in scores.items()},
+        "raw_seconds": {k: [0.1] * len(v) for k, v in scores.items()},
+    }
+
+
+def test_merge_joins_runs_of_different_host_counts():
+    four = _run_result([4], {"full": [1.0, 0.0], "apb-qa@block/8 H=4": [1.0, 1.0]})
+    eight = _run_result(
+        [8], {"full": [1.0], "apb-qa@block/8 H=8": [0.0], "apb-qattn@block/8 H=8": [1.0], "star H=8": [0.0]}
+    )
+    merged = ev.merge_results([four, eight])
+    assert merged["hosts"] == [4, 8]
+    assert merged["samples_per_method"]["full"] == 2  # the longer full row stays
+    pairs = {(p["a"], p["b"]): p for p in merged["paired"]}
+    assert pairs[("apb-qa@block/8 H=8", "apb-qattn@block/8 H=8")]["diff"] == -100.0
+    assert ("apb-qa@block/8 H=4", "full") in pairs and ("apb-qa@block/8 H=8", "star H=8") in pairs
+
+
+def test_recall_mode_runs_in_rounds_resumes_and_merges(tmp_path):
+    first, second, merged = (tmp_path / n for n in ("a.json", "b.json", "m.json"))
+    argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "qa_haystack"]
+    argv += ["--hosts", "2", "--qa-adapter", "none", "--qagn-adapter", "none", "--mode", "recall"]
+    argv += [
+        "--budgets",
+        "16",
+        "--recall-methods",
+        "query_attention",
+        "oracle",
+        "--markdown",
+        str(tmp_path / "r.md"),
+    ]
+    assert ev.main([*argv, "--out", str(first), "--time-budget", "0.001"]) == 0  # stops after one item
+    rows = json.loads(first.read_text())["rows"]
+    assert {(r["task"], r["method"]) for r in rows} == {
+        ("single_needle", "query_attention"),
+        ("single_needle", "oracle"),
+    }
+    assert ev.main([*argv, "--out", str(second), "--resume", str(first)]) == 0
+    result = json.loads(second.read_text())
+    assert result["samples_done"] == 2 and result["methods"] == ["query_attention", "oracle"]
+    assert result["rows"][:2] == rows  # the earlier item is kept, not rerun
+    assert {r["task"] for r in result["rows"]} == {"single_needle", "qa_haystack"}
+    with pytest.raises(ValueError, match="another recall evaluation"):
+        ev.main([*argv, "--out", str(second), "--resume", str(second), "--budgets", "8"])
+    with pytest.raises(ValueError, match="--recall-methods heads-qa: not available"):
+        ev.main([*argv, "--recall-methods", "heads-qa", "--out", str(second)])
+    assert (
+        ev.main(
+            ["--merge", str(first), str(second), "--out", str(merged), "--markdown", str(tmp_path / "m.md")]
+        )
+        == 0
+    )
+    joined = json.loads(merged.read_text())
+    assert len(joined["rows"]) == 4 and joined["samples_done"] == 2 and joined["budgets"] == [16]
+    assert "| oracle | " in (tmp_path / "m.md").read_text()

@@ -1,4 +1,5 @@
-"""RULER-style accuracy of full attention, Star Attention and APB (trained / random heads) on one model.
+"""RULER-style accuracy of full attention, Star Attention and APB (trained / random heads, the
+training-free ``query_attention`` selector) on one model, and passing-block recall (`apb.recall`).
 
     python -m apb.eval --num-samples 50                      # SmolLM2-135M-Instruct, GPU if present
     python -m apb.eval --num-samples 2 --lengths 2048        # CPU smoke run
@@ -13,7 +14,11 @@ Methods, on the same items in one run: ``full`` (the unmodified model, one host)
 count in ``--hosts``: ``star`` (anchor = first block, nothing passed), ``apb-qa`` / ``apb-qagn`` (APB
 with the paper's sizes from `APBConfig.for_length`: anchor = block/4, passing = block/8, the question
 spliced into the anchor; query-aware / query-agnostic trained heads), ``apb-random`` (APB with
-randomly initialised heads of the same size: the control that shows the heads matter).
+randomly initialised heads of the same size: the control that shows the heads matter), ``apb-qattn``
+(APB without heads: the training-free ``query_attention`` selector, what ``apb.load(model)`` runs). With
+``--budgets 8 32`` every APB method runs at passing_len = block/8 and block/32 on the same items, as rows
+``apb-qa@block/8``, ``apb-qa@block/32`` ...; paired differences compare methods at the same host count,
+split and budget (heads vs ``apb-qattn`` among them, `paired_differences`).
 
 Scoring (default ``--mode teacher``): RULER's answer prefix is put after the assistant header (e.g.
 "The special magic number for X mentioned in the provided text is"), and the gold answer's tokens
@@ -31,7 +36,9 @@ in rounds (sample i of every cell and method, then i+1) and the run stops before
 not finish in time, so every cell always has the same number of samples.
 
 ``python scripts/eval.py`` is the same command. ``--mode recall`` measures passing-block recall
-(`apb.recall`) instead of accuracy; ``--merge`` combines results JSONs of one eval set.
+(`apb.recall`) instead of accuracy (``--recall-methods``, ``--budgets``; resumable and time-budgeted per
+item like the accuracy modes per round); ``--merge`` combines results JSONs of one eval set (accuracy or
+recall).
 
 Library layout: `apb.eval.tasks` (the eval set), `apb.eval.scoring` (one item, one method),
 `apb.eval.results` (averages, paired differences, tables, merging), `apb.eval.cli` (the command line),
@@ -50,7 +57,18 @@ from apb.eval.results import (
     paired_markdown,
     summarise,
 )
-from apb.eval.scoring import BALANCED_SUFFIX, METHODS, Evaluator, heads_name, teacher_forced_hits
+from apb.eval.scoring import (
+    BALANCED_SUFFIX,
+    BUDGET_MARK,
+    METHODS,
+    TRAINING_FREE,
+    Evaluator,
+    MethodSpec,
+    heads_name,
+    parse_method,
+    teacher_forced_hits,
+    with_budget,
+)
 from apb.eval.tasks import (
     LENGTHS,
     PROMPT_MARGIN,
@@ -66,13 +84,16 @@ from apb.eval.tasks import (
 
 __all__ = [
     "BALANCED_SUFFIX",
+    "BUDGET_MARK",
     "LENGTHS",
     "METHODS",
     "PROMPT_MARGIN",
     "TASKS",
     "TASK_SHORT",
+    "TRAINING_FREE",
     "EvalItem",
     "Evaluator",
+    "MethodSpec",
     "answer_parts",
     "build_items",
     "heads_name",
@@ -84,8 +105,10 @@ __all__ = [
     "method_keys",
     "paired_differences",
     "paired_markdown",
+    "parse_method",
     "save_items",
     "summarise",
     "teacher_forced_hits",
     "tokenize_answer",
+    "with_budget",
 ]

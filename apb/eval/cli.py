@@ -16,17 +16,29 @@ import torch
 from apb.eval.results import (
     derived_results,
     label,
+    merge_recall_results,
     merge_results,
     method_keys,
+    recall_items_done,
+    recall_resume_rows,
     resume_from,
     summarise,
     write_result_files,
 )
-from apb.eval.scoring import BALANCED_SUFFIX, METHODS, Evaluator, heads_name, token_tensor
+from apb.eval.scoring import (
+    BALANCED_SUFFIX,
+    METHODS,
+    TRAINING_FREE,
+    Evaluator,
+    heads_name,
+    token_tensor,
+    with_budget,
+)
 from apb.eval.tasks import LENGTHS, TASKS, EvalItem, build_items, load_items, save_items
 
 DESCRIPTION = (
-    "RULER-style accuracy of full attention, Star Attention and APB (trained / random heads) on one model."
+    "RULER-style accuracy of full attention, Star Attention and APB (trained / random heads, the "
+    "training-free query_attention selector) on one model; --mode recall: passing-block recall."
 )
 
 
@@ -68,52 +80,127 @@ def load_head_sets(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     return heads
 
 
+RECALL_BUDGETS = (8, 16, 32)
+"""Recall mode's default ``--budgets``: passing_len = block / N."""
+
+RECALL_SELECTORS = ("query_attention", "random", "oracle")
+"""Recall-mode methods besides ``heads-NAME`` (every loaded head set)."""
+
+
+def recall_methods(args: argparse.Namespace, heads: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Recall-mode method name -> (selector, heads or None): ``--recall-methods`` or all of them."""
+    available: dict[str, tuple[str, Any]] = {f"heads-{name}": ("heads", h) for name, h in heads.items()}
+    available.update({name: (name, None) for name in RECALL_SELECTORS})
+    wanted = args.recall_methods or list(available)
+    unknown = [m for m in wanted if m not in available]
+    if unknown:
+        raise ValueError(
+            f"--recall-methods {' '.join(unknown)}: not available in this run; available: {', '.join(available)}"
+        )
+    return {m: available[m] for m in wanted}
+
+
 def recall_main(
     args: argparse.Namespace, model: Any, heads: dict[str, Any], items: list[EvalItem], started: float
 ) -> int:
     """Passing-block recall (apb.recall) of every head set and of the training-free selectors, on the
-    eval items: the query rows are question + answer prefix, the anchor gets the question."""
+    eval items: the query rows are question + answer prefix, the anchor gets the question.
+
+    Items run in rounds (sample 0 of every cell, then sample 1, ...); the results file is rewritten
+    after every item, ``--time-budget`` stops between items, ``--resume`` skips the items a results file
+    of the same settings holds."""
     from apb import APBModel
     from apb.recall import recall_markdown, recall_runs
 
     device = next(model.parameters()).device
-    methods: dict[str, tuple[str, Any]] = {f"heads-{name}": ("heads", h) for name, h in heads.items()}
-    methods.update(
-        query_attention=("query_attention", None), random=("random", None), oracle=("oracle", None)
-    )
-    samples = [
-        (
-            token_tensor(i.context_ids, device)[0],
-            token_tensor(i.question_ids + i.prefix_ids, device)[0],
-            token_tensor(i.question_ids, device)[0],
-        )
-        for i in items
-    ]
-    apbm = APBModel(model, next(iter(heads.values())))
+    methods = recall_methods(args, heads)
+    hosts, budgets = list(args.hosts), list(args.budgets or RECALL_BUDGETS)
+    settings = {"hosts": hosts, "budgets": budgets, "methods": list(methods)}
     rows: list[dict[str, Any]] = []
+    if args.resume and Path(args.resume).exists():
+        rows = recall_resume_rows(args.resume, settings)
+        print(f"resuming {args.resume}: {len(recall_items_done(rows))} items already done", flush=True)
+    done = recall_items_done(rows)
+    todo = sorted(
+        (i for i in items if (i.task, i.length, i.index) not in done), key=lambda i: (i.index, i.length)
+    )  # load order within a round: tasks as listed
+    apbm = APBModel(model, next(iter(heads.values())))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for index, sample in enumerate(samples):  # the results file is rewritten after every sample
-        for row in recall_runs(apbm, [sample], methods, list(args.hosts), list(args.budgets), progress=False):
-            item = items[index]
-            row.update(sample=index, task=item.task, cell=item.length, index=item.index)
+    print(
+        f"recall: {len(todo)} items to do, {len(methods)} methods, setup {time.perf_counter() - started:.0f}s"
+    )
+    for count, item in enumerate(todo, start=1):
+        item_start = time.perf_counter()
+        sample = (
+            token_tensor(item.context_ids, device)[0],
+            token_tensor(item.question_ids + item.prefix_ids, device)[0],
+            token_tensor(item.question_ids, device)[0],
+        )
+        for row in recall_runs(apbm, [sample], methods, hosts, budgets, progress=False, backend=args.backend):
+            row.update(sample=f"{item.task}:{item.length}:{item.index}", task=item.task, cell=item.length)
+            row["index"] = item.index
             rows.append(row)
+        done.add((item.task, item.length, item.index))
+        elapsed = time.perf_counter() - started
         result = {
             "command": command_line(),
             "machine": args.machine or platform.platform(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "torch": torch.__version__,
             "dtype": args.dtype,
-            "elapsed_s": round(time.perf_counter() - started, 1),
-            "samples_done": index + 1,
+            "backend": args.backend,
+            "mode": "recall",
+            **settings,
+            "elapsed_s": round(elapsed, 1),
+            "samples_done": len(done),
             "rows": rows,
         }
         Path(args.out).write_text(json.dumps(result, indent=1))
+        item_s = time.perf_counter() - item_start
         print(
-            f"recall: sample {index + 1}/{len(samples)} done ({item.task}, {item.length} tokens)", flush=True
+            f"recall: item {count}/{len(todo)} in {item_s:.1f}s ({item.task}, {item.length} tokens, "
+            f"sample {item.index}; total {elapsed:.0f}s)",
+            flush=True,
         )
+        if args.time_budget is not None and elapsed + 1.15 * item_s > args.time_budget and count < len(todo):
+            print(f"time budget {args.time_budget:.0f}s: stopping after {len(done)} items", flush=True)
+            break
     table = recall_markdown(rows)
     Path(args.markdown).write_text(table)
     print(table, flush=True)
+    return 0
+
+
+def accuracy_methods(args: argparse.Namespace, heads: dict[str, Any]) -> tuple[str, ...]:
+    """The accuracy modes' method names: ``--methods`` and the ``--adapter`` head sets (those whose heads
+    loaded), each APB one under every ``--splits`` and ``--budgets`` setting."""
+    wanted = [*args.methods, *(f"apb-{name}" for name, _ in extra_adapters(args))]
+    methods = [m for m in wanted if heads_name(m) is None or heads_name(m) in heads]
+    plain = [m for m in methods if not m.startswith("apb-")]
+    apb_methods = [m for m in methods if m.startswith("apb-")]
+    splits = [m for m in apb_methods if "equal" in args.splits]
+    splits += [m + BALANCED_SUFFIX for m in apb_methods if "balanced" in args.splits]
+    if args.budgets is None:
+        return (*plain, *splits)
+    return (*plain, *(with_budget(m, d) for d in args.budgets for m in splits))
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    """``--merge``: accuracy results JSONs into one (`merge_results`), or recall ones
+    (`merge_recall_results`)."""
+    from apb.recall import recall_markdown
+
+    runs = [json.loads(Path(f).read_text()) for f in args.merge]
+    if any("rows" in r for r in runs):
+        merged = merge_recall_results(runs, args.merge)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        Path(args.markdown).write_text(recall_markdown(merged["rows"]))
+        print(f"merged {len(args.merge)} recall files into {args.out}: {merged['samples_done']} items")
+        return 0
+    merged = merge_results(runs, args.merge)
+    write_result_files(merged, args.out, args.markdown)
+    print(f"merged {len(args.merge)} files into {args.out}: {merged['samples_per_method']}")
     return 0
 
 
@@ -122,9 +209,11 @@ def extra_adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
     pairs = []
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
-        if not sep or not name or not path or name in ("qa", "qagn", "random"):
+        reserved = ("qa", "qagn", "random", *(m[len("apb-") :] for m in TRAINING_FREE))
+        if not sep or not name or not path or name in reserved or "@" in name or "/" in name:
             raise ValueError(
-                f"--adapter {spec!r}: expected NAME=PATH with a NAME other than qa, qagn, random"
+                f"--adapter {spec!r}: expected NAME=PATH with a NAME other than {', '.join(reserved)} "
+                "(and without '@' or '/')"
             )
         pairs.append((name, path))
     return pairs
@@ -148,7 +237,21 @@ def main(argv: list[str] | None = None) -> int:
         help="teacher / generate: task accuracy; recall: passing-block recall of each compressor (apb.recall)",
     )
     parser.add_argument(
-        "--budgets", type=int, nargs="+", default=[8, 16, 32], help="recall mode: passing_len = block / N"
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="passing_len = block / N. Recall mode: default 8 16 32. Accuracy modes: every APB method runs at "
+        "each budget on the same items, as rows apb-X@block/N (default: the paper's block/8, rows apb-X)",
+    )
+    parser.add_argument(
+        "--recall-methods",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="recall mode: heads-NAME (a loaded head set: qa, qagn, random, an --adapter NAME), "
+        f"{', '.join(RECALL_SELECTORS)} (default: all)",
     )
     parser.add_argument("--qa-adapter", default="adapters/smollm2-135m-qa")
     parser.add_argument(
@@ -164,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         help="one more head set, evaluated as method apb-NAME (repeatable; e.g. qa256=runs/qa256/adapter)",
     )
     parser.add_argument("--random-hidden-size", type=int, default=64)
-    parser.add_argument("--backend", default="reference", help="APB attention backend (apb.backends)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="APB attention backend (apb.backends; default: reference for accuracy, auto for recall)",
+    )
     parser.add_argument(
         "--splits",
         nargs="+",
@@ -201,11 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error("--num-samples must be >= 1")
+    if args.budgets is not None and min(args.budgets) < 1:
+        parser.error("--budgets must be >= 1")
+    if args.backend is None:
+        args.backend = "auto" if args.mode == "recall" else "reference"
     if args.merge:
-        merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge], args.merge)
-        write_result_files(merged, args.out, args.markdown)
-        print(f"merged {len(args.merge)} files into {args.out}: {merged['samples_per_method']}")
-        return 0
+        return merge_main(args)
     started = time.perf_counter()
     tasks, lengths, hosts = tuple(args.tasks), tuple(sorted(args.lengths)), tuple(args.hosts)
 
@@ -233,12 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     heads = load_head_sets(model, args)
     if args.mode == "recall":
         return recall_main(args, model, heads, items, started)
-    wanted = [*args.methods, *(f"apb-{name}" for name, _ in extra_adapters(args))]
-    methods = tuple(m for m in wanted if heads_name(m) is None or heads_name(m) in heads)
-    apb_methods = [m for m in methods if m.startswith("apb-")]
-    methods = tuple(m for m in methods if not m.startswith("apb-") or "equal" in args.splits)
-    if "balanced" in args.splits:
-        methods += tuple(m + BALANCED_SUFFIX for m in apb_methods)
+    methods = accuracy_methods(args, heads)
     evaluator = Evaluator(model, tokenizer, heads, backend=args.backend)
     keys = method_keys(hosts, methods)
     scores: dict[str, dict[str, dict[int, list[float]]]] = {

@@ -13,14 +13,24 @@ import json
 import sys
 from pathlib import Path
 
-METHOD_ORDER = ("star", "apb-qa", "apb-qagn", "apb-random")
+from apb.eval.scoring import parse_method
+
+METHOD_ORDER = ("star", "apb-qa", "apb-qagn", "apb-qattn", "apb-random")
 COLORS = {
     "full": "#555555",
     "star": "#d08c2a",
     "apb-qa": "#2a6fd0",
     "apb-qagn": "#5fa8e8",
+    "apb-qattn": "#3a9a5b",
     "apb-random": "#b0b0b0",
 }
+
+
+def _bar_order(key: str) -> tuple[int, int, str]:
+    """Bars of one host count: by passing budget (the paper's first), then `METHOD_ORDER`, then name."""
+    spec = parse_method(key.split(" H=")[0])
+    rank = METHOD_ORDER.index(spec.name) if spec.name in METHOD_ORDER else len(METHOD_ORDER)
+    return (spec.divisor or 0, rank, key)
 
 
 def method_stats(result: dict) -> dict[str, tuple[float, float, int]]:
@@ -48,8 +58,7 @@ def plot(result: dict, out: str | Path, title: str | None = None) -> list[str]:
     hosts = result["hosts"]
     groups: list[tuple[str, list[str]]] = [("1 GPU", ["full"])] if "full" in stats else []
     for h in hosts:
-        keys = [f"{m} H={h}" for m in METHOD_ORDER if f"{m} H={h}" in stats]
-        keys += sorted(k for k in stats if k.endswith(f" H={h}") and k not in keys)  # other head sets
+        keys = sorted((k for k in stats if k.endswith(f" H={h}")), key=_bar_order)
         groups.append((f"{h} hosts", keys))
     fig, ax = plt.subplots(figsize=(9, 4.2))
     x, labels, ticks = 0.0, [], []
@@ -58,7 +67,8 @@ def plot(result: dict, out: str | Path, title: str | None = None) -> list[str]:
         for key in keys:
             mean, half, n = stats[key]
             method = key.split(" H=")[0]
-            ax.bar(x, mean, width=0.8, color=COLORS.get(method, "#7fbf7f"), yerr=half, capsize=3)
+            color = COLORS.get(parse_method(method).name, "#7fbf7f")
+            ax.bar(x, mean, width=0.8, color=color, yerr=half, capsize=3)
             ax.text(
                 x, 1, f"{method}\nn={n}", ha="center", va="bottom", fontsize=7, rotation=90, color="white"
             )

@@ -6,11 +6,12 @@ derived number is recomputed from them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from apb.eval.scoring import BALANCED_SUFFIX, METHODS
+from apb.eval.scoring import METHODS, parse_method
 from apb.eval.tasks import TASK_SHORT
 
 
@@ -174,8 +175,10 @@ def paired_differences(
     scores: dict[str, dict[str, dict[int, list[float]]]], hosts: tuple[int, ...]
 ) -> list[dict[str, Any]]:
     """Mean per-sample score difference (points) with a 95% normal interval, for the comparisons the
-    targets name: every method vs full, APB vs Star at the same host count, qa vs qagn / random, and
-    each ``--adapter`` head set vs ``apb-qa``.
+    targets name: every method vs full; at the same host count: APB vs Star, and at the same split and
+    passing budget: trained heads (qa, qagn) vs the training-free ``apb-qattn`` and vs random heads,
+    qa vs qagn, ``apb-qattn`` vs random heads, each ``--adapter`` head set vs ``apb-qa``, and the
+    balanced split vs the equal one.
 
     Samples are paired: the same item under both methods. The interval is 1.96 standard errors of
     the mean difference over all items (every cell has the same number of items)."""
@@ -189,6 +192,12 @@ def paired_differences(
                 xb += vb[: len(va)]
         return xa, xb
 
+    # (method, the methods it is compared with at the same host count, split and budget)
+    against = {
+        "apb-qa": ("apb-qagn", "apb-random", "apb-qattn"),
+        "apb-qagn": ("apb-random", "apb-qattn"),
+        "apb-qattn": ("apb-random",),
+    }
     pairs: list[tuple[str, str]] = []
     for key in scores:
         if key != "full" and "full" in scores:
@@ -196,20 +205,21 @@ def paired_differences(
     for h in hosts:
         star = label("star", h)
         for key in scores:
-            if key.startswith("apb-") and key.endswith(f" H={h}"):
-                if star in scores:
-                    pairs.append((key, star))
-                for other in ("apb-qagn", "apb-random"):
-                    if key == label("apb-qa", h) and label(other, h) in scores:
-                        pairs.append((key, label(other, h)))
-                method = key[: -len(f" H={h}")]
-                if (
-                    method.endswith(BALANCED_SUFFIX)
-                    and label(method.removesuffix(BALANCED_SUFFIX), h) in scores
-                ):
-                    pairs.append((key, label(method.removesuffix(BALANCED_SUFFIX), h)))  # balanced vs equal
-                elif method not in METHODS and label("apb-qa", h) in scores:
-                    pairs.append((key, label("apb-qa", h)))  # an --adapter head set vs the main one
+            if not (key.startswith("apb-") and key.endswith(f" H={h}")):
+                continue
+            if star in scores:
+                pairs.append((key, star))
+            spec = parse_method(key[: -len(f" H={h}")])
+
+            for other in against.get(spec.name, ()):
+                if label(spec.renamed(other), h) in scores:
+                    pairs.append((key, label(spec.renamed(other), h)))
+            equal = dataclasses.replace(spec, split="equal").method
+            if spec.split == "balanced":
+                if label(equal, h) in scores:
+                    pairs.append((key, label(equal, h)))  # balanced vs equal
+            elif spec.name not in METHODS and label(spec.renamed("apb-qa"), h) in scores:
+                pairs.append((key, label(spec.renamed("apb-qa"), h)))  # an --adapter head set vs the main one
     out = []
     for a, b in pairs:
         xa, xb = flat(a, b)
@@ -231,8 +241,8 @@ def paired_markdown(paired: list[dict[str, Any]]) -> str:
 
 
 def merge_results(results: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
-    """One results dict from several runs on the same eval set (same seed, mode, tasks, lengths, hosts):
-    every method's raw scores, a later run's rows replacing an earlier one's, and the averages and
+    """One results dict from several runs on the same eval set (same seed, mode, tasks and lengths; the
+    host counts may differ, say one run per host count, and are joined): every method's raw scores, a later run's rows replacing an earlier one's, and the averages and
     paired differences recomputed from them. Rows that two runs share are compared sample by sample
     (``shared_rows_agree``): a row that agrees on every shared sample and has fewer samples than the
     earlier one only confirms it, so the longer one stays. Full attention is deterministic, so a
@@ -240,14 +250,14 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
     """
     names = names or [f"run {i}" for i in range(len(results))]
     first = results[0]
-    fields = ("seed", "mode", "tasks", "lengths", "hosts")
+    fields = ("seed", "mode", "tasks", "lengths")  # the eval set; runs may split the host counts
     for name, other in zip(names[1:], results[1:], strict=True):
         if "raw_scores" not in other or any(other[f] != first[f] for f in fields):
             raise ValueError(
                 f"{name} is another evaluation than {names[0]} (or has no raw scores): "
                 + ", ".join(f"{f} {other.get(f)} vs {first[f]}" for f in fields if other.get(f) != first[f])
             )
-    lengths, hosts = tuple(first["lengths"]), tuple(first["hosts"])
+    lengths, hosts = tuple(first["lengths"]), tuple(sorted({h for r in results for h in r["hosts"]}))
     scores: dict[str, dict[str, dict[int, list[float]]]] = {}
     seconds: dict[str, list[float]] = {}
     agree: dict[str, dict[str, Any]] = {}
@@ -280,10 +290,66 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
         ],
         "shared_rows_agree": agree,
         **{f: first[f] for f in ("model", "dtype", "backend", "torch", *fields)},
+        "hosts": list(hosts),
         "machine": first["machine"],
         "date": max(r["date"] for r in results),
         "samples_per_cell": max(derived["samples_per_method"].values()),
         "elapsed_s": round(sum(r["elapsed_s"] for r in results), 1),
         "examples": [e for r in results for e in r.get("examples", [])],
         **derived,
+    }
+
+
+# ---------------------------------------------------------------- recall mode (apb.recall)
+# A recall results JSON holds one row per (item, host count, budget, method), apb.recall.recall_runs's row
+# plus the item's ``task``, ``cell`` (length) and ``index``; hosts, budgets and methods say what ran.
+
+RECALL_SETTINGS = ("hosts", "budgets", "methods")
+
+
+def recall_items_done(rows: list[dict[str, Any]]) -> set[tuple[str, int, int]]:
+    """(task, cell, index) of every item `rows` hold."""
+    return {(r["task"], r["cell"], r["index"]) for r in rows}
+
+
+def recall_resume_rows(path: str, settings: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The rows of an earlier recall run with the same host counts, budgets and methods."""
+    earlier = json.loads(Path(path).read_text())
+    if earlier.get("mode") != "recall" or "rows" not in earlier:
+        raise ValueError(f"{path} is not a recall results file (written by --mode recall)")
+    theirs = {k: earlier.get(k) for k in RECALL_SETTINGS}
+    if theirs != settings:
+        raise ValueError(f"{path} is another recall evaluation: {theirs}; this run has {settings}")
+    return list(earlier["rows"])
+
+
+def merge_recall_results(results: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+    """One recall results dict from several runs (say one per length or per GPU): every row, a later run's
+    row replacing an earlier one's of the same item, host count, budget and method."""
+    names = names or [f"run {i}" for i in range(len(results))]
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for name, run in zip(names, results, strict=True):
+        if "rows" not in run:
+            raise ValueError(f"{name} is not a recall results file (written by --mode recall)")
+        for row in run["rows"]:
+            rows[(row["task"], row["cell"], row["index"], row["hosts"], row["divisor"], row["method"])] = row
+    merged = list(rows.values())
+    return {
+        "command": " && ".join(r["command"] for r in results),
+        "merged_from": [
+            {"file": n, "date": r["date"], "machine": r["machine"], "command": r["command"]}
+            for n, r in zip(names, results, strict=True)
+        ],
+        "mode": "recall",
+        "machine": results[0]["machine"],
+        "date": max(r["date"] for r in results),
+        "torch": results[0]["torch"],
+        "dtype": results[0]["dtype"],
+        "backend": results[0].get("backend"),
+        "hosts": sorted({r["hosts"] for r in merged}),
+        "budgets": sorted({r["divisor"] for r in merged}),
+        "methods": list(dict.fromkeys(r["method"] for r in merged)),
+        "elapsed_s": round(sum(r["elapsed_s"] for r in results), 1),
+        "samples_done": len(recall_items_done(merged)),
+        "rows": merged,
     }

@@ -1,29 +1,84 @@
-"""Scoring one eval item with one method: full attention, Star Attention or APB (a head set, equal or
-balanced split) on simulated hosts, teacher-forced (one prefill over question + answer prefix + gold
+"""Scoring one eval item with one method: full attention, Star Attention or APB (a head set or the
+training-free ``query_attention`` selector, equal or balanced split, a passing budget) on simulated hosts, teacher-forced (one prefill over question + answer prefix + gold
 answer) or by greedy decoding."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from apb.eval.tasks import EvalItem
 
-METHODS = ("full", "star", "apb-qa", "apb-qagn", "apb-random")
+METHODS = ("full", "star", "apb-qa", "apb-qagn", "apb-random", "apb-qattn")
 """Built-in methods; every ``--adapter NAME=PATH`` adds ``apb-NAME``."""
 
+TRAINING_FREE = {"apb-qattn": "query_attention"}
+"""APB methods that need no heads: method -> `apb.selectors` name."""
 
 BALANCED_SUFFIX = "/balanced"
 """Added to an APB method run with the balanced split of the context into host blocks (``--splits
 balanced``); APB methods without it run the paper's equal split, the default (`APBConfig.split`)."""
 
+BUDGET_MARK = "@block/"
+"""``apb-X@block/N``: APB with passing_len = block / N (``--budgets``); APB methods without it pass the
+paper's block / 8 (`APBConfig.for_length`)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MethodSpec:
+    """What a method name (``apb-qa/balanced@block/32``) asks for."""
+
+    name: str
+    """The method without split or budget: ``full``, ``star``, ``apb-qa``, ``apb-qattn``, ``apb-NAME``."""
+    split: str = "equal"
+    """APB's host split (`APBConfig.split`)."""
+    divisor: int | None = None
+    """passing_len = block // divisor; None: the paper's default (block / 8)."""
+
+    @property
+    def heads(self) -> str | None:
+        """The head set it runs with (``qa``); None for full, Star and the training-free selectors."""
+        if not self.name.startswith("apb-") or self.name in TRAINING_FREE:
+            return None
+        return self.name[len("apb-") :]
+
+    @property
+    def selector(self) -> str:
+        return TRAINING_FREE.get(self.name, "heads")
+
+    @property
+    def method(self) -> str:
+        """The method name (inverse of `parse_method`)."""
+        name = self.name + (BALANCED_SUFFIX if self.split == "balanced" else "")
+        return name if self.divisor is None else with_budget(name, self.divisor)
+
+    def renamed(self, name: str) -> str:
+        """Method `name` at this method's split and budget."""
+        return dataclasses.replace(self, name=name).method
+
+
+def parse_method(method: str) -> MethodSpec:
+    """``apb-qa/balanced@block/32`` -> MethodSpec("apb-qa", "balanced", 32)."""
+    name, mark, divisor = method.partition(BUDGET_MARK)
+    if mark and (not name.startswith("apb-") or not divisor.isdigit() or int(divisor) < 1):
+        raise ValueError(f"method {method!r}: a budget ({BUDGET_MARK}N, N >= 1) is for APB methods only")
+    split = "balanced" if name.endswith(BALANCED_SUFFIX) else "equal"
+    return MethodSpec(
+        name=name.removesuffix(BALANCED_SUFFIX), split=split, divisor=int(divisor) if mark else None
+    )
+
+
+def with_budget(method: str, divisor: int) -> str:
+    """The name of `method` run with passing_len = block // `divisor`."""
+    return f"{method}{BUDGET_MARK}{divisor}"
+
 
 def heads_name(method: str) -> str | None:
-    """The head set an APB method runs with (``apb-qa`` and ``apb-qa/balanced`` -> ``qa``); None for full
-    and Star."""
-    method = method.removesuffix(BALANCED_SUFFIX)
-    return method[len("apb-") :] if method.startswith("apb-") else None
+    """The head set an APB method runs with (``apb-qa``, ``apb-qa/balanced@block/32`` -> ``qa``); None for
+    full, Star and the training-free selectors (``apb-qattn``)."""
+    return parse_method(method).heads
 
 
 def token_tensor(ids: list[int], device: torch.device) -> torch.Tensor:
@@ -68,8 +123,16 @@ class Evaluator:
 
         if method == "star":
             return APBConfig.star(num_context, num_hosts, backend=self.backend)
-        split = "balanced" if method.endswith(BALANCED_SUFFIX) else "equal"
-        return APBConfig.for_length(num_context, num_hosts, backend=self.backend, split=split)
+        spec = parse_method(method)
+        overrides: dict[str, Any] = {"backend": self.backend, "split": spec.split, "selector": spec.selector}
+        if spec.divisor is not None:  # as apb.recall.recall_runs sizes it
+            overrides["passing_len"] = max(1, (num_context // num_hosts) // spec.divisor)
+        return APBConfig.for_length(num_context, num_hosts, **overrides)
+
+    def _use_heads(self, method: str) -> None:
+        name = heads_name(method)
+        if name:
+            self.apb.heads = self.heads[name]
 
     @torch.no_grad()
     def answer_logits(self, item: EvalItem, method: str, num_hosts: int) -> torch.Tensor:
@@ -82,8 +145,7 @@ class Evaluator:
             hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
             hidden = hidden[:, len(item.context_ids) + first :]
             return self.model.get_output_embeddings()(hidden)[0].float()
-        if heads_name(method):
-            self.apb.heads = self.heads[heads_name(method)]
+        self._use_heads(method)
         # The anchor gets the question only; the answer prefix and gold answer run on the last host after
         # the prefill, like tokens being decoded.
         logits = self.apb.prefill(
@@ -116,8 +178,7 @@ class Evaluator:
             )
             new = [int(t) for t in out[0, ids.shape[1] :]]
         else:
-            if heads_name(method):
-                self.apb.heads = self.heads[heads_name(method)]
+            self._use_heads(method)
             config = self.config(method, len(item.context_ids), num_hosts)
             out = self.apb.generate(
                 token_tensor(item.context_ids, device),
