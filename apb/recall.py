@@ -121,13 +121,15 @@ def recall_runs(
     hosts: list[int],
     divisors: list[int],
     progress: bool = True,
+    backend: str = "auto",
 ) -> list[dict[str, Any]]:
     """Passing-block recall of several compressors on the same inputs, one row per (sample, host count,
     budget, method): ``{"sample", "length", "hosts", "divisor", "passing_len", "method", "recall"}``.
 
     samples: ``(context_ids [n], query_ids [q], anchor_query_ids [a])``; the attention mass is that of the
     query rows. methods: name -> (selector, retaining heads or None); the APB config is the paper's for
-    the length and host count (`APBConfig.for_length`) with passing_len = block / divisor.
+    the length and host count (`APBConfig.for_length`) with passing_len = block / divisor and the attention
+    `backend`.
     A setting the input does not fit (say, a question longer than the anchor) gets recall None and the
     reason."""
     from tqdm.auto import tqdm
@@ -149,7 +151,7 @@ def recall_runs(
                     bar.update(1)
                     try:
                         config = APBConfig.for_length(
-                            n, num_hosts, passing_len=passing_len, selector=selector
+                            n, num_hosts, passing_len=passing_len, selector=selector, backend=backend
                         )
                     except ValueError as err:
                         rows.append({**row, "error": str(err)})
@@ -176,7 +178,20 @@ def recall_runs(
 
 
 def recall_markdown(rows: list[dict[str, Any]]) -> str:
-    """Mean recall per method (rows) and (host count, budget) (columns), with the number of samples."""
+    """Mean recall per method (rows) and (host count, budget) (columns), with the number of samples; rows
+    that carry a length ``cell`` (the evaluation's) get one more table per cell when there are several."""
+    tables = [_recall_table(rows)]
+    cells = sorted({r["cell"] for r in rows if r.get("cell") is not None})
+    if len(cells) > 1:
+        for cell in cells:
+            tables += [
+                f"\n{cell // 1024}K prompts only:\n",
+                _recall_table([r for r in rows if r.get("cell") == cell]),
+            ]
+    return "\n".join(tables)
+
+
+def _recall_table(rows: list[dict[str, Any]]) -> str:
     settings = sorted({(r["hosts"], r["divisor"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     head = "| method | " + " | ".join(f"H={h}, block/{d}" for h, d in settings) + " |"
