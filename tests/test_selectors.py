@@ -179,3 +179,67 @@ def test_default_config_fits_the_question():
     assert apbm.plan(6, 2, num_hosts=2).config.is_exact  # no anchor at all
     logits = apbm.prefill(_ids(20, 180), _ids(21, 13), num_hosts=2)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.single_gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_query_attention_on_cuda_backends(family):
+    """The training-free path on the CUDA backends in bf16: host 0's probe anchor (an anchor-only backend
+    call) and a budget that keeps everything give what passing everything gives; apb.load(model)'s default
+    runs. Tolerance: both sides make the same backend calls on the same bf16 inputs, apart from host 0's
+    anchor rows running apart from its block, which changes no row the outputs depend on; 2e-2 covers bf16
+    reassociation should a backend tile the two calls differently."""
+    from apb.backends import available_backends
+
+    model = tiny_model(family).cuda().to(torch.bfloat16)
+    context, query = _ids(30, 901).cuda(), _ids(31, 5).cuda()
+    base = {"anchor_len": 40, "query_in_anchor": True, "query_offset": 3}
+    # the backends the evaluation and the default run (flex and flash are tested with their kernels)
+    for backend in [b for b in ("triton", "sdpa", "reference") if b in available_backends("cuda")]:
+        apbm = APBModel(model)
+        selected = APBConfig(**base, passing_len=10_000, selector="query_attention", backend=backend)
+        everything = APBConfig(**base, passing_len=None, backend=backend)
+        a = apbm.prefill(context, query, config=selected, num_hosts=3)
+        b = apbm.prefill(context, query, config=everything, num_hosts=3)
+        assert (a.float() - b.float()).abs().max().item() < 2e-2, backend
+        small = APBConfig(**base, passing_len=7, selector="query_attention", backend=backend)
+        with apbm.recording() as record:
+            logits = apbm.prefill(context, query, config=small, num_hosts=4)
+        assert torch.isfinite(logits).all(), backend
+        assert record.passing[0][0].shape == (1, model.config.num_key_value_heads, 7)
+    default = apb.load(model).prefill(context, query, num_hosts=4)  # backend "auto"
+    assert torch.isfinite(default).all()
+
+
+def test_bench_selectors_mode_smoke(tmp_path):
+    """scripts/bench_apb_prefill.py --selectors on a tiny shape on the CPU: every selector's regions per
+    host, the last host selecting nothing, and the markdown table."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out, md = tmp_path / "sel.json", tmp_path / "sel.md"
+    cmd = [
+        sys.executable,
+        str(root / "scripts" / "bench_apb_prefill.py"),
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+    ]
+    cmd += ["--backend", "auto", "--tokens", "1024", "--hosts", "4", "--query", "8", "--head-hidden", "16"]
+    cmd += ["--selectors", "heads", "query_attention", "random", "--out", str(out), "--markdown", str(md)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["selector"] for r in runs] == ["heads", "query_attention", "random"]
+    for run in runs:
+        hosts = run["hosts"]
+        assert [h["host"] for h in hosts] == [0, 1, 2, 3] and hosts[3]["selection_ms"] == 0
+        assert all(h["score_ms"] > 0 and h["passing"] == 256 // 8 for h in hosts[:3])
+    by_selector = {r["selector"]: r["hosts"][0] for r in runs}
+    assert by_selector["heads"]["anchor"] == 0 and by_selector["query_attention"]["anchor"] == 64  # the probe
+    assert "| query_attention | 0 | 256 | 64 | 32 |" in md.read_text()
