@@ -9,10 +9,16 @@ Every backend has the signature of :func:`apb.kernels.reference.apb_attention_re
 
 Built in: "reference" (plain torch, any device), "sdpa" (torch's fused scaled_dot_product_attention
 with the APB mask as a boolean tensor; returns lse None), "flex" (torch flex_attention, CUDA), "flash"
-(FlashAttention-4, ``apb.kernels.flash4``, when ``flash-attn-4`` is installed: ``pip install
-"apb-retain[flash]"``; else flash-attn 2 when that is; CUDA), "triton" (``apb.kernels.apb_attention``,
-only when that exists).
-"auto" resolves to triton on CUDA (flex when triton is missing) and sdpa elsewhere.
+(FlashAttention-4, ``apb.kernels.flash4`` with its default "split" method, when ``flash-attn-4`` is
+installed: ``pip install "apb-retain[flash]"``; else flash-attn 2 when that is; CUDA), "triton"
+(``apb.kernels.apb_attention``, only when that exists).
+
+"auto" (`resolve_auto`) runs the fastest backend that takes the input. On CUDA: "flash" when it is
+FlashAttention-4, FA4 imports, and `apb.kernels.flash4.fa4_fits` the input (compute capability 9.x-11.x,
+fp16/bf16, a head_dim FA4 takes there); else "triton" (which runs fp32 and odd head dims on the
+reference); else "flex". Elsewhere "sdpa". Measured on one H200 (benchmarks/RESULTS.md, "Kernel"): APB's
+mask at 128K, FA4 633-669 useful TFLOP/s, Triton 538-565, flex 433-436. FA4 compiles on its first call in a
+process (about 4 s); after that a new length runs in milliseconds, without compiling.
 
 A backend may return ``lse = None`` when it cannot give it cheaply: APB's prefill uses only ``out``.
 """
@@ -56,20 +62,69 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return sorted(name for name in _REGISTRY if kind in _DEVICE_TYPES.get(name, (kind,)))
 
 
+def resolve_auto(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
+    """The backend "auto" runs for inputs of this device, dtype and head_dim (module docstring)."""
+    _register_optional()
+    return _auto_choice(torch.device(device), dtype, head_dim)
+
+
+def _auto_choice(device: torch.device, dtype: torch.dtype | None, head_dim: int) -> str:
+    # Called once per attention call by `_auto_cuda`: no registration (a find_spec) here. dtype None:
+    # q, k, v differ in dtype, which FA4 does not take.
+    if device.type != "cuda":
+        # 7-10x the reference on the CPU (its attention alone, 600-1000-token blocks); the mask is [queries, keys]
+        # booleans, fine at the lengths a CPU runs
+        return "sdpa"
+    if _REGISTRY.get("flash") is _flash4 and _fa4_fits(device, dtype, head_dim) and _fa4_imports():
+        return "flash"
+    # The Triton kernel measured 1.24-1.30x flex_attention at 128K (H100 and H200, benchmarks/RESULTS.md).
+    return "triton" if "triton" in _REGISTRY and HAS_TRITON else "flex"
+
+
+def _fa4_fits(device: torch.device, dtype: torch.dtype | None, head_dim: int) -> bool:
+    from apb.kernels.flash4 import fa4_fits
+
+    return dtype is not None and fa4_fits(device, dtype, head_dim)
+
+
+_FA4_IMPORTS: dict[str, bool] = {}
+
+
+def _fa4_imports() -> bool:
+    """Whether FA4's interface imports (tried once, when "auto" is first about to run it on a GPU: the
+    import touches CUDA). A broken install (e.g. a cutlass-dsl without its ``cute`` sources) is logged
+    once, and "auto" keeps the Triton kernel."""
+    if "ok" not in _FA4_IMPORTS:
+        try:
+            importlib.import_module("flash_attn.cute.interface")
+            _FA4_IMPORTS["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any import failure means: not usable here
+            logger.warning("flash-attn-4 is installed but does not import (%r); 'auto' uses triton/flex", e)
+            _FA4_IMPORTS["ok"] = False
+    return _FA4_IMPORTS["ok"]
+
+
+def _auto_cuda(q, k, v, *, num_passing: int, num_anchor: int, softmax_scale: float | None = None):
+    """The "auto" backend on CUDA with FlashAttention-4 installed: chosen per call from dtype and head_dim."""
+    name = _auto_choice(q.device, q.dtype if k.dtype == q.dtype == v.dtype else None, q.shape[-1])
+    return _REGISTRY[name](
+        q, k, v, num_passing=num_passing, num_anchor=num_anchor, softmax_scale=softmax_scale
+    )
+
+
 def get_backend(name: str, device: torch.device | str) -> BackendFn:
-    """The backend function for `name` ("auto": triton, else flex, on CUDA; reference otherwise).
+    """The backend function for `name` ("auto": `resolve_auto`'s choice; on CUDA with FlashAttention-4
+    installed, a function that makes that choice per call from the inputs' dtype and head_dim).
 
     `ValueError` for an unknown name, or for a backend that cannot run on `device` (flex and flash need
     CUDA: on the CPU, flex would fail deep inside Inductor's compile), naming the usable ones."""
     _register_optional()
     kind = torch.device(device).type
-    if name == "auto" and kind != "cuda":
-        # 7-10x the reference on the CPU (its attention alone, 600-1000-token blocks); the mask is [queries, keys]
-        # booleans, fine at the lengths a CPU runs
-        name = "sdpa"
-    elif name == "auto":
-        # The Triton kernel measured 1.30x flex_attention at 128K on an H100 (benchmarks/RESULTS.md).
-        name = "triton" if "triton" in _REGISTRY and HAS_TRITON else "flex"
+    if name == "auto":
+        if kind == "cuda" and _REGISTRY.get("flash") is _flash4:
+            return _auto_cuda
+        # Without FA4 the choice does not depend on dtype or head_dim.
+        name = _auto_choice(torch.device(device), torch.bfloat16, 128)
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown APB attention backend {name!r}; available: {', '.join(available_backends())}"

@@ -10,11 +10,12 @@ that, so no log-sum-exp merge is needed:
 
 Two ways to run it (``method``):
 
-- ``"split"``: those two causal calls, outputs concatenated. Works on every head_dim FA4 supports.
+- ``"split"`` (the default, `DEFAULT_METHOD`): those two causal calls, outputs concatenated. Works on
+  every head_dim FA4 supports; one compile per process, then any length runs without compiling.
 - ``"mask"``: one call over all rows with a ``mask_mod`` of the APB layout and block-sparse tile lists
   (`apb_block_sparsity`) so that tiles outside the mask (anchor rows x passing keys, above the
   diagonal) are skipped and fully visible tiles skip the mask. Hopper, head_dim <= 128 (tiles
-  128 x 128); elsewhere it runs as ``"split"``.
+  128 x 128); elsewhere it runs as ``"split"``. Compiles once per anchor length.
 
 ``flash_attn`` and ``cutlass`` are imported on the first call only, so this module imports (and the
 tests collect) without CUDA or FA4. Inputs FA4 cannot take (fp32, CPU, odd head dims) run the plain
@@ -32,7 +33,9 @@ from apb.kernels.reference import apb_attention_ref, check_shapes
 
 METHODS = ("split", "mask")
 DEFAULT_METHOD = "split"
-"""Method of `apb_attention_fa4` when none is given (the faster on the H200 once measured)."""
+"""Method of `apb_attention_fa4` when none is given. On one H200 (benchmarks/RESULTS.md) split and mask
+are within 8% of each other and neither is ahead in every run, but mask compiles again (5-8 s) at every
+new anchor length while split takes milliseconds at any new length."""
 
 SPARSE_BLOCK = 128
 """Query and key tile of the "mask" method's block-sparse lists: FA4's Hopper tile for head_dim <= 128."""
@@ -66,6 +69,22 @@ def fa4_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and head_dim % 8 == 0
         and 8 <= head_dim <= 256
     )
+
+
+def fa4_fits(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the "auto" backend runs FA4 for inputs of this device, dtype and head_dim.
+
+    FA4's own kernels for the GPU (compute capability 9.x: Hopper, measured on an H200; 10.x/11.x:
+    Blackwell, which take head_dim <= 128 or 256), fp16/bf16, head_dim a multiple of 8 in 8..256.
+    Other GPUs keep the Triton kernel. Reads the device's capability; imports nothing.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        return False
+    major = torch.cuda.get_device_capability(device)[0]
+    return major == 9 or (major in (10, 11) and (head_dim <= 128 or head_dim == 256))
 
 
 def _fa4_call(

@@ -1,19 +1,23 @@
 #!/usr/bin/env python
-"""Benchmark APB attention (forward) on one GPU: our Triton kernel vs flex_attention, SDPA and the fastest
-dense causal attention the machine has.
+"""Benchmark APB attention (forward) on one GPU: every backend on APB's mask, against the fastest dense
+causal attention the machine has. This is the script behind the kernel table of benchmarks/RESULTS.md.
 
-Shapes: Llama-3.1-8B attention (32 q heads, 8 kv heads, head_dim 128), the last of 8 hosts by the paper's
-defaults for a context of n tokens: block = n/8 local tokens, anchor = min(block/4, 8192), passing =
-7 earlier hosts x block/8. Useful TFLOP/s = 4 * visible (q, k) pairs * head_dim * num_heads / time.
-Dense causal baselines run at the "dense equivalent" length: the n whose causal pairs equal the APB
-pairs (so the same work), each on its own pairs: SDPA with the FlashAttention-2 and the cuDNN backends
-(32 heads, no GQA), our kernel with passing = anchor = 0 (plain causal; 8 kv heads), and the `flash`
-backend of apb.backends when it is installed (FlashAttention-4 or -2, 8 kv heads).
+Shapes: Llama-3.1-8B attention (32 q heads, 8 kv heads, head_dim 128, bf16, batch 1), the last of 8 hosts
+by the paper's defaults for a context of n tokens: block = n/8 local tokens, anchor = min(block/4, 8192),
+passing = 7 earlier hosts x block/8. Useful TFLOP/s = 4 * visible (q, k) pairs * head_dim * num_heads /
+time; median of `triton.testing.do_bench` (warmup 50 ms, rep 300 ms).
 
-    python scripts/bench_kernel.py                       # the table (32K/64K/128K/256K)
-    python scripts/bench_kernel.py --variants 128K,32K   # every kernel variant, then the table
-    python scripts/bench_kernel.py --sweep 128K          # time fixed tile configs at one context
-    python scripts/bench_kernel.py --first-call          # cold-process first call (run with a fresh TRITON_CACHE_DIR)
+APB mask: the Triton kernel (`apb.kernels.apb_attention`), FlashAttention-4 (`apb.kernels.flash4`, one
+column per method of --flash-methods; "split" is what the flash backend runs), flex_attention (compiled,
+block mask built once) and SDPA with a boolean mask. "default" is the one `apb.backends`' "auto" runs here.
+Dense causal ("full attention") at the same work: the length n whose causal pairs equal the APB pairs,
+each on its own pairs: SDPA with the FlashAttention-2 and the cuDNN backends (32 heads, no GQA), the
+Triton kernel with passing = anchor = 0 and FA4 causal (8 kv heads). "best full" is the fastest of them.
+--full-causal times the same dense baselines over a whole context (n = the context).
+
+    python scripts/bench_kernel.py --flash-methods split,mask --full-causal 32K,64K,128K --json kernel.json
+    python scripts/bench_kernel.py --sweep 128K          # tile configs of the Triton kernel at one context
+    python scripts/bench_kernel.py --first-call          # cold-process first calls (fresh TRITON_CACHE_DIR)
 """
 
 from __future__ import annotations
@@ -21,44 +25,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_HOSTS = 32, 8, 128, 8
 CONTEXTS = {"32K": 32768, "64K": 65536, "128K": 131072, "256K": 262144}
+FLASH_METHODS = ("split", "mask")
+SKIPPABLE = ("triton", "fa4", "flex", "sdpa_mask", "dense", "table")
 
-# Ways to run our kernel (keyword arguments of apb_attention_triton). "default" is what apb.kernels runs
-# on this GPU (autotuned); the others fix the tile, warps and stages. split: an unmasked and a masked key
-# loop; fused: one loop masked on every tile, Q/K/V through TMA (the form warp specialization takes);
-# ws: fused + warp_specialize (producer warp group + two consumers, 12 warps); persistent: one program
-# per SM striding over the query tiles.
-VARIANTS = {  # in the order they run: the most telling first, in case the time budget runs out
-    "default": {},
-    "split-128x128-w8-s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True),
-    "ws-128x128-w4-s2": dict(block_m=128, block_n=128, num_warps=4, num_stages=2, warp_specialize=True),
-    "ws-128x64-w4-s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3, warp_specialize=True),
-    "ws-persistent-128x128-w4-s2": dict(
-        block_m=128, block_n=128, num_warps=4, num_stages=2, warp_specialize=True, persistent=True
-    ),
-    "fused-128x128-w8-s3": dict(
-        block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, fused=True
-    ),
-    "ws-128x64-w4-s4": dict(block_m=128, block_n=64, num_warps=4, num_stages=4, warp_specialize=True),
-    "ws-persistent-128x64-w4-s3": dict(
-        block_m=128, block_n=64, num_warps=4, num_stages=3, warp_specialize=True, persistent=True
-    ),
-    "split-persistent-128x128-w8-s3": dict(
-        block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, persistent=True
-    ),
-    "ws-autotuned": dict(warp_specialize=True),
+# Column names of the row keys, in table order.
+APB_NAMES = {
+    "triton": "Triton",
+    "fa4_split": "FA4 split",
+    "fa4_mask": "FA4 mask",
+    "flex": "flex",
+    "sdpa_mask": "SDPA mask",
 }
-# The variant every other one is checked against (max |out - out_ref|): the tested split-loop kernel.
-CHECK_VARIANT = "split-128x128-w8-s3"
+DENSE_NAMES = {
+    "sdpa_fa2_causal": "SDPA-FA2",
+    "sdpa_cudnn_causal": "SDPA-cuDNN",
+    "triton_causal": "Triton",
+    "fa4_causal": "FA4",
+}
 
 
 def apb_lengths(context: int) -> tuple[int, int, int]:
@@ -107,42 +99,129 @@ def timed_first_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def flash_backend() -> tuple[str, object] | None:
-    """apb.backends' FlashAttention backend ("flash4", or "flash": FA4 when flash-attn-4 is installed)."""
-    try:
-        from apb import backends
-
-        names = backends.available_backends("cuda")
-        for name in ("flash4", "flash"):
-            if name in names:
-                return name, backends.get_backend(name, "cuda")
-    except Exception as e:  # noqa: BLE001 - optional: report and go on without it
-        print(f"no flash backend: {e!r}"[:200], flush=True)
-    return None
+def short_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:200]
 
 
-def flex_fn(q, k, v, num_passing, num_anchor):
+def has_fa4() -> bool:
+    from apb.kernels.flash4 import fa4_available
+
+    return fa4_available()
+
+
+def default_key() -> str:
+    """The APB column of the backend "auto" runs for these shapes on this GPU."""
+    from apb.kernels.flash4 import DEFAULT_METHOD
+
+    from apb.backends import resolve_auto
+
+    name = resolve_auto("cuda", torch.bfloat16, HEAD_DIM)
+    return {"flash": f"fa4_{DEFAULT_METHOD}"}.get(name, name)
+
+
+# ---------------------------------------------------------------- the APB mask
+
+
+def apb_fns(q, k, v, num_passing: int, num_anchor: int, methods: list[str]) -> dict[str, Callable]:
+    """Every way to run APB attention on these inputs, by row key, in table order (flex and SDPA build
+    their mask / compile on first use)."""
+    from apb.kernels import apb_attention
+
+    fns = {"triton": lambda: apb_attention(q, k, v, num_passing=num_passing, num_anchor=num_anchor)}
+    if methods:
+        from apb.kernels.flash4 import apb_attention_fa4
+
+        for method in methods:
+            fns[f"fa4_{method}"] = lambda method=method: apb_attention_fa4(
+                q, k, v, num_passing=num_passing, num_anchor=num_anchor, method=method
+            )
+    fns["flex"] = flex_fn(q, k, v, num_passing, num_anchor)
+    fns["sdpa_mask"] = sdpa_mask_fn(q, k, v, num_passing, num_anchor)
+    return fns
+
+
+def flex_fn(q, k, v, num_passing, num_anchor) -> Callable:
+    """flex_attention with the APB block mask; the mask is built (and the kernel compiled) on first use."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    state = {}
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx + num_passing) & ((kv_idx >= num_passing) | (q_idx >= num_anchor))
 
-    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], k.shape[2], device="cuda")
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+    def run():
+        if not state:
+            state["mask"] = create_block_mask(mask_mod, None, None, q.shape[2], k.shape[2], device="cuda")
+            state["fn"] = torch.compile(flex_attention, dynamic=False)
+        return state["fn"](q, k, v, block_mask=state["mask"], enable_gqa=True)
+
+    return run
 
 
-def sdpa_mask_fn(q, k, v, num_passing, num_anchor):
+def sdpa_mask_fn(q, k, v, num_passing, num_anchor) -> Callable:
     from apb.kernels import apb_mask
 
-    group = q.shape[1] // k.shape[1]
-    ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    mask = apb_mask(num_passing, num_anchor, q.shape[2] - num_anchor, device="cuda")[None, None]
-    return lambda: F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask)
+    state = {}
+
+    def run():
+        if not state:
+            group = q.shape[1] // k.shape[1]
+            state["k"], state["v"] = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            mask = apb_mask(num_passing, num_anchor, q.shape[2] - num_anchor, device="cuda")
+            state["mask"] = mask[None, None]
+        return F.scaled_dot_product_attention(q, state["k"], state["v"], attn_mask=state["mask"])
+
+    return run
 
 
-def dense_causal_fns(n: int, flash) -> dict:
-    """Dense causal attention over n tokens, by name: the full-attention baselines."""
+def _out(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def bench_apb_mask(row: dict, skip: set[str], methods: list[str]) -> None:
+    """Every APB kernel at one context: `<key>_first_s`, `_ms`, `_tflops`, and `<key>_vs_triton_maxdiff`
+    (max |out - Triton's out|, to be sure all compute APB); then each at a never-seen ragged length in the
+    same process (`<key>_new_length_s`: what a new length costs once the kernel has run)."""
+    num_passing, num_anchor, num_local = row["passing"], row["anchor"], row["local"]
+    q, k, v = make_inputs(num_passing, num_anchor, num_local)
+    fns = {
+        key: fn for key, fn in apb_fns(q, k, v, num_passing, num_anchor, methods).items() if key not in skip
+    }
+    outs = {}
+    for key, fn in fns.items():
+        try:
+            row[f"{key}_first_s"] = timed_first_call(fn)
+            row[f"{key}_ms"] = bench_ms(fn)
+            row[f"{key}_tflops"] = tflops(row["pairs"], row[f"{key}_ms"])
+            outs[key] = _out(fn()).float()
+        except Exception as e:  # noqa: BLE001 - a backend this machine lacks: report and go on
+            row[f"{key}_error"] = short_error(e)
+    for key, out in outs.items():
+        if key != "triton" and "triton" in outs:
+            row[f"{key}_vs_triton_maxdiff"] = (out - outs["triton"]).abs().max().item()
+    if "fa4_split" in outs and "fa4_mask" in outs:
+        row["fa4_mask_vs_split_maxdiff"] = (outs["fa4_mask"] - outs["fa4_split"]).abs().max().item()
+    del q, k, v, fns, outs
+    torch.cuda.empty_cache()
+
+    # A new length: a ragged shape (new anchor too) in the same process, kernels already used once.
+    num_passing, num_anchor, num_local = num_passing + 5, num_anchor - 3, num_local + 37
+    q, k, v = make_inputs(num_passing, num_anchor, num_local, seed=1)
+    for key, fn in apb_fns(q, k, v, num_passing, num_anchor, methods).items():
+        if key in skip or key == "sdpa_mask" or f"{key}_ms" not in row:
+            continue
+        try:
+            row[f"{key}_new_length_s"] = timed_first_call(fn)
+        except Exception as e:  # noqa: BLE001
+            row[f"{key}_new_length_error"] = short_error(e)
+    torch._dynamo.reset()  # dynamo's recompile limit is per code object: start each context clean
+
+
+# ---------------------------------------------------------------- dense causal
+
+
+def dense_causal_fns(n: int, skip: set[str]) -> dict[str, Callable]:
+    """Dense causal attention over n tokens, by row key: the full-attention baselines."""
     from apb.kernels import apb_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -160,274 +239,154 @@ def dense_causal_fns(n: int, flash) -> dict:
     fns = {
         "sdpa_fa2_causal": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn_causal": sdpa(SDPBackend.CUDNN_ATTENTION),
-        # passing = anchor = 0 is APB's mask reduced to plain causal attention
-        "ours_causal": lambda: apb_attention(q, k_gqa, v_gqa, num_passing=0, num_anchor=0),
     }
-    if flash is not None:
-        fns["flash_causal"] = lambda: flash[1](q, k_gqa, v_gqa, num_passing=0, num_anchor=0)
+    if "triton" not in skip:
+        # passing = anchor = 0 is APB's mask reduced to plain causal attention
+        fns["triton_causal"] = lambda: apb_attention(q, k_gqa, v_gqa, num_passing=0, num_anchor=0)
+    if "fa4" not in skip and has_fa4():
+        from apb.kernels.flash4 import causal_attention_fa4
+
+        fns["fa4_causal"] = lambda: causal_attention_fa4(q, k_gqa, v_gqa)
     return fns
 
 
-DENSE_NAMES = {
-    "sdpa_fa2_causal": "SDPA-FA2",
-    "sdpa_cudnn_causal": "SDPA-cuDNN",
-    "ours_causal": "ours",
-    "flash_causal": "flash",
-}
-
-
-def bench_context(name: str, skip: set[str], flash) -> dict:
-    """Time every method at one context; returns one table row."""
-    num_passing, num_anchor, num_local = apb_lengths(CONTEXTS[name])
-    pairs = visible_pairs(num_passing, num_anchor, num_local)
-    row = dict(context=name, passing=num_passing, anchor=num_anchor, local=num_local, pairs=pairs)
-    bench_apb_mask(row, skip, flash)
-    torch.cuda.empty_cache()
-    bench_dense(row, skip, flash)
-    torch.cuda.empty_cache()
-    bench_new_length(row, skip)
-    return row
-
-
-def bench_apb_mask(row: dict, skip: set[str], flash) -> None:
-    """Ours, flex, SDPA with a mask tensor and the flash backend on APB's mask: fills row's *_ms, *_tflops."""
-    from apb.kernels import apb_attention
-
-    num_passing, num_anchor = row["passing"], row["anchor"]
-    q, k, v = make_inputs(num_passing, num_anchor, row["local"])
-    ours = lambda: apb_attention(q, k, v, num_passing=num_passing, num_anchor=num_anchor)  # noqa: E731
-    row["ours_first_s"] = timed_first_call(ours)
-    row["ours_ms"] = bench_ms(ours)
-    if "flex" not in skip:
-        try:
-            t0 = time.perf_counter()
-            fn = flex_fn(q, k, v, num_passing, num_anchor)
-            row["flex_first_s"] = timed_first_call(fn) + (time.perf_counter() - t0)
-            row["flex_ms"] = bench_ms(fn)
-            # Same function, check agreement (flex's output vs ours) to be sure both compute APB.
-            row["flex_vs_ours_maxdiff"] = (fn().float() - ours()[0].float()).abs().max().item()
-        except Exception as e:  # noqa: BLE001 - report and go on
-            row["flex_error"] = repr(e)[:200]
-    if "sdpa_mask" not in skip:
-        try:
-            fn = sdpa_mask_fn(q, k, v, num_passing, num_anchor)
-            row["sdpa_mask_ms"] = bench_ms(fn)
-        except Exception as e:  # noqa: BLE001
-            row["sdpa_mask_error"] = repr(e)[:200]
-    if flash is not None and "flash" not in skip:
-        try:
-            fn = lambda: flash[1](q, k, v, num_passing=num_passing, num_anchor=num_anchor)  # noqa: E731
-            row["flash_first_s"] = timed_first_call(fn)
-            row["flash_ms"] = bench_ms(fn)
-            row["flash_vs_ours_maxdiff"] = (fn()[0].float() - ours()[0].float()).abs().max().item()
-        except Exception as e:  # noqa: BLE001
-            row["flash_error"] = repr(e)[:200]
-    for key in ("ours", "flex", "sdpa_mask", "flash"):
-        if f"{key}_ms" in row:
-            row[f"{key}_tflops"] = tflops(row["pairs"], row[f"{key}_ms"])
-
-
-def bench_dense(row: dict, skip: set[str], flash) -> None:
-    """Every dense causal baseline at the dense-equivalent length; the fastest is "best_full"."""
-    n = dense_equivalent_length(row["pairs"])
+def bench_dense(row: dict, n: int, skip: set[str]) -> None:
+    """Every dense causal baseline over n tokens: `<key>_ms`, `_tflops`; the fastest is "best_full"."""
     row["dense_n"] = n
-    for key, fn in dense_causal_fns(n, flash if "flash" not in skip else None).items():
+    for key, fn in dense_causal_fns(n, skip).items():
         try:
             fn()
             row[f"{key}_ms"] = bench_ms(fn)
             row[f"{key}_tflops"] = tflops(n * (n + 1) // 2, row[f"{key}_ms"])
         except Exception as e:  # noqa: BLE001 - e.g. a backend this build of torch lacks
-            row[f"{key}_error"] = repr(e)[:200]
-    dense = {k: row[f"{k}_tflops"] for k in DENSE_NAMES if f"{k}_tflops" in row}
+            row[f"{key}_error"] = short_error(e)
+    torch.cuda.empty_cache()
+    dense = {key: row[f"{key}_tflops"] for key in DENSE_NAMES if f"{key}_tflops" in row}
     if dense:
         row["best_full"] = max(dense, key=dense.get)
         row["best_full_tflops"] = dense[row["best_full"]]
 
 
-def bench_new_length(row: dict, skip: set[str]) -> None:
-    """First call at a never-seen length (same process, kernel already used): a ragged shape."""
-    from apb.kernels import apb_attention
+# ---------------------------------------------------------------- tables
 
-    num_passing, num_anchor, num_local = row["passing"], row["anchor"], row["local"]
-    q2, k2, v2 = make_inputs(num_passing + 5, num_anchor - 3, num_local + 37, seed=1)
-    row["ours_new_length_s"] = timed_first_call(
-        lambda: apb_attention(q2, k2, v2, num_passing=num_passing + 5, num_anchor=num_anchor - 3)
-    )
-    if "flex" not in skip:
-        try:
-            t0 = time.perf_counter()
-            fn = flex_fn(q2, k2, v2, num_passing + 5, num_anchor - 3)
-            row["flex_new_length_s"] = timed_first_call(fn) + (time.perf_counter() - t0)
-        except Exception as e:  # noqa: BLE001
-            row["flex_new_length_error"] = repr(e)[:200]
-        torch._dynamo.reset()  # dynamo's recompile limit is per code object: start each context clean
+
+def _cell(row: dict, key: str) -> str:
+    return f"{row[key + '_ms']:.2f} ({row[key + '_tflops']:.0f})" if key + "_ms" in row else "n/a"
+
+
+def _present(rows: list[dict], names: dict[str, str], suffix: str) -> list[str]:
+    return [key for key in names if any(key + suffix in r for r in rows)]
 
 
 def markdown_table(rows: list[dict]) -> str:
-    def cell(r, key):
-        return f"{r[key + '_ms']:.2f} ({r[key + '_tflops']:.0f})" if key + "_ms" in r else "n/a"
-
-    def tf(r, key):
-        return f"{r[key + '_tflops']:.0f}" if key + "_tflops" in r else "n/a"
-
-    with_flash = any("flash_ms" in r or "flash_causal_tflops" in r for r in rows)
-    head = ["context", "P/A/L", "ours ms (TF/s)", "flex ms (TF/s)", "SDPA mask ms (TF/s)"]
-    head += ["flash APB ms (TF/s)"] if with_flash else []
-    head += [
-        "dense n",
-        *(f"{DENSE_NAMES[k]} causal TF/s" for k in DENSE_NAMES if with_flash or k != "flash_causal"),
-    ]
-    head += ["best full", "ours / best full", "ours / flex"]
+    """One line per context: APB kernels in ms (TF/s), dense baselines in TF/s, the best full attention,
+    and the default backend's useful TF/s against it and its speedup over flex."""
+    apb_keys = _present(rows, APB_NAMES, "_ms")
+    dense_keys = _present(rows, DENSE_NAMES, "_tflops")
+    head = ["context", "P/A/L", *(f"{APB_NAMES[k]} ms (TF/s)" for k in apb_keys), "default", "dense n"]
+    head += [f"{DENSE_NAMES[k]} causal TF/s" for k in dense_keys]
+    head += ["best full TF/s", "default / best full", "default / flex"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["context"], f"{r['passing']}/{r['anchor']}/{r['local']}", cell(r, "ours"), cell(r, "flex")]
-        cells += [cell(r, "sdpa_mask")] + ([cell(r, "flash")] if with_flash else [])
-        cells += [str(r.get("dense_n", "n/a"))]
-        cells += [tf(r, k) for k in DENSE_NAMES if with_flash or k != "flash_causal"]
+        default = r.get("default")
+        cells = [r["context"], f"{r['passing']}/{r['anchor']}/{r['local']}"]
+        cells += [_cell(r, k) for k in apb_keys]
+        cells += [APB_NAMES.get(default, "n/a"), str(r.get("dense_n", "n/a"))]
+        cells += [f"{r[k + '_tflops']:.0f}" if k + "_tflops" in r else "n/a" for k in dense_keys]
         best = r.get("best_full")
+        ok = best and f"{default}_tflops" in r
         cells += [f"{DENSE_NAMES[best]} {r['best_full_tflops']:.0f}" if best else "n/a"]
-        cells += [f"{r['ours_tflops'] / r['best_full_tflops']:.2f}x" if best else "n/a"]
-        cells += [f"{r['flex_ms'] / r['ours_ms']:.2f}x" if "flex_ms" in r else "n/a"]
+        cells += [f"{r[default + '_tflops'] / r['best_full_tflops']:.2f}x" if ok else "n/a"]
+        cells += [
+            f"{r['flex_ms'] / r[default + '_ms']:.2f}x" if "flex_ms" in r and f"{default}_ms" in r else "n/a"
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main_table(contexts: list[str], skip: set[str], out_json: str | None) -> None:
-    import triton
-
-    flash = flash_backend()
-    print(f"flash backend: {flash[0] if flash else 'none'}", flush=True)
-    rows = []
-    for name in contexts:
-        row = bench_context(name, skip, flash)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        torch.cuda.empty_cache()
-
-    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-    print(markdown_table(rows))
-    print("first calls (s): " + "; ".join(
-        f"{r['context']}: ours first {r['ours_first_s']:.2f}, ours new length {r['ours_new_length_s']:.3f}, "
-        f"flex first {r.get('flex_first_s', float('nan')):.2f}, flex new length {r.get('flex_new_length_s', float('nan')):.2f}"
-        for r in rows
-    ))  # fmt: skip
-    from apb.kernels.triton_apb import _AUTOTUNED
-
-    for autotuner in _AUTOTUNED.values():
-        for key, config in autotuner.cache.items():
-            print(f"autotuned {key}: {config}")
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(rows, f, indent=1)
-
-
-# ---------------------------------------------------------------- variants
-
-
-def variant_child(name: str, contexts: list[str]) -> None:
-    """Time one variant at each context (one JSON line each); run in its own process by `main_variants`."""
-    for context in contexts:
-        row = dict(variant=name, context=context, **VARIANTS[name])
-        try:
-            row.update(time_variant(name, context))
-        except Exception as e:  # noqa: BLE001 - a compile error (out of shared memory, ...): report, go on
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        print("VARIANT " + json.dumps(row), flush=True)
-        torch.cuda.empty_cache()
-
-
-def time_variant(name: str, context: str) -> dict:
-    from apb.kernels.triton_apb import apb_attention_triton
-
-    num_passing, num_anchor, num_local = apb_lengths(CONTEXTS[context])
-    q, k, v = make_inputs(num_passing, num_anchor, num_local)
-
-    def run(variant):
-        return apb_attention_triton(q, k, v, num_passing=num_passing, num_anchor=num_anchor, **variant)
-
-    row = dict(first_s=timed_first_call(lambda: run(VARIANTS[name])))
-    row["ms"] = bench_ms(lambda: run(VARIANTS[name]))
-    row["tflops"] = tflops(visible_pairs(num_passing, num_anchor, num_local), row["ms"])
-    (out, lse), (ref_out, ref_lse) = run(VARIANTS[name]), run(VARIANTS[CHECK_VARIANT])
-    row["maxdiff_out"] = (out.float() - ref_out.float()).abs().max().item()
-    row["maxdiff_lse"] = (lse - ref_lse).abs().max().item()
-    return row
-
-
-def markdown_variants(rows: list[dict], contexts: list[str]) -> str:
-    """One line per variant: ms (TF/s) per context, speedup against "default" at each context."""
-    by = {(r["variant"], r["context"]): r for r in rows}
-    names = list(dict.fromkeys(r["variant"] for r in rows))
-    head = ["variant", *(f"{c} ms (TF/s)" for c in contexts), *(f"{c} vs default" for c in contexts)]
-    head += ["max diff out / lse"]
+def markdown_full_causal(rows: list[dict]) -> str:
+    """Dense causal attention over whole contexts: ms (TF/s) of each baseline."""
+    keys = _present(rows, DENSE_NAMES, "_ms")
+    head = ["n (whole context)", *(f"{DENSE_NAMES[k]} causal ms (TF/s)" for k in keys), "best"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name in names:
-        cells, ratios, diffs = [name], [], []
-        for c in contexts:
-            r, base = by.get((name, c), {}), by.get(("default", c), {})
-            if "ms" in r:
-                cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f})")
-                ratios.append(f"{base['ms'] / r['ms']:.3f}x" if "ms" in base else "n/a")
-                diffs.append(f"{r['maxdiff_out']:.1e} / {r['maxdiff_lse']:.1e}")
-            else:
-                cells.append("error: " + r.get("error", "not run")[:60].replace("|", "/"))
-                ratios.append("n/a")
-        lines.append("| " + " | ".join(cells + ratios + [", ".join(diffs) or "n/a"]) + " |")
+    for r in rows:
+        best = r.get("best_full")
+        cells = [r["context"], *(_cell(r, k) for k in keys)]
+        cells += [f"{DENSE_NAMES[best]} {r['best_full_tflops']:.0f}" if best else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main_variants(
-    contexts: list[str], names: list[str], out_json: str | None, timeout_s: float, budget_s: float = math.inf
+def first_calls_line(rows: list[dict]) -> str:
+    parts = []
+    for r in rows:
+        times = [
+            f"{APB_NAMES[k]} {r[k + '_first_s']:.2f} / {r.get(k + '_new_length_s', float('nan')):.3f}"
+            for k in APB_NAMES
+            if k + "_first_s" in r and k != "sdpa_mask"
+        ]
+        parts.append(f"{r['context']}: " + ", ".join(times))
+    return "first call / new length (s): " + "; ".join(parts)
+
+
+def main_table(
+    contexts: list[str], skip: set[str], methods: list[str], full_causal: list[str], out_json: str | None
 ) -> None:
-    """Every variant in its own process (a compiler crash takes only that one down), then one table.
-    No variant starts after `budget_s` seconds; those left are reported as skipped."""
+    import triton
+    from apb.kernels.flash4 import DEFAULT_METHOD
+
+    fa4 = "fa4" not in skip and has_fa4()
+    # the flash backend's own method is always timed: it is the default backend's column
+    methods = sorted({DEFAULT_METHOD, *methods}, key=FLASH_METHODS.index) if fa4 else []
+    default = default_key()
+    print(
+        f"FlashAttention-4: {'installed' if fa4 else 'not used'}; 'auto' runs {APB_NAMES[default]} here",
+        flush=True,
+    )
     rows = []
-    t0 = time.perf_counter()
-    for name in names:
-        start = time.perf_counter()
-        if start - t0 > budget_s:
-            rows += [
-                dict(variant=name, context=c, error=f"skipped: {budget_s:.0f} s budget spent")
-                for c in contexts
-            ]
-            continue
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--variant-child",
-            name,
-            "--contexts",
-            ",".join(contexts),
-        ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-            got = [json.loads(line[8:]) for line in proc.stdout.splitlines() if line.startswith("VARIANT ")]
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                print(f"{name}: exit {proc.returncode}: " + " / ".join(tail)[-600:], flush=True)
-        except subprocess.TimeoutExpired:
-            got = []
-            print(f"{name}: timed out after {timeout_s:.0f} s", flush=True)
-        done = {r["context"] for r in got}
-        got += [
-            dict(variant=name, context=c, error="crashed or timed out") for c in contexts if c not in done
-        ]
-        for r in got:
-            print(json.dumps(r), flush=True)
-        rows += got
-        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"\nvariants ({device}; max diff against {CHECK_VARIANT}):")
-    print(markdown_variants(rows, contexts))
+    for name in contexts:
+        num_passing, num_anchor, num_local = apb_lengths(CONTEXTS[name])
+        pairs = visible_pairs(num_passing, num_anchor, num_local)
+        row = dict(context=name, passing=num_passing, anchor=num_anchor, local=num_local, pairs=pairs)
+        row["default"] = default
+        bench_apb_mask(row, skip, methods)
+        if "dense" not in skip:
+            bench_dense(row, dense_equivalent_length(pairs), skip)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    full_rows = []
+    for name in full_causal:
+        row = dict(context=name, kind="full_causal")
+        bench_dense(row, CONTEXTS[name], skip)
+        full_rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", end="")
+    print(f" flash-attn-4 {_version('flash-attn-4')} nvidia-cutlass-dsl {_version('nvidia-cutlass-dsl')}")
+    if rows:
+        print(markdown_table(rows))
+        print(first_calls_line(rows))
+    if full_rows:
+        print(markdown_full_causal(full_rows))
     if out_json:
         with open(out_json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(rows + full_rows, f, indent=1)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "-"
 
 
 # ---------------------------------------------------------------- sweep, profile, first call
 
 
 def main_sweep(context: str, head_dim: int, tma_modes: tuple[bool, ...]) -> None:
+    """Fixed tile configs of the Triton kernel at one context (the autotuner's candidates come from here)."""
     from apb.kernels.triton_apb import apb_attention_triton
 
     num_passing, num_anchor, num_local = apb_lengths(CONTEXTS[context])
@@ -470,75 +429,75 @@ def main_profile() -> None:
     torch.cuda.synchronize()
 
 
-def main_first_call() -> None:
+def main_first_call(skip: set[str]) -> None:
+    """Cold-process first call of the Triton kernel and of FA4 (split) at a ragged 128K shape, then a
+    second never-seen length."""
     from apb.kernels import apb_attention
 
-    num_passing, num_anchor, num_local = 14336 + 11, 4096 - 5, 16384 + 29
-    q, k, v = make_inputs(num_passing, num_anchor, num_local)
-    torch.cuda.synchronize()
-    seconds = timed_first_call(lambda: apb_attention(q, k, v, num_passing=num_passing, num_anchor=num_anchor))
-    print(f"cold-process first call (compile + autotune) at a ragged 128K shape: {seconds:.2f} s")
-    seconds = timed_first_call(lambda: apb_attention(q, k, v, num_passing=num_passing, num_anchor=num_anchor))
-    print(f"second call: {seconds * 1e3:.1f} ms")
+    fns = {} if "triton" in skip else {"Triton": apb_attention}
+    if "fa4" not in skip and has_fa4():
+        from apb.kernels.flash4 import apb_attention_fa4
+
+        fns["FA4 split"] = apb_attention_fa4
+    for label, fn in fns.items():
+        for i, (num_passing, num_anchor, num_local) in enumerate(
+            [(14336 + 11, 4096 - 5, 16384 + 29), (14336 - 7, 4096 + 3, 16384 + 61)]
+        ):
+            q, k, v = make_inputs(num_passing, num_anchor, num_local, seed=i)
+            seconds = timed_first_call(partial(fn, q, k, v, num_passing=num_passing, num_anchor=num_anchor))
+            what = "cold-process first call" if i == 0 else "a second new length"
+            print(f"{label}: {what} at a ragged 128K shape: {seconds:.3f} s", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--contexts", default="32K,64K,128K,256K")
-    parser.add_argument("--skip", default="", help="comma list of flex,sdpa_mask,flash,table")
-    parser.add_argument("--json", default=None, help="write the table's rows here")
+    parser.add_argument("--contexts", default="32K,64K,128K,256K", help="APB shapes to time (empty: none)")
     parser.add_argument(
-        "--variants",
-        default=None,
-        help="contexts (e.g. 128K,32K) to time every kernel variant at, before the table",
+        "--flash-methods",
+        default="split",
+        help=f"FlashAttention-4 methods to time on APB's mask, comma list of {', '.join(FLASH_METHODS)}",
     )
-    parser.add_argument("--variant-names", default=",".join(VARIANTS), help="comma list of variants to time")
-    parser.add_argument("--variants-json", default=None, help="write the variants' rows here")
-    parser.add_argument("--variant-timeout-s", type=float, default=90.0, help="per variant (its own process)")
     parser.add_argument(
-        "--variants-budget-s", type=float, default=math.inf, help="start no variant after this many seconds"
+        "--full-causal", default="", help="contexts to time dense causal attention over whole (e.g. 32K,128K)"
     )
-    parser.add_argument("--variant-child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--sweep", default=None, help="context to sweep tile configs at, e.g. 128K")
-    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument("--skip", default="", help=f"comma list of {', '.join(SKIPPABLE)}")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--sweep", default=None, help="context to sweep Triton tile configs at, e.g. 128K")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="head_dim of --sweep")
     parser.add_argument("--sweep-tma", default="both", choices=["both", "1", "0"])
     parser.add_argument("--first-call", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="run the kernel twice at 128K (for ncu)")
+    parser.add_argument(
+        "--profile", action="store_true", help="run the Triton kernel twice at 128K (for ncu)"
+    )
     args = parser.parse_args(argv)
-    for arg in (args.contexts, args.variants or ""):
-        unknown = [c for c in arg.split(",") if c and c not in CONTEXTS]
+    args.contexts = [c for c in args.contexts.split(",") if c]
+    args.full_causal = [c for c in args.full_causal.split(",") if c]
+    args.flash_methods = [m for m in args.flash_methods.split(",") if m]
+    args.skip = {s for s in args.skip.split(",") if s}
+    for arg in (args.contexts, args.full_causal, [args.sweep] if args.sweep else []):
+        unknown = [c for c in arg if c not in CONTEXTS]
         if unknown:
             parser.error(f"unknown context(s) {unknown}; choose from {', '.join(CONTEXTS)}")
-    unknown = [n for n in args.variant_names.split(",") if n not in VARIANTS]
+    unknown = [m for m in args.flash_methods if m not in FLASH_METHODS]
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"unknown --flash-methods {unknown}; choose from {', '.join(FLASH_METHODS)}")
+    unknown = sorted(args.skip - set(SKIPPABLE))
+    if unknown:
+        parser.error(f"unknown --skip {unknown}; choose from {', '.join(SKIPPABLE)}")
     return args
 
 
 if __name__ == "__main__":
     args = parse_args()
-    skip = set(filter(None, args.skip.split(",")))
-    if args.variant_child:
-        variant_child(args.variant_child, args.contexts.split(","))
-    elif args.sweep:
+    if args.sweep:
         main_sweep(
             args.sweep, args.head_dim, {"both": (False, True), "1": (True,), "0": (False,)}[args.sweep_tma]
         )
     elif args.profile:
         main_profile()
     elif args.first_call:
-        main_first_call()
-    else:
-        if args.variants:
-            names = args.variant_names.split(",")
-            main_variants(
-                args.variants.split(","),
-                names,
-                args.variants_json,
-                args.variant_timeout_s,
-                args.variants_budget_s,
-            )
-        if "table" not in skip:
-            main_table(args.contexts.split(","), skip, args.json)
+        main_first_call(args.skip)
+    elif "table" not in args.skip:
+        main_table(args.contexts, args.skip, args.flash_methods, args.full_causal, args.json)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from apb.kernels.flash4 import (
     fa4_available,
 )
 from apb.kernels.reference import apb_attention_ref, apb_mask
+from apb.kernels.triton_apb import HAS_TRITON
 from test_kernels import LSE_FLOOR, OUT_FLOOR, _check_against_refs, _inputs, _ref_lowp
 
 from apb.backends import available_backends, get_backend
@@ -82,6 +84,81 @@ def test_flash_backend_is_fa4_when_installed():
             get_backend("flash", "cpu")
     else:
         assert "flash" not in available_backends("cpu")
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    """Simulates FA4 installed or not, without importing it: a fresh backend registry, `fa4_available`
+    answering `installed`, FA4's interface module as an empty stand-in (or None: "does not import"), and
+    a GPU of compute capability `capability`. Call it with those three."""
+    from apb.kernels import flash4
+
+    from apb import backends
+
+    def make(installed: bool, imports: bool = True, capability: tuple[int, int] = (9, 0)) -> None:
+        registry = {name: fn for name, fn in backends._REGISTRY.items() if name != "flash"}
+        monkeypatch.setattr(backends, "_REGISTRY", registry)
+        monkeypatch.setattr(backends, "_DEVICE_TYPES", dict(backends._DEVICE_TYPES))
+        monkeypatch.setattr(backends, "_FA4_IMPORTS", {})
+        monkeypatch.setattr(flash4, "fa4_available", lambda: installed)
+        stand_in = types.ModuleType("flash_attn.cute.interface") if imports else None
+        monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", stand_in)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+    return make
+
+
+TRITON_OR_FLEX = "triton" if HAS_TRITON else "flex"
+
+
+def test_auto_runs_fa4_where_it_fits(fake_fa4):
+    from apb.backends import _auto_cuda, resolve_auto
+
+    fake_fa4(installed=True)
+    assert resolve_auto("cuda", torch.bfloat16, 128) == "flash"
+    assert resolve_auto("cuda:0", torch.float16, 64) == "flash"
+    assert resolve_auto("cuda", torch.bfloat16, 256) == "flash"
+    assert resolve_auto("cuda", torch.bfloat16, 96) == "flash"  # Hopper: any multiple of 8 up to 256
+    # what FA4 does not take keeps the Triton kernel (which runs fp32 and odd head dims on the reference)
+    assert resolve_auto("cuda", torch.float32, 128) == TRITON_OR_FLEX
+    assert resolve_auto("cuda", torch.bfloat16, 100) == TRITON_OR_FLEX
+    assert resolve_auto("cuda", torch.bfloat16, 512) == TRITON_OR_FLEX
+    assert resolve_auto("cpu", torch.bfloat16, 128) == "sdpa"
+    # the model's dtype and head_dim are known per call only: "auto" on CUDA chooses there
+    assert get_backend("auto", "cuda") is _auto_cuda
+    assert get_backend("auto", "cpu") is get_backend("sdpa", "cpu")
+
+
+@pytest.mark.parametrize(
+    "capability,head_dim,expected",
+    [
+        ((8, 0), 128, False),
+        ((10, 0), 128, True),
+        ((10, 0), 192, False),
+        ((10, 0), 256, True),
+        ((12, 0), 128, False),
+    ],
+)
+def test_auto_runs_fa4_on_its_own_gpu_kernels_only(fake_fa4, capability, head_dim, expected):
+    from apb.backends import resolve_auto
+
+    fake_fa4(installed=True, capability=capability)
+    assert resolve_auto("cuda", torch.bfloat16, head_dim) == ("flash" if expected else TRITON_OR_FLEX)
+
+
+def test_auto_without_fa4_or_when_it_does_not_import(fake_fa4, caplog):
+    from apb import backends
+
+    fake_fa4(installed=False)
+    assert backends.resolve_auto("cuda", torch.bfloat16, 128) == TRITON_OR_FLEX
+    assert get_backend("auto", "cuda") is get_backend(TRITON_OR_FLEX, "cuda")
+
+    fake_fa4(installed=True, imports=False)
+    assert "flash" in available_backends("cuda")  # asked for by name, it is there (and fails loudly)
+    assert backends.resolve_auto("cuda", torch.bfloat16, 128) == TRITON_OR_FLEX
+    assert backends.resolve_auto("cuda", torch.bfloat16, 64) == TRITON_OR_FLEX
+    warnings = [r.getMessage() for r in caplog.records if "does not import" in r.getMessage()]
+    assert len(warnings) == 1 and "ModuleNotFoundError" in warnings[0]  # tried once, the error named
 
 
 def test_cpu_and_fp32_fall_back_to_reference():

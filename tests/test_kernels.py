@@ -57,7 +57,7 @@ def _ref_lowp(q, k, v, *, num_passing, num_anchor, causal_shift=0, scale=None):
 
 
 def _check_against_refs(q, k, v, out, lse, *, num_passing, num_anchor, causal_shift=0, label=""):
-    """`label` names the case in a failure message (which variant, which shapes)."""
+    """`label` names the case in a failure message (which load path, which shapes)."""
     if causal_shift:  # the decoding form (every key or a shifted diagonal visible): its own reference
         ref_out, ref_lse = decode_attention_ref(
             q.float(), k.float(), v.float(), num_prefix=num_passing + causal_shift
@@ -139,7 +139,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import json, math, sys
     import torch
     from apb.kernels.triton_apb import apb_attention_triton
-    cases, variants = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    cases, load_paths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     results = []
     for c in cases:
         gen = torch.Generator().manual_seed(len(results))
@@ -149,8 +149,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         v = torch.randn(c["B"], c["KV"], nk, c["D"], generator=gen).half()
         if c.get("strided"):  # q as a transpose of [batch, queries, heads, dim], as attention modules give it
             q = q.transpose(1, 2).contiguous().transpose(1, 2)
-        for name, variant in variants.items():
-            out, lse = apb_attention_triton(q, k, v, num_passing=c["P"], num_anchor=c["A"], **variant,
+        for name, load_path in load_paths.items():
+            out, lse = apb_attention_triton(q, k, v, num_passing=c["P"], num_anchor=c["A"], **load_path,
                                             causal_shift=c.get("shift", 0), block_m=c["BM"], block_n=c["BN"],
                                             num_warps=4, num_stages=1)
             torch.save(dict(q=q, k=k, v=v, out=out, lse=lse), c["path"] + "." + name)
@@ -169,24 +169,17 @@ _INTERPRETER_CASES = [
     dict(B=1, H=4, KV=4, P=21, A=19, L=37, D=16, BM=32, BN=16, strided=True),
     dict(B=1, H=8, KV=2, P=40, A=35, L=3, D=16, BM=16, BN=16),  # anchor longer than the local block
     dict(B=1, H=4, KV=1, P=70, A=16, L=33, D=16, BM=16, BN=32),  # anchor ends exactly on a tile
-    dict(B=1, H=2, KV=1, P=10, A=128, L=20, D=16, BM=64, BN=32),  # anchor % 128 == 0 (fused: one bound)
+    dict(
+        B=1, H=2, KV=1, P=10, A=128, L=20, D=16, BM=64, BN=32
+    ),  # anchor a multiple of the tile: no mixed tile
     # decoding's forms (decode_attention): every key visible (shift = queries), and a shifted diagonal
     dict(B=1, H=4, KV=2, P=40, A=0, L=5, D=16, BM=16, BN=16, shift=5),
     dict(B=1, H=2, KV=1, P=3, A=0, L=20, D=16, BM=16, BN=16, shift=7),
 ]
 
 
-# Every way the kernel can run. The interpreter ignores the warp_specialize hint, so that variant checks the
-# single masked loop (with Q, K, V through TMA descriptors) that the hint is compiled for on Hopper;
-# persistent runs 4 programs, so each strides over several tiles.
-KERNEL_VARIANTS = {
-    "pointers": dict(use_tma=False),
-    "tma": dict(use_tma=True),
-    "persistent": dict(use_tma=True, persistent=True),
-    "fused": dict(use_tma=True, fused=True),
-    "warp_specialized": dict(use_tma=True, warp_specialize=True),
-    "warp_specialized_persistent": dict(use_tma=True, warp_specialize=True, persistent=True),
-}
+# The kernel's two ways to load K/V: pointer loads and TMA descriptors (the default from sm90 on).
+LOAD_PATHS = {"pointers": dict(use_tma=False), "tma": dict(use_tma=True)}
 
 
 def _triton_version() -> tuple[int, int]:
@@ -205,7 +198,7 @@ def test_kernel_under_interpreter(tmp_path):
     cases = [dict(c, path=str(tmp_path / f"case{i}.pt")) for i, c in enumerate(_INTERPRETER_CASES)]
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(cases), json.dumps(KERNEL_VARIANTS)],
+        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(cases), json.dumps(LOAD_PATHS)],
         env=env,
         cwd=tmp_path,  # not the repo root: there `kernels/` would import as a top-level package
         capture_output=True,
@@ -214,7 +207,7 @@ def test_kernel_under_interpreter(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for c in cases:
-        for name in KERNEL_VARIANTS:
+        for name in LOAD_PATHS:
             r = torch.load(c["path"] + "." + name)
             _check_against_refs(
                 r["q"], r["k"], r["v"], r["out"], r["lse"], num_passing=c["P"], num_anchor=c["A"],
@@ -254,35 +247,27 @@ def test_kernel_gpu_fp16_batch_and_strides(num_passing, num_anchor, num_local):
     _check_against_refs(q, k, v, out, lse, num_passing=num_passing, num_anchor=num_anchor)
 
 
-def _is_sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-
 @pytest.mark.single_gpu
 @needs_cuda
-@pytest.mark.parametrize("variant", list(KERNEL_VARIANTS))
+@pytest.mark.parametrize("load_path", list(LOAD_PATHS))
 @pytest.mark.parametrize(
     "num_passing,num_anchor,num_local", [(0, 0, 1), (517, 129, 1000), (1000, 300, 4133), (300, 256, 999)]
 )
-def test_kernel_gpu_variants(variant, num_passing, num_anchor, num_local):
-    """Every way the kernel runs, at a fixed config and autotuned (warp specialization: sm90 only, where
-    it is compiled and measured)."""
+def test_kernel_gpu_both_load_paths(load_path, num_passing, num_anchor, num_local):
+    """Pointer and TMA loads of K/V, whichever is the default, at a fixed config and autotuned."""
     from apb.kernels.triton_apb import apb_attention_triton
 
-    options = KERNEL_VARIANTS[variant]
-    if options.get("warp_specialize") and not _is_sm90():
-        pytest.skip("warp specialization is enabled for sm90 only")
-    if options.get("use_tma") and torch.cuda.get_device_capability()[0] < 9:
+    options = LOAD_PATHS[load_path]
+    if options["use_tma"] and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability >= 9")
     q, k, v = _inputs(2, 8, 2, num_passing, num_anchor, num_local, 128, torch.bfloat16, "cuda")
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [batch, queries, heads, dim] memory, as HF gives it
-    warps = 4 if options.get("warp_specialize") else 8
-    for config in (dict(block_m=128, block_n=64, num_warps=warps, num_stages=3), {}):
+    for config in (dict(block_m=128, block_n=64, num_warps=8, num_stages=3), {}):
         out, lse = apb_attention_triton(
             q, k, v, num_passing=num_passing, num_anchor=num_anchor, **options, **config
         )
         _check_against_refs(
-            q, k, v, out, lse, num_passing=num_passing, num_anchor=num_anchor, label=f"{variant} {config}"
+            q, k, v, out, lse, num_passing=num_passing, num_anchor=num_anchor, label=f"{load_path} {config}"
         )
 
 
@@ -308,10 +293,10 @@ def _num_compiled() -> int:
 @needs_cuda
 def test_new_length_does_not_recompile():
     """A new length in an already-tuned bucket reuses the compiled kernel and the tuned config."""
-    from apb.kernels.triton_apb import _AUTOTUNED
+    from apb.kernels.triton_apb import _apb_fwd_autotuned
 
     def num_tuned():
-        return sum(len(autotuner.cache) for autotuner in _AUTOTUNED.values())
+        return len(_apb_fwd_autotuned.cache)
 
     q, k, v = _inputs(1, 8, 2, 300, 100, 3000, 128, torch.bfloat16, "cuda")
     apb_attention(q, k, v, num_passing=300, num_anchor=100)
@@ -342,56 +327,58 @@ def test_bench_dense_equivalent_length(bench):
     assert n % 64 == 0 and abs(n * (n + 1) / 2 - pairs) / pairs < 0.01
 
 
-def test_bench_markdown_variants_reports_errors_and_speedups(bench):
-    rows = [
-        dict(variant="default", context="128K", ms=13.0, tflops=560.0, maxdiff_out=0.0, maxdiff_lse=0.0),
-        dict(
-            variant="ws-128x128-w4-s2",
-            context="128K",
-            ms=11.0,
-            tflops=662.0,
-            maxdiff_out=1e-3,
-            maxdiff_lse=2e-5,
-        ),
-        dict(variant="ws-128x64-w4-s4", context="128K", error="OutOfResources: shared memory | 278856"),
-    ]
-    table = bench.markdown_variants(rows, ["128K"]).splitlines()
-    assert len(table) == 5 and "1.182x" in table[3] and "662" in table[3]
-    assert "error: OutOfResources" in table[4] and table[4].count("|") == table[0].count("|")
+def _bench_row(**extra):
+    """A 128K row as `main_table` records it (numbers made up)."""
+    row = dict(context="128K", passing=14336, anchor=4096, local=16384, pairs=444606464, default="fa4_split",
+               triton_ms=12.9, triton_tflops=565.0, fa4_split_ms=11.0, fa4_split_tflops=660.0,
+               flex_ms=16.7, flex_tflops=436.0, dense_n=29824, sdpa_fa2_causal_tflops=346.0,
+               sdpa_cudnn_causal_tflops=597.0, triton_causal_tflops=558.0, fa4_causal_tflops=665.0,
+               best_full="fa4_causal", best_full_tflops=665.0)  # fmt: skip
+    return dict(row, **extra)
 
 
-def test_bench_markdown_table_names_the_best_full_attention(bench):
-    row = dict(context="128K", passing=14336, anchor=4096, local=16384, ours_ms=12.0, ours_tflops=600.0,
-               flex_ms=16.0, flex_tflops=450.0, dense_n=29824, sdpa_fa2_causal_tflops=330.0,
-               sdpa_cudnn_causal_tflops=571.0, ours_causal_tflops=590.0, best_full="ours_causal",
-               best_full_tflops=590.0)  # fmt: skip
+def test_bench_table_has_both_backends_and_the_best_full_attention(bench):
+    table = bench.markdown_table([_bench_row()]).splitlines()
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head[2:5] == ["Triton ms (TF/s)", "FA4 split ms (TF/s)", "flex ms (TF/s)"]
+    assert "SDPA-cuDNN causal TF/s" in head and "FA4 causal TF/s" in head and "FA4 mask ms (TF/s)" not in head
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert len(cells) == len(head)
+    assert cells[head.index("default")] == "FA4 split"
+    assert cells[-3:] == ["FA4 665", "0.99x", "1.52x"]  # 660 / 665; 16.7 ms / 11.0 ms
+
+
+def test_bench_table_without_fa4_defaults_to_triton(bench):
+    row = {k: v for k, v in _bench_row().items() if not k.startswith("fa4")}
+    row.update(default="triton", best_full="sdpa_cudnn_causal", best_full_tflops=597.0)
     table = bench.markdown_table([row]).splitlines()
-    assert "SDPA-cuDNN causal TF/s" in table[0] and "flash" not in table[0]
-    assert "| ours 590 | 1.02x | 1.33x |" in table[2]
-    with_flash = bench.markdown_table([dict(row, flash_causal_tflops=620.0)]).splitlines()
-    assert "flash causal TF/s" in with_flash[0] and "| 620 |" in with_flash[2]
+    assert "FA4" not in table[0]
+    assert table[2].endswith("| Triton | 29824 | 346 | 597 | 558 | SDPA-cuDNN 597 | 0.95x | 1.29x |")
 
 
-def test_bench_args_reject_unknown_names(bench):
-    assert bench.parse_args(["--variants", "128K,32K"]).variants == "128K,32K"
-    for argv in (["--variants", "100K"], ["--variant-names", "nope"], ["--contexts", "1K"]):
+def test_bench_full_causal_table_and_first_calls(bench):
+    full = dict(context="128K", kind="full_causal", dense_n=131072, fa4_causal_ms=208.3, fa4_causal_tflops=675.8,
+                sdpa_cudnn_causal_ms=256.8, sdpa_cudnn_causal_tflops=548.0, best_full="fa4_causal",
+                best_full_tflops=675.8)  # fmt: skip
+    table = bench.markdown_full_causal([full]).splitlines()
+    assert table[2] == "| 128K | 256.80 (548) | 208.30 (676) | FA4 676 |"
+    row = _bench_row(triton_first_s=0.35, triton_new_length_s=0.015, fa4_split_first_s=3.9)
+    assert (
+        bench.first_calls_line([row])
+        == "first call / new length (s): 128K: Triton 0.35 / 0.015, FA4 split 3.90 / nan"
+    )
+
+
+def test_bench_args(bench):
+    args = bench.parse_args(["--flash-methods", "split,mask", "--full-causal", "32K,128K", "--skip", "flex"])
+    assert args.flash_methods == ["split", "mask"] and args.full_causal == ["32K", "128K"]
+    assert args.skip == {"flex"} and args.contexts == ["32K", "64K", "128K", "256K"]
+    assert bench.parse_args(["--contexts", ""]).contexts == []
+    for argv in (
+        ["--contexts", "1K"],
+        ["--full-causal", "100K"],
+        ["--flash-methods", "fused"],
+        ["--skip", "ws"],
+    ):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
-
-
-def test_bench_variants_run_each_in_a_process_and_survive_failures(bench, tmp_path, capsys):
-    """Without a GPU every variant fails in its child: the parent still gets a row per context and a table."""
-    if torch.cuda.is_available():
-        pytest.skip("checks the failure path, which needs a machine without CUDA")
-    out = tmp_path / "variants.json"
-    bench.main_variants(["32K"], ["split-128x128-w8-s3"], str(out), timeout_s=120)
-    rows = json.loads(out.read_text())
-    assert [(r["variant"], r["context"]) for r in rows] == [("split-128x128-w8-s3", "32K")]
-    assert "error" in rows[0]
-    assert "| split-128x128-w8-s3 | error:" in capsys.readouterr().out
-
-
-def test_bench_variants_budget_skips_the_rest(bench, capsys):
-    bench.main_variants(["128K"], ["default", "ws-128x128-w4-s2"], None, timeout_s=1, budget_s=-1)
-    out = capsys.readouterr().out
-    assert out.count("skipped: -1 s budget spent") == 2
