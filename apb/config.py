@@ -37,8 +37,8 @@ class APBConfig:
     query_offset: int = 16
     """Context tokens kept before the spliced query (the reference uses 16: the prompt's preamble)."""
     backend: str = "auto"
-    """Attention backend name (see `apb.backends.available_backends()`); "auto" = triton on CUDA,
-    reference on the CPU."""
+    """Attention backend name (see `apb.backends.available_backends()`); "auto" = FlashAttention-4 on CUDA
+    when installed and it takes the input, else triton, else flex; sdpa on the CPU (`apb.backends`)."""
     selector: str = "heads"
     """What scores a host's block to choose its passing block (`apb.selectors`): "heads" (the adapter's
     retaining heads), "query_attention" (training-free: the attention the question in the anchor gives
