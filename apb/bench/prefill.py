@@ -118,7 +118,7 @@ class BenchConfig:
     """Query tokens after the context."""
     methods: list[str] = dataclasses.field(default_factory=lambda: ["full", "star", "apb"])
     """Which methods to time."""
-    backends: list[str] = dataclasses.field(default_factory=lambda: ["triton", "flex"])
+    backends: list[str] = dataclasses.field(default_factory=lambda: ["flash", "triton", "flex"])
     """APB/Star attention backends to compare; the fastest at the primary length's last-host shapes is used."""
     tie_margin: float = 0.05
     """Backends within this fraction of the fastest count as tied; the earlier in `backends` is used."""
