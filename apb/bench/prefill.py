@@ -511,6 +511,19 @@ class Bench:
 
     # -------------------------------------------------------------- one measurement
 
+    def modelled_comm_ms(self, hosts: int, counts: list[int]) -> float:
+        """The passing all-gathers of a simulated prefill, modelled (`comm_ms`) at the configured link."""
+        return comm_ms(
+            num_layers=self.num_layers,
+            num_hosts=hosts,
+            max_passing=max(counts),
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            bytes_per_element=self.bytes_per_element,
+            bandwidth_gbps=self.cfg.bandwidth_gbps,
+            latency_us=self.cfg.latency_us,
+        )
+
     def full_kernel(self, forward: Callable[[], Any], length: int) -> str | None:
         """The kernel full attention uses at `length`: the first of `FULL_KERNELS` under which
         `forward` runs with the first `warmup_layers` layers (a warm-up too), kept per length."""
@@ -591,16 +604,7 @@ class Bench:
             samples.append((max(host_ms), (host_ms, calls, wall)))
         _, (host_ms, calls, wall) = median(samples)
         query_ms = sum(self.clock.ms(c["start"], c["end"]) for c in calls[hosts:])
-        comm = comm_ms(
-            num_layers=self.num_layers,
-            num_hosts=hosts,
-            max_passing=max(counts),
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            bytes_per_element=self.bytes_per_element,
-            bandwidth_gbps=self.cfg.bandwidth_gbps,
-            latency_us=self.cfg.latency_us,
-        )
+        comm = self.modelled_comm_ms(hosts, counts)
         compute = max(host_ms)
         run = {
             "method": method,
@@ -645,16 +649,7 @@ class Bench:
             self.apbm.prefill(context, query, config=config, num_hosts=hosts)
         self.clock.sync()
         per_call = breakdown.per_call(record)
-        comm = comm_ms(
-            num_layers=self.num_layers,
-            num_hosts=hosts,
-            max_passing=max(counts),
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            bytes_per_element=self.bytes_per_element,
-            bandwidth_gbps=self.cfg.bandwidth_gbps,
-            latency_us=self.cfg.latency_us,
-        )
+        comm = self.modelled_comm_ms(hosts, counts)
         per_host = []
         for host in range(hosts):
             host_ms = self.clock.ms(calls[host]["start"], calls[host]["end"])
