@@ -91,7 +91,7 @@ def _is_batch(messages: Any) -> bool:
 def _split(
     tokenizer: Any, messages: Messages, question: str | None, template_kwargs: Mapping[str, Any]
 ) -> tuple[list[int], list[int]]:
-    from apb.data.tokenization import QUESTION_SEPARATOR, _split_at_char, has_chat_template, render_and_locate
+    from apb.data.tokenization import QUESTION_SEPARATOR, has_chat_template, render_and_locate, split_at_char
 
     if not has_chat_template(tokenizer):
         raise ValueError(
@@ -124,4 +124,4 @@ def _split(
     if not document:
         raise ValueError("the last user message holds no document before the question")
     rendered, start = render_and_locate(tokenizer, list(messages), text, last=True, **template_kwargs)
-    return _split_at_char(tokenizer, rendered, start + len(document))
+    return split_at_char(tokenizer, rendered, start + len(document))

@@ -80,7 +80,7 @@ def render_and_locate(
     return rendered, start
 
 
-def _split_at_char(tokenizer: Any, text: str, char_end: int) -> tuple[list[int], list[int]]:
+def split_at_char(tokenizer: Any, text: str, char_end: int) -> tuple[list[int], list[int]]:
     """Token ids of `text`, split after the last token that starts before `char_end`."""
     if getattr(tokenizer, "is_fast", False):
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -134,7 +134,7 @@ def tokenize_sample(
         rendered, context_end = render_prompt(
             sample.context, sample.question, tokenizer, system_prompt=system_prompt
         )
-        context_ids, question_ids = _split_at_char(tokenizer, rendered, context_end)
+        context_ids, question_ids = split_at_char(tokenizer, rendered, context_end)
         answer_ids = _encode(tokenizer, sample.answer.strip()) + [eos]
     else:
         context_ids = list(tokenizer(sample.context.strip())["input_ids"])
