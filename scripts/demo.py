@@ -356,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         world = dist.get_world_size()
         if args.hosts not in (None, world):
             raise SystemExit(f"--hosts {args.hosts}: under torchrun every process is one host ({world} here)")
-        return _run(args, world, device)
+        code = _run(args, world, device)
+        # leave together: gloo can abort a process that tears its group down while a peer still uses it
+        dist.barrier()
+        return code
     finally:
         dist.destroy_process_group()
 

@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         f"answer ({len(ids)} tokens, {elapsed:.2f}s total): {tokenizer.decode(ids, skip_special_tokens=True)!r}"
     )
     if world > 1:
+        dist.barrier()  # leave together: gloo can abort a process whose peer tears the group down first
         dist.destroy_process_group()
 
 

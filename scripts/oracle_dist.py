@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype = torch.device("cuda"), torch.bfloat16
     dist.init_process_group("gloo" if args.cpu else "nccl", timeout=datetime.timedelta(minutes=10))
     try:
-        return _run(args, device, dtype)
+        code = _run(args, device, dtype)
+        dist.barrier()  # leave together: gloo can abort a process whose peer tears the group down first
+        return code
     finally:
         dist.destroy_process_group()
 
