@@ -105,6 +105,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         except ValueError as err:
             results["mismatch_error"] = str(err)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: gloo can abort a process whose peer tears the group down first
     finally:
         dist.destroy_process_group()
 
