@@ -125,21 +125,27 @@ class CostModel:
     def _pair(self) -> float:
         return self.flops_per_pair * self.attention_weight
 
-    def host_cost(self, num_anchor: int, block_len: float, num_passing: int) -> float:
-        """Anchor rows see the anchor causally; block rows see the passing keys, the whole anchor and
-        the block causally."""
+    def host_cost(
+        self, num_anchor: int, block_len: float, num_passing: int, anchor_visible: bool = True
+    ) -> float:
+        """Anchor rows see the anchor causally; block rows see the passing keys, the whole anchor (unless
+        `anchor_visible` is False: host 0's probe anchor, `HostView.anchor_visible`) and the block
+        causally."""
         a, b = num_anchor, block_len
-        pairs = a * (a + 1) / 2 + b * (num_passing + a) + b * (b + 1) / 2
+        seen = num_passing + (a if anchor_visible else 0)
+        pairs = a * (a + 1) / 2 + b * seen + b * (b + 1) / 2
         return self.flops_per_token * (a + b) + self._pair * pairs
 
-    def max_block(self, budget: float, num_anchor: int, num_passing: int) -> float:
+    def max_block(
+        self, budget: float, num_anchor: int, num_passing: int, anchor_visible: bool = True
+    ) -> float:
         """The largest (real) block whose `host_cost` stays within `budget` (0 if even none fits)."""
         a = num_anchor
         fixed = self.flops_per_token * a + self._pair * a * (a + 1) / 2
         spare = budget - fixed
         if spare <= 0:
             return 0.0
-        linear = self.flops_per_token + self._pair * (num_passing + a + 0.5)
+        linear = self.flops_per_token + self._pair * (num_passing + (a if anchor_visible else 0) + 0.5)
         if self._pair == 0:
             return spare / linear
         # pair/2 * b^2 + linear * b - spare = 0
@@ -230,7 +236,10 @@ class HostPlan:
 
     def predicted_costs(self, cost: CostModel) -> list[float]:
         """Every host's `CostModel.host_cost` under this plan."""
-        return [cost.host_cost(v.num_anchor, v.block_len, self.num_passing_keys(v.host)) for v in self.hosts]
+        return [
+            cost.host_cost(v.num_anchor, v.block_len, self.num_passing_keys(v.host), v.anchor_visible)
+            for v in self.hosts
+        ]
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary (block sizes, anchor, passing counts) for logs and benchmark records."""
@@ -271,11 +280,9 @@ class HostPlan:
 
     def _views(self, sizes: list[int]) -> tuple[HostView, ...]:
         views, start, passers = [], 0, []
-        # host 0 runs the anchor as a probe when its selector reads the question's attention
-        probe = self.config.selector == "query_attention" and self.config.needs_selection
         for host, size in enumerate(sizes):
             excluded, count = self._count(host, size)
-            host0_probe = host == 0 and probe and count > 0 and self.anchor_len > 0
+            host0_probe = host == 0 and self._host0_probe(count > 0)
             views.append(
                 HostView(
                     host=host,
@@ -293,15 +300,24 @@ class HostPlan:
         assert start == self.num_context, (sizes, self.num_context)
         return tuple(views)
 
+    def _host0_probe(self, host0_passes: bool) -> bool:
+        """Whether host 0 runs the anchor as a probe: when its selector reads the question's attention
+        and it passes anything."""
+        selects = self.config.selector == "query_attention" and self.config.needs_selection
+        return selects and host0_passes and self.anchor_len > 0
+
     def _balanced_sizes(self, cost: CostModel) -> list[int]:
         """Block sizes that give every host the same predicted cost (bisection on that cost)."""
         n, hosts = self.num_context, self.num_hosts
 
+        # host 0 has no anchor, or runs it as a probe its block does not see (`_views`)
+        probe = self._host0_probe(self.config.passing_len != 0)
+
         def fill(budget: float) -> list[float]:
             sizes, passing = [], 0
             for host in range(hosts):
-                anchor = self.anchor_len if host > 0 else 0
-                size = cost.max_block(budget, anchor, passing)
+                anchor = self.anchor_len if host > 0 or probe else 0
+                size = cost.max_block(budget, anchor, passing, anchor_visible=host > 0)
                 sizes.append(size)
                 passing += self._count(host, int(size))[1]
             return sizes

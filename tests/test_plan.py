@@ -63,6 +63,28 @@ def test_balanced_split_evens_predicted_work(config, n):
     assert max(balanced.predicted_costs(cost)) < 0.9 * max(equal.predicted_costs(cost))
 
 
+def test_balanced_split_counts_host0s_probe_anchor():
+    """With the query_attention selector host 0 runs the anchor as a probe its block does not see: the
+    balanced split charges host 0 the probe's tokens and causal pairs (not block x anchor pairs), so the
+    predicted work stays even and host 0 gets a smaller block than with the heads."""
+    cost = _llama8b_cost()
+    n = 131072
+    heads = HostPlan(APBConfig.for_length(n, 4, split="balanced"), n, 64, 4, cost=cost)
+    qattn = HostPlan(
+        APBConfig.for_length(n, 4, split="balanced", selector="query_attention"), n, 64, 4, cost=cost
+    )
+    host0 = qattn.hosts[0]
+    assert host0.num_anchor == qattn.anchor_len > 0 and not host0.anchor_visible
+    assert heads.hosts[0].num_anchor == 0 and heads.hosts[0].anchor_visible
+    assert _spread(qattn.predicted_costs(cost)) < 1.001
+    assert host0.block_len < heads.hosts[0].block_len
+    # a hidden anchor costs its own rows, not the block's rows over it
+    a, b, p = 4096, 30000, 6000
+    hidden = cost.host_cost(a, b, p, anchor_visible=False)
+    assert cost.host_cost(a, b, p) - hidden == pytest.approx(cost.flops_per_pair * b * a)
+    assert cost.max_block(hidden, a, p, anchor_visible=False) == pytest.approx(b, rel=1e-9)
+
+
 def test_plan_views_are_consistent():
     cost = CostModel(flops_per_token=1.0, flops_per_pair=1.0)
     config = APBConfig(anchor_len=6, passing_len=4, query_in_anchor=True, query_offset=2, split="balanced")

@@ -357,7 +357,10 @@ def flop_bound_ms(plan: Any, cost: Any, rates: dict[str, float]) -> list[float]:
     bounds = []
     for view in plan.hosts:
         linear = cost.flops_per_token * view.num_tokens
-        attention = cost.host_cost(view.num_anchor, view.block_len, plan.num_passing_keys(view.host)) - linear
+        work = cost.host_cost(
+            view.num_anchor, view.block_len, plan.num_passing_keys(view.host), view.anchor_visible
+        )
+        attention = work - linear
         seconds = linear / (rates["matmul"] * 1e12) + attention / (rates["attention"] * 1e12)
         bounds.append(seconds * 1000.0)
     return bounds
