@@ -363,19 +363,23 @@ def install(model: nn.Module) -> None:
     if current == ATTN_NAME:
         return
     _ORIGINAL_IMPL[id(config)] = current or "sdpa"
-    try:
-        model.set_attn_implementation(ATTN_NAME)
-    except (ValueError, AttributeError, TypeError):
-        config._attn_implementation = ATTN_NAME
-    if config._attn_implementation != ATTN_NAME:
-        config._attn_implementation = ATTN_NAME
+    set_implementation(model, ATTN_NAME)
 
 
 def uninstall(model: nn.Module) -> None:
     """Give `model` back its original attention implementation."""
     original = _ORIGINAL_IMPL.pop(id(model.config), None)
     if original is not None:
-        try:
-            model.set_attn_implementation(original)
-        except (ValueError, AttributeError, TypeError):
-            model.config._attn_implementation = original
+        set_implementation(model, original)
+
+
+def set_implementation(model: nn.Module, name: str) -> None:
+    """Switch `model` to the transformers attention implementation `name` (registered already):
+    `set_attn_implementation` where the model takes it, else the config field directly (older
+    transformers, or names it does not know)."""
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, AttributeError, TypeError):
+        model.config._attn_implementation = name
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name

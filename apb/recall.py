@@ -179,7 +179,7 @@ def recall_runs(
 
 def recall_markdown(rows: list[dict[str, Any]]) -> str:
     """Mean recall per method (rows) and (host count, budget) (columns), with the number of samples; rows
-    that carry a length ``cell`` (the evaluation's) get one more table per cell when there are several."""
+    that have a length ``cell`` (the evaluation's) get one more table per cell when there are several."""
     tables = [_recall_table(rows)]
     cells = sorted({r["cell"] for r in rows if r.get("cell") is not None})
     if len(cells) > 1:

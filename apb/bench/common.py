@@ -230,15 +230,6 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _set_attention(model: nn.Module, name: str) -> None:
-    try:
-        model.set_attn_implementation(name)
-    except (ValueError, AttributeError, TypeError):
-        model.config._attn_implementation = name
-    if model.config._attn_implementation != name:
-        model.config._attn_implementation = name
-
-
 @contextlib.contextmanager
 def full_attention_kernel(model: nn.Module, kernel: str | None) -> Iterator[None]:
     """Inside the block, the unmodified `model`'s attention runs on `kernel` (a `FULL_KERNELS` name):
@@ -254,14 +245,16 @@ def full_attention_kernel(model: nn.Module, kernel: str | None) -> Iterator[None
         raise RuntimeError("No available kernel: flash-attn-4 is not installed")
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    from apb.attention import set_implementation
+
     AttentionInterface.register(FA4_ATTENTION, _fa4_causal_forward)
     AttentionMaskInterface.register(FA4_ATTENTION, _no_mask)
     previous = model.config._attn_implementation
-    _set_attention(model, FA4_ATTENTION)
+    set_implementation(model, FA4_ATTENTION)
     try:
         yield
     finally:
-        _set_attention(model, previous)
+        set_implementation(model, previous)
 
 
 def first_working_kernel(

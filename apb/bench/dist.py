@@ -54,7 +54,6 @@ from apb.bench.common import (
 )
 from apb.bench.prefill import FULL_ATTENTION_NOTE, Bench, BenchConfig
 from apb.bench.prefill import finalize as finalize_simulated
-from apb.plan import CostModel
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,6 @@ class DistBench:
         meta.pop("comm_model", None)
         self.results: dict[str, Any] = {"meta": meta, "backend": None, "runs": []}
         self.rates: dict[str, float] | None = None
-        self.cost = CostModel.from_model_config(self.bench.model.config)
 
     def log(self, message: str) -> None:
         self.bench.log(message)  # rank 0's only
@@ -182,7 +180,7 @@ class DistBench:
             "rank_wait_share": [w / t for w, t in zip(s["comm"], s["total"], strict=True)],
             # the FLOP bound: linear work at the measured matmul rate + attention at the measured
             # attention rate (measure_rates); busy / bound is what the host forward loses beyond that
-            "rank_flop_bound_ms": (bound := flop_bound_ms(plan, self.cost, self.rates)),
+            "rank_flop_bound_ms": (bound := flop_bound_ms(plan, bench.apbm.cost_model, self.rates)),
             "rank_busy_over_bound": [
                 (c - w) / b for c, w, b in zip(s["context"], s["comm"], bound, strict=True)
             ],
