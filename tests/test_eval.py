@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -141,6 +142,56 @@ def test_main_pairs_balanced_and_equal_splits(tmp_path):
     argv[argv.index("equal")] = "balanced"
     assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
     assert set(json.loads(out.read_text())["results"]) == {"apb-random/balanced H=4"}
+
+
+def test_divergence_is_kl_from_full_per_answer_token():
+    reference = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    assert ev.divergence(reference, reference.clone()) == pytest.approx(0.0, abs=1e-7)
+    other = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]])) + 3.0  # logits: any offset
+    # row 0: 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.1438; row 1: 0; mean over the two answer tokens
+    assert ev.divergence(reference, other) == pytest.approx((0.5 * math.log(2) + 0.5 * math.log(2 / 3)) / 2)
+
+
+def test_main_records_each_runs_divergence_from_full_and_pairs_the_splits(tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["--tiny", "--num-samples", "2", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "4"]
+    argv += ["--qa-adapter", str(tmp_path / "none"), "--qagn-adapter", str(tmp_path / "none")]
+    argv += ["--methods", "full", "star", "apb-random", "--splits", "equal", "balanced"]
+    assert ev.main([*argv, "--out", str(out), "--markdown", str(md)]) == 0
+    result = json.loads(out.read_text())
+    rows = {"star H=4", "apb-random H=4", "apb-random/balanced H=4"}
+    assert set(result["divergence"]) == rows  # every run but full itself
+    for key in rows:
+        values = result["raw_divergence"][key]["single_needle"]["2048"]
+        assert len(values) == 2 and all(v >= 0 for v in values)
+        assert result["divergence"][key]["average"] == pytest.approx(sum(values) / 2)
+    assert result["divergence"]["star H=4"]["average"] > 0  # star drops context: not full attention
+    pairs = {(p["a"], p["b"]): p for p in result["paired_divergence"]}
+    balanced, equal = "apb-random/balanced H=4", "apb-random H=4"
+    want = sum(
+        x - y
+        for x, y in zip(
+            result["raw_divergence"][balanced]["single_needle"]["2048"],
+            result["raw_divergence"][equal]["single_needle"]["2048"],
+            strict=True,
+        )
+    )
+    assert pairs[(balanced, equal)]["diff"] == pytest.approx(want / 2)
+    assert not any(b == "full" for _, b in pairs)  # full has no divergence of its own
+    assert "Divergence from full attention" in md.read_text()
+    # resumed and merged runs keep the divergences with their rows
+    more = tmp_path / "more.json"
+    assert ev.main([*argv[:2], "3", *argv[3:], "--resume", str(out), "--out", str(more)]) == 0
+    resumed = json.loads(more.read_text())
+    assert (
+        resumed["raw_divergence"][equal]["single_needle"]["2048"][:2]
+        == (result["raw_divergence"][equal]["single_needle"]["2048"])
+    )
+    assert len(resumed["raw_divergence"][equal]["single_needle"]["2048"]) == 3
+    merged_json = tmp_path / "m.json"
+    assert ev.main([*argv, "--merge", str(out), str(more), "--out", str(merged_json)]) == 0
+    merged = json.loads(merged_json.read_text())
+    assert merged["raw_divergence"] == resumed["raw_divergence"]
 
 
 def test_paired_differences_hand_computed():

@@ -30,6 +30,7 @@ from apb.eval.scoring import (
     METHODS,
     TRAINING_FREE,
     Evaluator,
+    divergence,
     heads_name,
     token_tensor,
     with_budget,
@@ -348,12 +349,17 @@ def main(argv: list[str] | None = None) -> int:
         label(m, h): {t: {n: [] for n in lengths} for t in tasks} for m, h in keys
     }
     seconds: dict[str, list[float]] = {label(m, h): [] for m, h in keys}
+    # teacher mode with full attention: every other run's divergence from full, item by item
+    track = args.mode == "teacher" and "full" in methods
+    divergences: dict[str, dict[str, dict[int, list[float]]]] = {
+        label(m, h): {t: {n: [] for n in lengths} for t in tasks} for m, h in keys if track and m != "full"
+    }
     examples: list[dict[str, Any]] = []
     num_rounds = max(i.index for i in items) + 1
     by_round = [[i for i in items if i.index == r] for r in range(num_rounds)]
     done_rounds = 0
     if args.resume and Path(args.resume).exists():
-        done_rounds = resume_from(args.resume, scores, seconds, tasks, lengths, hosts)
+        done_rounds = resume_from(args.resume, scores, seconds, tasks, lengths, hosts, divergences)
         print(f"resuming {args.resume}: {done_rounds} samples per cell already done", flush=True)
     setup_s = time.perf_counter() - started
     print(f"{len(items)} items, {len(keys)} method configs, setup {setup_s:.0f}s", flush=True)
@@ -362,11 +368,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         round_start = time.perf_counter()
         for item in round_items:
+            reference = None  # full attention's answer logits for this item (keys start with full)
             for method, num_hosts in keys:
                 key = label(method, num_hosts)
                 t0 = time.perf_counter()
                 if args.mode == "teacher":
-                    value = evaluator.score_teacher(item, method, num_hosts)
+                    value, logits = evaluator.teacher(item, method, num_hosts)
+                    if method == "full":
+                        reference = logits
+                    elif reference is not None:
+                        divergences[key][item.task][item.length].append(divergence(reference, logits))
                 else:
                     value, text = evaluator.score_generate(item, method, num_hosts)
                     if r < 2:
@@ -387,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(scores, lengths)
         avg = ", ".join(f"{k} {v['average']:.1f}" for k, v in summary.items())
         print(f"round {r + 1}/{num_rounds} in {round_s:.1f}s (total {elapsed:.0f}s): {avg}", flush=True)
-        write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed)
+        write_results(
+            args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed, divergences
+        )
         if (
             args.time_budget is not None
             and elapsed + 1.15 * round_s > args.time_budget
@@ -401,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed) -> None:
+def write_results(
+    args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed, divergences=None
+) -> None:
     device = (
         "cuda: " + torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -425,7 +440,7 @@ def write_results(args, scores, seconds, done_rounds, tasks, lengths, hosts, exa
         "hosts": list(hosts),
         "elapsed_s": round(elapsed, 1),
         "examples": examples,
-        **derived_results(scores, seconds, lengths, hosts),
+        **derived_results(scores, seconds, lengths, hosts, divergences),
     }
     write_result_files(result, args.out, args.markdown)
 

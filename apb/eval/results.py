@@ -94,8 +94,10 @@ def resume_from(
     tasks: tuple[str, ...],
     lengths: tuple[int, ...],
     hosts: tuple[int, ...],
+    divergences: dict[str, dict[str, dict[int, list[float]]]] | None = None,
 ) -> int:
-    """Fill `scores` / `seconds` with an earlier run's raw values; returns its samples per cell.
+    """Fill `scores` / `seconds` (and `divergences`, where the earlier run has them) with an earlier
+    run's raw values; returns its samples per cell.
 
     This run may evaluate a subset of the earlier methods (say an adapter is no longer at hand): the
     others keep their earlier samples, get no new ones, and are written out as they were."""
@@ -120,6 +122,12 @@ def resume_from(
             for n, values in by_len.items():
                 scores[key][task][n].extend(values)
         seconds[key].extend(earlier["raw_seconds"][key])
+    if divergences is not None:
+        for key, by_task in earlier.get("raw_divergence", {}).items():
+            divergences.setdefault(key, {t: {n: [] for n in lengths} for t in tasks})
+            for task, by_len in raw_from_json(by_task).items():
+                for n, values in by_len.items():
+                    divergences[key][task][n].extend(values)
     return int(earlier["samples_per_cell"])
 
 
@@ -133,19 +141,50 @@ def derived_results(
     seconds: dict[str, list[float]],
     lengths: tuple[int, ...],
     hosts: tuple[int, ...],
+    divergences: dict[str, dict[str, dict[int, list[float]]]] | None = None,
 ) -> dict[str, Any]:
-    """The results JSON's fields computed from the raw scores and times (a run's and a merge's alike)."""
-    return {
+    """The results JSON's fields computed from the raw scores and times (a run's and a merge's alike).
+
+    `divergences` (teacher mode with full attention among the methods: every other method's
+    `apb.eval.scoring.divergence` from full, per sample) adds ``divergence`` (mean KL per method and
+    length), ``paired_divergence`` (the same comparisons as ``paired``, in nats) and the raw values."""
+    out = {
         "samples_per_method": samples_per_method(scores),
         "seconds_per_run": {k: (sum(v) / len(v) if v else float("nan")) for k, v in seconds.items()},
         "results": summarise(scores, lengths),
         "paired": paired_differences(scores, hosts),
-        "raw_scores": {
-            k: {t: {str(n): v for n, v in by_len.items()} for t, by_len in by_task.items()}
-            for k, by_task in scores.items()
-        },
+        "raw_scores": _raw_to_json(scores),
         "raw_seconds": seconds,
     }
+    divergences = {
+        k: v for k, v in (divergences or {}).items() if any(x for d in v.values() for x in d.values())
+    }
+    if divergences:
+        out["divergence"] = {k: divergence_summary(v, lengths) for k, v in divergences.items()}
+        out["paired_divergence"] = paired_differences(divergences, hosts, scale=1.0)
+        out["raw_divergence"] = _raw_to_json(divergences)
+    return out
+
+
+def _raw_to_json(raw: dict[str, dict[str, dict[int, list[float]]]]) -> dict[str, Any]:
+    return {
+        k: {t: {str(n): v for n, v in by_len.items()} for t, by_len in by_task.items()}
+        for k, by_task in raw.items()
+    }
+
+
+def divergence_summary(
+    by_task: dict[str, dict[int, list[float]]], lengths: tuple[int, ...]
+) -> dict[str, Any]:
+    """One method's mean divergence from full attention (nats per answer token), overall and per
+    length, over every sample."""
+    per_length = {}
+    for n in lengths:
+        vals = [x for by_len in by_task.values() for x in by_len.get(n, [])]
+        if vals:
+            per_length[str(n)] = sum(vals) / len(vals)
+    every = [x for by_len in by_task.values() for v in by_len.values() for x in v]
+    return {"per_length": per_length, "average": sum(every) / len(every) if every else float("nan")}
 
 
 def write_result_files(result: dict[str, Any], out: str, markdown_path: str | None) -> None:
@@ -160,7 +199,9 @@ def write_result_files(result: dict[str, Any], out: str, markdown_path: str | No
             result["seconds_per_run"],
             result["samples_per_method"],
         )
-        Path(markdown_path).write_text(table + paired_markdown(result["paired"]))
+        Path(markdown_path).write_text(
+            table + paired_markdown(result["paired"]) + divergence_markdown(result)
+        )
 
 
 def samples_per_method(scores: dict[str, dict[str, dict[int, list[float]]]]) -> dict[str, int]:
@@ -172,7 +213,7 @@ def samples_per_method(scores: dict[str, dict[str, dict[int, list[float]]]]) -> 
 
 
 def paired_differences(
-    scores: dict[str, dict[str, dict[int, list[float]]]], hosts: tuple[int, ...]
+    scores: dict[str, dict[str, dict[int, list[float]]]], hosts: tuple[int, ...], scale: float = 100.0
 ) -> list[dict[str, Any]]:
     """Mean per-sample score difference (points) with a 95% normal interval, for the comparisons the
     targets name: every method vs full; at the same host count: APB vs Star, and at the same split and
@@ -181,7 +222,8 @@ def paired_differences(
     balanced split vs the equal one.
 
     Samples are paired: the same item under both methods. The interval is 1.96 standard errors of
-    the mean difference over all items (every cell has the same number of items)."""
+    the mean difference over all items (every cell has the same number of items). Differences are the
+    values times `scale` (100: scores in [0, 1] as points)."""
 
     def flat(a: str, b: str) -> tuple[list[float], list[float]]:  # the samples both have, cell by cell
         xa, xb = [], []
@@ -225,7 +267,7 @@ def paired_differences(
         xa, xb = flat(a, b)
         if not xa:
             continue
-        diffs = [100 * (p - q) for p, q in zip(xa, xb, strict=True)]
+        diffs = [scale * (p - q) for p, q in zip(xa, xb, strict=True)]
         mean = sum(diffs) / len(diffs)
         var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
         half = 1.96 * (var / len(diffs)) ** 0.5
@@ -237,6 +279,29 @@ def paired_markdown(paired: list[dict[str, Any]]) -> str:
     lines = ["", "Paired differences (points, mean over every sample, ± 95% interval):", ""]
     lines += ["| comparison | difference | n |", "|---|---|---|"]
     lines += [f"| {p['a']} − {p['b']} | {p['diff']:+.1f} ± {p['ci95']:.1f} | {p['n']} |" for p in paired]
+    return "\n".join(lines) + "\n"
+
+
+def divergence_markdown(result: dict[str, Any]) -> str:
+    """The divergence-from-full tables (empty without divergences)."""
+    if "divergence" not in result:
+        return ""
+    lengths = result["lengths"]
+    lines = [
+        "",
+        "Divergence from full attention (KL, nats per gold-answer token; lower = closer to full):",
+        "",
+    ]
+    lines += ["| method | " + " | ".join(f"{n // 1024}K" for n in lengths) + " | **avg** |"]
+    lines += ["|" + "---|" * (len(lengths) + 2)]
+    for key, d in result["divergence"].items():
+        row = [f"{d['per_length'].get(str(n), float('nan')):.4f}" for n in lengths]
+        lines.append(f"| {key} | " + " | ".join(row) + f" | **{d['average']:.4f}** |")
+    lines += ["", "| comparison | KL difference | n |", "|---|---|---|"]
+    lines += [
+        f"| {p['a']} − {p['b']} | {p['diff']:+.4f} ± {p['ci95']:.4f} | {p['n']} |"
+        for p in result["paired_divergence"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +325,7 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
     lengths, hosts = tuple(first["lengths"]), tuple(sorted({h for r in results for h in r["hosts"]}))
     scores: dict[str, dict[str, dict[int, list[float]]]] = {}
     seconds: dict[str, list[float]] = {}
+    divergences: dict[str, dict[str, dict[int, list[float]]]] = {}
     agree: dict[str, dict[str, Any]] = {}
     for name, run in zip(names, results, strict=True):
         for key, by_task in run["raw_scores"].items():
@@ -279,9 +345,13 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
                     continue
             scores[key] = new
             seconds[key] = list(run["raw_seconds"][key])
+            if key in run.get("raw_divergence", {}):  # a row's divergences travel with its scores
+                divergences[key] = raw_from_json(run["raw_divergence"][key])
+            else:
+                divergences.pop(key, None)
     if "full" in agree and agree["full"]["same"] != agree["full"]["of"]:
         raise ValueError(f"full attention differs between the runs ({agree['full']}): not the same items")
-    derived = derived_results(scores, seconds, lengths, hosts)
+    derived = derived_results(scores, seconds, lengths, hosts, divergences)
     return {
         "command": " && ".join(r["command"] for r in results),
         "merged_from": [

@@ -95,6 +95,17 @@ def teacher_forced_hits(logits: torch.Tensor, item: EvalItem) -> list[bool]:
     return [bool(right[s:e].all()) for s, e in item.spans]
 
 
+def divergence(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(reference || logits) in nats, averaged over the answer tokens: how far a method's prediction
+    of the gold answer is from full attention's (0 = the same distributions). Unlike the task score it
+    does not reward a method for departing from the model: a compressed prefill that happens to answer
+    better than full attention on a small model still counts as a departure.
+
+    reference, logits: [num_answer, vocab] (`Evaluator.answer_logits`)."""
+    ref, out = reference.float().log_softmax(-1), logits.float().log_softmax(-1)
+    return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+
 class Evaluator:
     """Runs one item with one method and host count; returns the item's score in [0, 1]."""
 
@@ -158,8 +169,13 @@ class Evaluator:
         return logits[0, first:].float()
 
     def score_teacher(self, item: EvalItem, method: str, num_hosts: int) -> float:
-        hits = teacher_forced_hits(self.answer_logits(item, method, num_hosts), item)
-        return sum(hits) / len(hits)
+        return self.teacher(item, method, num_hosts)[0]
+
+    def teacher(self, item: EvalItem, method: str, num_hosts: int) -> tuple[float, torch.Tensor]:
+        """(score, answer logits [num_answer, vocab]) of one teacher-forced run."""
+        logits = self.answer_logits(item, method, num_hosts)
+        hits = teacher_forced_hits(logits, item)
+        return sum(hits) / len(hits), logits
 
     @torch.no_grad()
     def generate_ids(
