@@ -146,7 +146,10 @@ def test_full_attention_on_fa4_is_the_plain_models_attention(monkeypatch):
 
     with torch.inference_mode():
         _, kernel, failed = first_working_kernel(forward, cuda=True, model=model)
-    assert kernel == "cudnn" and failed == ["fa4: cutlass: no sm90 kernel"]
+    # the next SDPA kernel that runs this CPU model takes over (which one depends on the torch build:
+    # cuDNN, or FA2 where the build refuses cuDNN for CPU tensors); every kernel before it is reported
+    assert failed[0] == "fa4: cutlass: no sm90 kernel"
+    assert kernel in SDPA_KERNELS and len(failed) == FULL_KERNELS.index(kernel)
     assert model.config._attn_implementation == before
 
 
