@@ -46,8 +46,9 @@ class APBConfig:
     split: str = "equal"
     """How the context is cut into host blocks (`apb.plan`): "equal" gives every host n // H tokens, as
     in the paper; "balanced" sizes the blocks so that every host's predicted work is the same (later
-    hosts attend over more keys, so they get fewer tokens): faster, but the last host, which holds the
-    question, sees fewer tokens uncompressed (benchmarks/RESULTS.md: speed and accuracy of both)."""
+    hosts attend over more keys, so they get fewer tokens): 12-15% faster on 4 GPUs at 128K-256K, and on
+    our small-model eval within noise of the equal split but not shown to lose less than a point at 4 hosts
+    (benchmarks/RESULTS.md: speed and accuracy of both)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.anchor_len, int) or self.anchor_len < 0:

@@ -181,7 +181,8 @@ def test_main_records_each_runs_divergence_from_full_and_pairs_the_splits(tmp_pa
     assert "Divergence from full attention" in md.read_text()
     # resumed and merged runs keep the divergences with their rows
     more = tmp_path / "more.json"
-    assert ev.main([*argv[:2], "3", *argv[3:], "--resume", str(out), "--out", str(more)]) == 0
+    resume = ["--resume", str(out), "--out", str(more), "--markdown", str(md)]
+    assert ev.main([*argv[:2], "3", *argv[3:], *resume]) == 0
     resumed = json.loads(more.read_text())
     assert (
         resumed["raw_divergence"][equal]["single_needle"]["2048"][:2]
@@ -189,7 +190,10 @@ def test_main_records_each_runs_divergence_from_full_and_pairs_the_splits(tmp_pa
     )
     assert len(resumed["raw_divergence"][equal]["single_needle"]["2048"]) == 3
     merged_json = tmp_path / "m.json"
-    assert ev.main([*argv, "--merge", str(out), str(more), "--out", str(merged_json)]) == 0
+    assert (
+        ev.main([*argv, "--merge", str(out), str(more), "--out", str(merged_json), "--markdown", str(md)])
+        == 0
+    )
     merged = json.loads(merged_json.read_text())
     assert merged["raw_divergence"] == resumed["raw_divergence"]
 
