@@ -52,7 +52,7 @@ from apb.bench.common import (
     method_label,
     skipped_run,
 )
-from apb.bench.prefill import FULL_ATTENTION_NOTE, Bench, BenchConfig
+from apb.bench.prefill import COMPILE_LAYERS_ARG, FULL_ATTENTION_NOTE, Bench, BenchConfig, compiled_note
 from apb.bench.prefill import finalize as finalize_simulated
 
 logger = logging.getLogger(__name__)
@@ -296,7 +296,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"NCCL_NVLS_ENABLE={meta.get('nccl_nvls_enable')}. APB/Star backend `{results.get('backend')}`. "
         f"Full = {meta.get('full_attention') or 'the unmodified model (SDPA)'}, on one GPU. Wait = time inside the per-layer passing all-gather, "
         "mostly waiting for slower ranks. Busy / FLOP bound: a rank's busy time over its linear work at the "
-        f"measured matmul rate plus its attention at the measured attention rate ({rates}).",
+        f"measured matmul rate plus its attention at the measured attention rate ({rates})."
+        + compiled_note(meta),
         "",
         "| method | context | split (tokens per rank) | total ms | speedup vs full | vs Star | vs exact "
         "| busy ms per rank | busy / FLOP bound | wait ms per rank | wait share (max) | simulated total ms |",
@@ -341,6 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-layers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--deadline-s", type=float, default=0.0)
+    p.add_argument("--compile-layers", **COMPILE_LAYERS_ARG)
     p.add_argument("--tiny", action="store_true", help="CPU (gloo): tiny model, fp32, short lengths")
     p.add_argument("--simulated-json", type=Path, help="apb.bench.prefill results to compare with")
     p.add_argument("--out", type=Path, help="results JSON (rank 0; rewritten after every measurement)")
@@ -358,6 +360,7 @@ def config_from_args(args: argparse.Namespace, world: int) -> BenchConfig:
         repeats=args.repeats,
         breakdown=False,
         deadline_s=args.deadline_s,
+        compile_layers=args.compile_layers,
     )
     if args.tiny:
         kwargs.update(

@@ -40,6 +40,10 @@ shapes, so kernels are compiled / autotuned and cuBLAS is warm) at a fraction of
 per host: `torch.cuda.max_memory_allocated`, reset at each host's start; since all simulated hosts share
 one GPU, the per-host estimate is weights + (peak during the host - allocated at its start).
 
+`--compile-layers [BACKEND]` (default backend inductor) compiles every layer's norms and MLP
+(`apb.fusion.compile_layers`) right after the model is built, so full attention and APB / Star / exact
+all run on the same compiled layers; the warm-ups compile them, and the JSON's meta records the backend.
+
 The work runs in order of importance (128K with the most hosts, full vs Star vs APB and the per-block
 breakdown first) and the JSON is rewritten after every measurement, so a run cut short keeps its numbers.
 
@@ -144,6 +148,10 @@ class BenchConfig:
     """Stop starting new work after this many seconds since the start (0 = no limit)."""
     seed: int = 0
     """Seed of the weights and the input ids."""
+    compile_layers: str | None = None
+    """`torch.compile` backend for every decoder layer's norms and MLP (`apb.fusion.compile_layers`), applied
+    once to the model every method runs on, so full attention and APB / Star / exact compare on the same
+    layers; None keeps them eager. The warm-up runs compile (a run with warmup_layers=0 times a compile)."""
 
     def __post_init__(self) -> None:
         if self.model_shape not in MODEL_SHAPES:
@@ -169,6 +177,13 @@ class BenchConfig:
             raise ValueError("warmup_layers must be >= 0 and repeats >= 1")
         if not self.backends:
             raise ValueError("backends must name at least one attention backend")
+        if self.compile_layers is not None:
+            known = torch.compiler.list_backends(exclude_tags=())
+            if self.compile_layers not in known:
+                raise ValueError(
+                    f"compile_layers must be a torch.compile backend ({', '.join(known)}), "
+                    f"got {self.compile_layers!r}"
+                )
         self.lengths = sorted(set(self.lengths))
         self.hosts = sorted(set(self.hosts))
         if self.primary_length not in self.lengths:
@@ -226,8 +241,12 @@ class Breakdown:
         handles = []
 
         def hook_module(module: nn.Module, name: str) -> None:
-            handles.append(module.register_forward_pre_hook(lambda *_: self.begin(name)))
-            handles.append(module.register_forward_hook(lambda *_: self.end(name)))
+            # A compiled module (--compile-layers) calls its hooks from its compiled call: disabled, they
+            # run as they are instead of being traced, and recompiled whenever the records grow.
+            begin = torch.compiler.disable(lambda *_: self.begin(name))
+            end = torch.compiler.disable(lambda *_: self.end(name))
+            handles.append(module.register_forward_pre_hook(begin))
+            handles.append(module.register_forward_hook(end))
 
         for layer in decoder_layers(self.model):
             attn = layer.self_attn
@@ -304,6 +323,10 @@ class Bench:
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         self.model = build_model(cfg.model_shape, self.device, cfg.torch_dtype)
+        if cfg.compile_layers is not None:  # before any warm-up, for every method alike
+            from apb.fusion import compile_layers
+
+            compile_layers(self.model, backend=cfg.compile_layers)
         model_config = self.model.config
         self.model_config = model_config
         self.heads = build_heads(self.model, hidden_size=cfg.head_hidden, dtype=cfg.torch_dtype)
@@ -332,6 +355,7 @@ class Bench:
                 "dtype": cfg.dtype,
                 "head_hidden": cfg.head_hidden,
                 "query_len": cfg.query_len,
+                "compile_layers": cfg.compile_layers,
                 "weights_gib": self.weights_bytes / 2**30,
                 "simulated_hosts": True,
                 "comm_model": {
@@ -882,6 +906,14 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def compiled_note(meta: dict[str, Any]) -> str:
+    """A sentence for the table's header when the layers ran compiled (`--compile-layers`), else empty."""
+    backend = meta.get("compile_layers")
+    if not backend:
+        return ""
+    return f" Norms and MLPs of every layer compiled (`torch.compile`, backend `{backend}`) for every method."
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The speed table, the breakdown table and the target lines, as markdown."""
     meta = results["meta"]
@@ -891,7 +923,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['torch']}, transformers {meta['transformers']}, {meta['date_utc']}. "
         f"APB/Star attention backend: `{results.get('backend')}`. Hosts are **simulated** one after another "
         f"on one GPU; comm is modelled at {meta['comm_model']['bandwidth_gbps']:g} GB/s."
-        + (f" Full attention: {meta['full_attention']}." if meta.get("full_attention") else ""),
+        + (f" Full attention: {meta['full_attention']}." if meta.get("full_attention") else "")
+        + compiled_note(meta),
         "",
         "| method | context | hosts | compute ms (slowest host) | comm ms (model) | query ms | total ms "
         "| tokens/s | speedup vs full | same, without query pass | APB / Star | peak GiB per host (est.) |",
@@ -1064,6 +1097,17 @@ def summary_line(kind: str, result: dict[str, Any]) -> str:
     )
 
 
+COMPILE_LAYERS_ARG: dict[str, Any] = dict(
+    nargs="?",
+    const="inductor",
+    default=None,
+    metavar="BACKEND",
+    help="torch.compile every layer's norms and MLP for every method (apb.fusion.compile_layers); "
+    "BACKEND defaults to inductor",
+)
+"""`--compile-layers [BACKEND]`, shared with `apb.bench.dist`."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-shape", default="llama8b", choices=sorted(MODEL_SHAPES))
@@ -1081,6 +1125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--full-skip-threshold-s", type=float, default=20.0)
     p.add_argument("--deadline-s", type=float, default=0.0)
+    p.add_argument("--compile-layers", **COMPILE_LAYERS_ARG)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, fp32, short lengths")
     p.add_argument("--out", type=Path, help="results JSON (rewritten after every measurement)")
     p.add_argument("--markdown", type=Path, help="write the tables here")
@@ -1100,6 +1145,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         breakdown=not args.no_breakdown,
         full_skip_threshold_s=args.full_skip_threshold_s,
         deadline_s=args.deadline_s,
+        compile_layers=args.compile_layers,
     )
     if args.tiny:
         kwargs.update(
