@@ -15,6 +15,7 @@ import torch
 
 from apb.eval.results import (
     derived_results,
+    empty_raw,
     label,
     merge_recall_results,
     merge_results,
@@ -345,13 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(model, tokenizer, heads, backend=args.backend)
     keys = method_keys(hosts, methods)
     scores: dict[str, dict[str, dict[int, list[float]]]] = {
-        label(m, h): {t: {n: [] for n in lengths} for t in tasks} for m, h in keys
+        label(m, h): empty_raw(tasks, lengths) for m, h in keys
     }
     seconds: dict[str, list[float]] = {label(m, h): [] for m, h in keys}
     # teacher mode with full attention: every other run's divergence from full, item by item
     track = args.mode == "teacher" and "full" in methods
     divergences: dict[str, dict[str, dict[int, list[float]]]] = {
-        label(m, h): {t: {n: [] for n in lengths} for t in tasks} for m, h in keys if track and m != "full"
+        label(m, h): empty_raw(tasks, lengths) for m, h in keys if track and m != "full"
     }
     examples: list[dict[str, Any]] = []
     num_rounds = max(i.index for i in items) + 1

@@ -115,20 +115,31 @@ def resume_from(
             f"{earlier['hosts']} and methods {sorted(earlier['raw_scores'])}; this run has {list(tasks)}/"
             f"{list(lengths)}/{list(hosts)} and {sorted(scores)}"
         )
-    for key, by_task in earlier["raw_scores"].items():
-        scores.setdefault(key, {t: {n: [] for n in lengths} for t in tasks})
-        seconds.setdefault(key, [])
+    extend_raw(scores, earlier["raw_scores"], tasks, lengths)
+    for key in earlier["raw_scores"]:
+        seconds.setdefault(key, []).extend(earlier["raw_seconds"][key])
+    if divergences is not None:
+        extend_raw(divergences, earlier.get("raw_divergence", {}), tasks, lengths)
+    return int(earlier["samples_per_cell"])
+
+
+def empty_raw(tasks: tuple[str, ...], lengths: tuple[int, ...]) -> dict[str, dict[int, list[float]]]:
+    """One method's raw values before any sample: task -> length -> []."""
+    return {t: {n: [] for n in lengths} for t in tasks}
+
+
+def extend_raw(
+    raw: dict[str, dict[str, dict[int, list[float]]]],
+    earlier: dict[str, dict[str, dict[str, list[float]]]],
+    tasks: tuple[str, ...],
+    lengths: tuple[int, ...],
+) -> None:
+    """Append an earlier run's raw values (as its JSON keeps them) to `raw`, method by method."""
+    for key, by_task in earlier.items():
+        raw.setdefault(key, empty_raw(tasks, lengths))
         for task, by_len in raw_from_json(by_task).items():
             for n, values in by_len.items():
-                scores[key][task][n].extend(values)
-        seconds[key].extend(earlier["raw_seconds"][key])
-    if divergences is not None:
-        for key, by_task in earlier.get("raw_divergence", {}).items():
-            divergences.setdefault(key, {t: {n: [] for n in lengths} for t in tasks})
-            for task, by_len in raw_from_json(by_task).items():
-                for n, values in by_len.items():
-                    divergences[key][task][n].extend(values)
-    return int(earlier["samples_per_cell"])
+                raw[key][task][n].extend(values)
 
 
 def raw_from_json(by_task: dict[str, dict[str, list[float]]]) -> dict[str, dict[int, list[float]]]:
