@@ -32,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from apb.comm import Communicator
 from apb.heads import ProjectionCapture, RetainingHeads
 from apb.kernels import decode_attention
+from apb.kernels import merge_partials as merge_stacked
 from apb.selectors import SelectionInputs
 
 ATTN_NAME = "apb"
@@ -146,8 +147,13 @@ class PrefillState:
     capture: ProjectionCapture | None = None
     oracle_scores: dict[int, torch.Tensor] | None = None
     seed: int = 0
+    room: int = 0
+    """Free entries kept after the local K/V in the store (the last host: the query and generated tokens
+    are appended there while decoding, see `DecodeState`)."""
     store: list[LayerKV | None] = dataclasses.field(default_factory=list)
-    """Output: post-RoPE local K/V per layer."""
+    """Output: post-RoPE local K/V per layer ([batch, kv_heads, num_stored + room, head_dim])."""
+    num_stored: int = 0
+    """Output: how many of the store's entries per layer hold the local block."""
     passing_indices: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     """Output when recorded: layer -> indices (local coordinates) this host passed on."""
     record_indices: bool = False
@@ -248,7 +254,10 @@ class PrefillState:
                 query, keys, values, num_passing=num_passing, num_anchor=a, softmax_scale=scaling
             )
             self._region("attention", layer_idx, start)
-        if a:  # don't keep the anchor's storage alive through a view
+        self.num_stored = k_local.shape[2]
+        if self.room:  # the last host's store, with room after it for the tokens that follow
+            k_local, v_local = with_room(k_local, self.room), with_room(v_local, self.room)
+        else:  # one copy now, not one per decoding step; and no view keeping the anchor's storage alive
             k_local, v_local = k_local.contiguous(), v_local.contiguous()
         while len(self.store) <= layer_idx:
             self.store.append(None)
@@ -258,36 +267,59 @@ class PrefillState:
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class DecodeState:
-    """Query / generated tokens attending to every host's store (Star Attention phase 2)."""
+    """Query / generated tokens attending to every host's store (Star Attention phase 2).
+
+    Each host runs one attention per layer over its store: the last host's store has room after its
+    block (`PrefillState.room`) where the new tokens' K/V are written, so its call covers the block (all
+    visible) and the new tokens (causal) at once. The partials are gathered and merged in one launch
+    (`apb.kernels.merge_partials`): decoding is bound by launches, not by the GPU."""
 
     stores: dict[int, list[LayerKV]]
     """host -> per-layer context K/V, for the hosts that live in this process."""
     last_host: int
     comm: Communicator
-    tails: dict[int, LayerKV] = dataclasses.field(default_factory=dict)
-    """Last host only: layer -> K/V of the query and generated tokens so far."""
+    context_len: int = 0
+    """Entries of the last host's store that hold its block (the new tokens' K/V follow them)."""
+    appended: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Last host only: layer -> query and generated tokens appended to its store so far."""
 
     def attend(self, module: nn.Module, query, key, value, scaling: float):
         layer_idx = module.layer_idx
-        t = query.shape[2]
         outs, lses = [], []
         for host in sorted(self.stores):
             k_ctx, v_ctx = self.stores[host][layer_idx]
-            out, lse = decode_attention(query, k_ctx, v_ctx, num_prefix=None, softmax_scale=scaling)
+            num_prefix = None
             if host == self.last_host:
-                tail = self.tails.get(layer_idx)
-                k_new = key if tail is None else torch.cat([tail[0], key], dim=2)
-                v_new = value if tail is None else torch.cat([tail[1], value], dim=2)
-                self.tails[layer_idx] = (k_new, v_new)
-                out_new, lse_new = decode_attention(
-                    query, k_new, v_new, num_prefix=k_new.shape[2] - t, softmax_scale=scaling
-                )
-                out, lse = merge_partials([out, out_new], [lse, lse_new])
+                k_ctx, v_ctx, num_prefix = self._append(layer_idx, key, value)
+            out, lse = decode_attention(query, k_ctx, v_ctx, num_prefix=num_prefix, softmax_scale=scaling)
             outs.append(out)
             lses.append(lse)
         all_outs, all_lses = self.comm.gather_partials(outs, lses)
-        out, _ = merge_partials(all_outs, all_lses)
-        return out.to(query.dtype)
+        out, _ = merge_stacked(all_outs, all_lses, out_dtype=query.dtype)
+        return out
+
+    def _append(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        """Write the new tokens' K/V after the last host's block (growing the store when it has no room
+        left); returns the filled part of its K and V and how many entries come before the new tokens."""
+        k_buf, v_buf = self.stores[self.last_host][layer_idx]
+        filled = self.context_len + self.appended.get(layer_idx, 0)
+        end = filled + key.shape[2]
+        if end > k_buf.shape[2]:
+            room = max(end, 2 * k_buf.shape[2]) - filled
+            k_buf, v_buf = (with_room(buf[:, :, :filled], room) for buf in (k_buf, v_buf))
+            self.stores[self.last_host][layer_idx] = (k_buf, v_buf)
+        k_buf[:, :, filled:end] = key
+        v_buf[:, :, filled:end] = value
+        self.appended[layer_idx] = end - self.context_len
+        return k_buf[:, :, :end], v_buf[:, :, :end], filled
+
+
+def with_room(x: torch.Tensor, room: int) -> torch.Tensor:
+    """x [batch, heads, n, head_dim] copied into a new [batch, heads, n + room, head_dim] buffer (the room
+    left uninitialised)."""
+    buf = x.new_empty(*x.shape[:2], x.shape[2] + room, x.shape[3])
+    buf[:, :, : x.shape[2]] = x
+    return buf
 
 
 # ---------------------------------------------------------------- transformers glue

@@ -46,9 +46,10 @@ class Communicator:
 
     def gather_partials(
         self, outs: list[torch.Tensor], lses: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """All hosts' partial outputs [batch, heads, t, head_dim] and lses [batch, heads, t] (fp32) in
-        host order; `outs`/`lses` hold this process's hosts' partials, in host order."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All hosts' partial outputs, stacked in host order: [hosts, batch, heads, t, head_dim] and lses
+        [hosts, batch, heads, t] (fp32). `outs` [batch, heads, t, head_dim] / `lses` [batch, heads, t] hold
+        this process's hosts' partials, in host order."""
         raise NotImplementedError
 
     def broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ class SimulatedComm(Communicator):
         return earlier
 
     def gather_partials(self, outs, lses):
-        return list(outs), list(lses)
+        return torch.stack(outs), torch.stack([lse.float() for lse in lses])
 
     def broadcast_from_last(self, tensor):
         return tensor
@@ -131,10 +132,13 @@ class DistributedComm(Communicator):
 
     def gather_partials(self, outs, lses):
         (out,), (lse,) = outs, lses
-        packed = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1).contiguous()
-        gathered = [torch.empty_like(packed) for _ in range(self.num_hosts)]
-        dist.all_gather(gathered, packed, group=self.group)
-        return [g[..., :-1] for g in gathered], [g[..., -1] for g in gathered]
+        # one collective: every rank's output and lse side by side, fp32, in one [hosts, ...] buffer
+        packed = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)
+        # ranks concatenated along the batch axis (the layout every backend takes, gloo included)
+        gathered = packed.new_empty(self.num_hosts * packed.shape[0], *packed.shape[1:])
+        dist.all_gather_into_tensor(gathered, packed, group=self.group)
+        gathered = gathered.view(self.num_hosts, *packed.shape)
+        return gathered[..., :-1], gathered[..., -1]
 
     def broadcast_from_last(self, tensor):
         tensor = tensor.contiguous()

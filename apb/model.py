@@ -548,7 +548,8 @@ class APBModel(nn.Module):
         max_new_tokens: int | None = None,
         oracle_scores: dict[int, torch.Tensor] | None = None,
     ) -> DecodeState:
-        """`query` (run after the prefill) and `max_new_tokens` only enter the ranks' agreement check."""
+        """`query` (run after the prefill) and `max_new_tokens` enter the ranks' agreement check and size the
+        room kept after the last host's store for the tokens decoded on top of it."""
         with comm.shared_refusal():
             plan = self.plan(context.shape[1], anchor_query.shape[1], comm.num_hosts, config)
             config = plan.config
@@ -575,6 +576,9 @@ class APBModel(nn.Module):
         )
         anchor = plan.anchor_ids(context, anchor_query)
         stores: dict[int, list[LayerKV]] = {}
+        context_len = 0
+        # the last host's store keeps room for the tokens decoded on top of it (query, then generated)
+        room = (0 if query is None else query.shape[1]) + (max_new_tokens or 0)
         self.last_plan = plan
         record = self._record
         if record is not None:
@@ -591,6 +595,7 @@ class APBModel(nn.Module):
                 passing_all=config.passing_len is None,
                 num_excluded=view.num_excluded,
                 pool_kernel=config.pool_kernel,
+                room=room if host == plan.num_hosts - 1 else 0,
                 comm=comm,
                 backend=backend,
                 selector=selector if selects else None,
@@ -610,6 +615,8 @@ class APBModel(nn.Module):
                 started = time.perf_counter()
             self._run_decoder(state, ids, positions, capture=use_heads)
             stores[host] = state.store
+            if host == plan.num_hosts - 1:
+                context_len = state.num_stored
             if record is not None:
                 _sync(context.device)
                 record.host_seconds[host] = time.perf_counter() - started
@@ -617,7 +624,7 @@ class APBModel(nn.Module):
                 logger.debug(
                     "host %d prefill: %d tokens in %.3fs", host, ids.shape[1], record.host_seconds[host]
                 )
-        return DecodeState(stores=stores, last_host=plan.num_hosts - 1, comm=comm)
+        return DecodeState(stores=stores, last_host=plan.num_hosts - 1, comm=comm, context_len=context_len)
 
     def _run_decoder(self, state, input_ids: torch.Tensor, positions: torch.Tensor, capture: bool = False):
         decoder = self.model.get_decoder()

@@ -2,6 +2,7 @@
 
 if __name__ == "apb.kernels":
     from apb.kernels.dispatch import apb_attention, decode_attention
+    from apb.kernels.merge import merge_partials, merge_partials_ref
     from apb.kernels.reference import apb_attention_ref, apb_mask, decode_attention_ref
     from apb.kernels.triton_apb import HAS_TRITON, apb_attention_triton
 
@@ -13,6 +14,8 @@ if __name__ == "apb.kernels":
         "apb_mask",
         "decode_attention",
         "decode_attention_ref",
+        "merge_partials",
+        "merge_partials_ref",
     ]
 else:
     # Imported as a top-level `kernels`: the checkout's root is on sys.path (`python -m pytest`, `python -c`

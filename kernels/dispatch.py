@@ -58,11 +58,15 @@ def decode_attention(
     t, num_keys = q.shape[2], k.shape[2]
     fits = num_keys >= t if num_prefix is None else num_keys == num_prefix + t
     if q.is_cuda and fits and triton_supported(q) and k.dtype == q.dtype and v.dtype == q.dtype:
+        # A strided K/V (the last host's store, a view of a buffer with room after it) is read in place
+        # through pointer loads: TMA would first copy the whole store, at every step.
+        use_tma = None if k.is_contiguous() and v.is_contiguous() else False
         if num_prefix is not None:
             return apb_attention_triton(
-                q, k, v, num_passing=num_prefix, num_anchor=0, softmax_scale=softmax_scale
+                q, k, v, num_passing=num_prefix, num_anchor=0, softmax_scale=softmax_scale, use_tma=use_tma
             )
         return apb_attention_triton(
-            q, k, v, num_passing=num_keys - t, num_anchor=0, softmax_scale=softmax_scale, causal_shift=t
-        )
+            q, k, v, num_passing=num_keys - t, num_anchor=0, softmax_scale=softmax_scale, causal_shift=t,
+            use_tma=use_tma,
+        )  # fmt: skip
     return decode_attention_ref(q, k, v, num_prefix=num_prefix, softmax_scale=softmax_scale)
