@@ -75,7 +75,8 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
         assert run["status"] == "ok" and run["hosts"] == 2 and run["finite"]
         assert len(run["rank_context_ms"]) == 2 and min(run["rank_context_ms"]) > 0
         assert run["total_ms"] > 0 and run["query_ms"] > 0
-        assert run["total_ms"] >= run["compute_ms"]
+        # total comes from an unrecorded run of its own; the recorded run holds the per-rank split
+        assert run["recorded_total_ms"] >= run["compute_ms"]
         assert run["speedup_vs_full"] == pytest.approx(full["total_ms"] / run["total_ms"])
         assert run["tokens_per_s"] == pytest.approx((1024 + 8) / (run["total_ms"] / 1000))
         # APB: one all-gather of passing blocks per layer (2 layers) in the timed run (the warm-up is not

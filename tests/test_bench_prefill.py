@@ -192,6 +192,14 @@ def test_tiny_run_end_to_end(tmp_path):
         assert run["tokens_per_s"] == pytest.approx((1024 + 8) / (run["total_ms"] / 1000))
     assert runs[("star", 2)]["comm_ms"] == 0.0
     assert runs[("apb", 2)]["comm_ms"] > 0.0
+    # every APB host against its FLOP bound at this machine's measured rates (none for Star's hosts)
+    apb_run = runs[("apb", 2)]
+    assert set(saved["meta"]["rates_tflops"]) == {"matmul", "attention", "backend"}
+    assert len(apb_run["host_flop_bound_ms"]) == 2 and all(b > 0 for b in apb_run["host_flop_bound_ms"])
+    assert apb_run["host_over_bound"] == pytest.approx(
+        [t / b for t, b in zip(apb_run["host_ms"], apb_run["host_flop_bound_ms"], strict=True)]
+    )
+    assert "host_over_bound" not in runs[("star", 2)]
     assert runs[("apb", 2)]["speedup_vs_star"] == pytest.approx(
         runs[("star", 2)]["total_ms"] / runs[("apb", 2)]["total_ms"]
     )
@@ -218,6 +226,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert "heads_share" in saved["targets"] and "apb_vs_star" in saved["targets"]
     table = md.read_text()
     assert "| apb | 1K | 2 |" in table and "| full (sdpa, CPU) | 1K | 1 |" in table
+    assert "busy / FLOP bound" in table and "FLOP bound: a host's linear work" in table
     assert png.stat().st_size > 10_000
     # re-rendering from the JSON gives the same numbers
     again = bench.main(["--from-json", str(out)])

@@ -83,9 +83,11 @@ from apb.bench.common import (
     context_label,
     find_run,
     first_working_kernel,
+    flop_bound_ms,
     fmt,
     full_attention_kernel,
     full_attention_label,
+    measure_rates,
     median,
     method_label,
     package_version,
@@ -604,6 +606,21 @@ class Bench:
             run["host_est_gib"] = [calls[0]["peak"] / 2**30]
         return run
 
+    def flop_rates(self, backend: str) -> dict[str, float]:
+        """This GPU's matmul and `backend` attention rates (TFLOP/s), measured once, kept in the meta."""
+        rates = self.results["meta"].get("rates_tflops")
+        if rates is None or rates.get("backend") != backend:
+            rates = measure_rates(
+                self.model_config,
+                self.device,
+                self.cfg.torch_dtype,
+                backend,
+                num_tokens=16384 if self.clock.cuda else 256,
+            )
+            rates = {**rates, "backend": backend}
+            self.results["meta"]["rates_tflops"] = rates
+        return rates
+
     def time_sim(self, method: str, length: int, hosts: int, backend: str) -> dict[str, Any]:
         context, query = self.ids(length)
         config = self.apb_config(method, length, hosts, backend)
@@ -650,6 +667,11 @@ class Bench:
             "serial_wall_ms": wall * 1000.0,
             "finite": bool(torch.isfinite(logits).all()),
         }
+        if method != "star":  # Star's hosts are not APB hosts: the bound's attention term does not fit them
+            # what each host's forward loses beyond its FLOPs at this GPU's measured rates (`measure_rates`)
+            bound = flop_bound_ms(plan, self.apbm.cost_model, self.flop_rates(backend))
+            run["host_flop_bound_ms"] = bound
+            run["host_over_bound"] = [t / b for t, b in zip(host_ms, bound, strict=True)]
         if self.clock.cuda:
             peaks = [c["peak"] for c in calls[:hosts]]
             run["peak_gib"] = max(c["peak"] for c in calls) / 2**30
@@ -954,14 +976,23 @@ def markdown(results: dict[str, Any]) -> str:
             f"Per-host compute (ms, CUDA events) and memory at {primary // 1024}K (GiB: weights + the host's own "
             "peak increase; the simulation itself holds every host's cache on one GPU, see `host_peak_sim_gib`):",
             "",
-            "| method | hosts | compute ms per host | GiB per host (est.) |",
-            "| --- | --- | --- | --- |",
+            "| method | hosts | compute ms per host | busy / FLOP bound | GiB per host (est.) |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for r in per_host:
             mem = " / ".join(f"{g:.1f}" for g in r.get("host_est_gib", [])) or "—"
+            over = " / ".join(f"{x:.2f}" for x in r.get("host_over_bound", [])) or "—"
             lines.append(
-                f"| {r['method']} | {r['hosts']} | {' / '.join(f'{t:.0f}' for t in r['host_ms'])} | {mem} |"
+                f"| {r['method']} | {r['hosts']} | {' / '.join(f'{t:.0f}' for t in r['host_ms'])} | {over} | {mem} |"
             )
+        rates = meta.get("rates_tflops")
+        if rates:
+            lines += [
+                "",
+                f"FLOP bound: a host's linear work at the measured matmul rate ({rates['matmul']:.0f} TFLOP/s) plus "
+                f"its attention at the measured {rates.get('backend', '')} dense-causal rate "
+                f"({rates['attention']:.0f} TFLOP/s), same GPU, same run.",
+            ]
     if results.get("breakdown"):
         lines += [
             "",
