@@ -18,7 +18,8 @@ Two ways to run it (``method``):
   128 x 128); elsewhere it runs as ``"split"``. Compiles once per anchor length.
 
 ``flash_attn`` and ``cutlass`` are imported on the first call only, so this module imports (and the
-tests collect) without CUDA or FA4. Inputs FA4 cannot take (fp32, CPU, odd head dims) run the plain
+tests collect) without CUDA or FA4. Before that import FA4's disk cache of compiled kernels is switched on
+(`KERNEL_CACHE_ENV`, unless set already): a new process then loads APB's kernels instead of compiling them. Inputs FA4 cannot take (fp32, CPU, odd head dims) run the plain
 reference, as `apb.kernels.apb_attention` does.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -87,11 +89,24 @@ def fa4_fits(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> b
     return major == 9 or (major in (10, 11) and (head_dim <= 128 or head_dim == 256))
 
 
+KERNEL_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+"""FA4's switch for its disk cache of compiled kernels (read when ``flash_attn.cute`` is first imported; the
+folder is ``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR``, default ``<tmp>/<user>/flash_attention_cute_dsl_cache``).
+Set it to ``0`` to keep FA4's own default (compile in every process)."""
+
+
+def _before_fa4_import() -> None:
+    """Turn FA4's kernel cache on unless the caller chose (or FA4 was already imported without us)."""
+    if "flash_attn.cute" not in sys.modules:
+        os.environ.setdefault(KERNEL_CACHE_ENV, "1")
+
+
 def _fa4_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One FA4 forward on ``[batch, seq, heads, dim]`` views of our ``[batch, heads, seq, dim]`` tensors
     (no copies: FA4 takes strided inputs). Returns out [batch, seq, heads, dim] and lse [batch, heads, seq]."""
+    _before_fa4_import()
     from flash_attn.cute.interface import flash_attn_func
 
     out, lse = flash_attn_func(
@@ -231,6 +246,7 @@ _SPARSITY_CACHE: dict[tuple, object] = {}
 def _block_sparse_tensors(num_passing: int, num_anchor: int, num_local: int, device: torch.device):
     """FA4's `BlockSparseTensorsTorch` for one host shape, cached (every layer of a host reuses it);
     batch and head dims are 1 (broadcast), which FA4 needs for packed GQA."""
+    _before_fa4_import()
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
     key = (num_passing, num_anchor, num_local, device)
@@ -264,6 +280,7 @@ def _apb_mask_mod(num_anchor: int) -> Callable:
     fn = _MASK_MODS.get(num_anchor)
     if fn is not None:
         return fn
+    _before_fa4_import()
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.utils import scalar_to_ssa

@@ -11,6 +11,7 @@ anchor length for "mask"), so the cases reuse a few anchors to keep the run shor
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 
@@ -253,3 +254,21 @@ def test_flash_backend_runs_fa4():
     err, low_err = (out.double() - ref_out).abs().max(), (low_out.double() - ref_out).abs().max()
     lse_err, low_lse_err = (lse.double() - ref_lse).abs().max(), (low_lse.double() - ref_lse).abs().max()
     assert err <= 2 * low_err + OUT_FLOOR and lse_err <= 2 * low_lse_err + LSE_FLOOR  # the 2x rule
+
+
+def test_fa4_kernel_cache_is_on_unless_the_caller_chose(monkeypatch):
+    """FA4's disk cache of compiled kernels is switched on before flash_attn.cute is first imported, unless
+    the caller set the variable (0 keeps FA4's compile-per-process) or FA4 was imported already."""
+    from apb.kernels import flash4
+
+    monkeypatch.delitem(sys.modules, "flash_attn.cute", raising=False)
+    monkeypatch.delenv(flash4.KERNEL_CACHE_ENV, raising=False)
+    flash4._before_fa4_import()
+    assert os.environ[flash4.KERNEL_CACHE_ENV] == "1"
+    monkeypatch.setenv(flash4.KERNEL_CACHE_ENV, "0")
+    flash4._before_fa4_import()
+    assert os.environ[flash4.KERNEL_CACHE_ENV] == "0"
+    monkeypatch.delenv(flash4.KERNEL_CACHE_ENV)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute"))
+    flash4._before_fa4_import()
+    assert flash4.KERNEL_CACHE_ENV not in os.environ
