@@ -31,8 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from apb.comm import Communicator
 from apb.heads import ProjectionCapture, RetainingHeads
-from apb.kernels import decode_attention
-from apb.kernels import merge_partials as merge_stacked
+from apb.kernels import decode_attention, merge_partials
 from apb.selectors import SelectionInputs
 
 ATTN_NAME = "apb"
@@ -56,22 +55,6 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 
 # ---------------------------------------------------------------- maths
-
-
-def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact softmax merge of attention over disjoint key sets.
-
-    outs: each [..., t, head_dim] (normalised within its key set), lses: each [..., t] (fp32).
-    Returns (out fp32, lse fp32) as if attention had run over the union of the key sets.
-    """
-    if len(outs) == 1:
-        return outs[0].float(), lses[0].float()
-    lse = torch.logsumexp(torch.stack([s.float() for s in lses]), dim=0)
-    out = None
-    for o, s in zip(outs, lses, strict=True):
-        weight = torch.exp(s.float() - lse).nan_to_num(0.0).unsqueeze(-1)
-        out = weight * o.float() if out is None else out + weight * o.float()
-    return out, lse
 
 
 def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -295,7 +278,7 @@ class DecodeState:
             outs.append(out)
             lses.append(lse)
         all_outs, all_lses = self.comm.gather_partials(outs, lses)
-        out, _ = merge_stacked(all_outs, all_lses, out_dtype=query.dtype)
+        out, _ = merge_partials(all_outs, all_lses, out_dtype=query.dtype)
         return out
 
     def _append(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):

@@ -249,7 +249,7 @@ def decomposed_apb_attention(
     """APB attention from a plain ``attend(q, k, v, causal, scale) -> (out, lse)`` kernel (same-length
     causal only): anchor rows = causal over the anchor; local rows = merge(full over
     [passing | anchor], causal over local). Layout as in the module docstring."""
-    from apb.attention import merge_partials
+    from apb.kernels import merge_partials
 
     num_queries = q.shape[2]
     num_local = num_queries - num_anchor
@@ -272,7 +272,7 @@ def decomposed_apb_attention(
         parts = [attend(ql, k_local, v_local, True, softmax_scale)]
         if num_passing + num_anchor:
             parts.insert(0, attend(ql, k_prefix, v_prefix, False, softmax_scale))
-        o, s = merge_partials([p[0].float() for p in parts], [p[1].float() for p in parts])
+        o, s = merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1].float() for p in parts]))
         outs.append(o)
         lses.append(s)
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
