@@ -248,3 +248,29 @@ def test_head_hidden_reaches_the_heads(tmp_path):
     argv = ["--tiny", "--lengths", "1024", "--hosts", "2", "--methods", "apb", "--no-breakdown"]
     bench.main([*argv, "--head-hidden", "8", "--out", str(out)])
     assert json.loads(out.read_text())["meta"]["head_hidden"] == 8
+
+
+def test_best_time_keeps_the_fastest_trial():
+    """`measure_rates` times each probe with `best_time`: one warm-up call, then the fastest of `trials`
+    timings of `repeats` calls, so one slow timing (a busy or clocked-down GPU) cannot loosen the bound."""
+    from apb.bench.common import best_time
+
+    now = {"t": 0.0}
+    costs = iter([99.0] + [50.0] * 4 + [2.0] * 4 + [1.0] * 4)  # warm-up, a slow trial, then faster ones
+
+    class FakeClock:
+        def mark(self):
+            return now["t"]
+
+        def ms(self, start, end):
+            return end - start
+
+        def sync(self):
+            pass
+
+    def call():
+        now["t"] += next(costs)
+
+    assert best_time(call, FakeClock(), repeats=4, trials=3) == pytest.approx(1.0 / 1000.0)
+    with pytest.raises(StopIteration):  # exactly 1 + 3 x 4 calls were made
+        call()
