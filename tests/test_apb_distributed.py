@@ -60,6 +60,13 @@ def _scenarios(num_hosts: int | None) -> dict[str, torch.Tensor]:
     llama = APBModel(tiny_model("llama"))
     out["exact_logits"] = llama.prefill(context, query, config=exact, num_hosts=num_hosts)
     out["greedy"] = llama.generate(context, query, config=exact, num_hosts=num_hosts, max_new_tokens=6)
+    # two rows at once: the gathered partials are laid out [hosts x batch, ...] and must come apart per row
+    rows, row_queries = _ids(3, 2, 29), _ids(4, 2, 3)
+    out["batch_logits"] = llama.prefill(rows, row_queries, config=exact, num_hosts=num_hosts)
+    out["batch_greedy"] = llama.generate(
+        rows, row_queries, config=exact, num_hosts=num_hosts, max_new_tokens=4
+    )
+    out["row1_logits"] = llama.prefill(rows[1:], row_queries[1:], config=exact, num_hosts=num_hosts)
     sampled = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=123, max_new_tokens=8)
     out["sampled"] = llama.generate(context, query, config=exact, num_hosts=num_hosts, **sampled)
     eos = int(out["greedy"][0, 2])  # greedy hits this at step 2 (or earlier)
@@ -135,10 +142,13 @@ def simulated() -> dict:
 @pytest.mark.slow
 def test_processes_match_simulation(spawned, simulated):
     for rank, results in enumerate(spawned):
-        for name in ("exact_logits", "sparse_logits", "star_logits"):
+        for name in ("exact_logits", "sparse_logits", "star_logits", "batch_logits", "row1_logits"):
             err = (results[name] - simulated[name]).abs().max().item()
             assert err < ATOL, f"rank {rank} {name}: max |dist - sim| = {err:.2e}"
-        for name in ("greedy", "sampled", "eos", "stop"):
+        # a row of a batch comes out as it does alone
+        err = (results["batch_logits"][1:] - results["row1_logits"]).abs().max().item()
+        assert err < ATOL, f"rank {rank}: batch row 1 vs alone: {err:.2e}"
+        for name in ("greedy", "sampled", "eos", "stop", "batch_greedy"):
             assert torch.equal(results[name], simulated[name]), (rank, name, results[name], simulated[name])
         assert "world size 3" in results["mismatch_error"]
 
