@@ -121,3 +121,12 @@ def kill_group(proc: subprocess.Popen) -> None:
     group id is still ours); quiet if the group is gone."""
     with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_under_interpreter(script: str, *args: str, cwd: str | Path, timeout_s: float = 300) -> None:
+    """Run `script` (python -c) with TRITON_INTERPRET=1 in `cwd`, a folder outside the checkout: from the
+    repo root the top-level `kernels/` folder would import as a package of its own. Fails the test with
+    the end of stderr when the script fails."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = run_or_fail([sys.executable, "-c", script, *args], timeout_s=timeout_s, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from apb.kernels import apb_attention_ref, decode_attention, decode_attention_ref
 from apb.kernels.triton_apb import HAS_TRITON
+from conftest import run_under_interpreter
 from test_kernels import _triton_version
 
 OUT_FLOOR = 1e-5  # fp32 rounding of exp2/log2 on values of order 1; see tests/test_kernels.py
@@ -123,13 +121,7 @@ def test_all_visible_kernel_under_interpreter(tmp_path):
         dict(t=20, keys=33, heads=2, kv=1),
     ]
     cases = [dict(c, path=str(tmp_path / f"c{i}.pt")) for i, c in enumerate(cases)]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    # Run outside the checkout so the repo root's kernels/ folder is not on sys.path.
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(cases)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_under_interpreter(_INTERPRETER_SCRIPT, json.dumps(cases), cwd=tmp_path)
     for case in cases:
         r = torch.load(case["path"])
         _check(r["q"], r["k"], r["v"], r["out"], r["lse"], None)

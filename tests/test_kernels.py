@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import pytest
 import torch
 from apb.kernels import apb_attention, apb_attention_ref, apb_mask, decode_attention_ref
 from apb.kernels.triton_apb import HAS_TRITON
-from conftest import script_module
+from conftest import run_under_interpreter, script_module
 
 # Floors: fp32 rounding of exp2/log2 in the kernel (≈1e-6 relative) on values of order 1 (out) and
 # 10 (lse); far below one bf16/fp16 ulp, so they only matter where the low-precision ref is exact.
@@ -196,16 +193,7 @@ def _triton_version() -> tuple[int, int]:
 )
 def test_kernel_under_interpreter(tmp_path):
     cases = [dict(c, path=str(tmp_path / f"case{i}.pt")) for i, c in enumerate(_INTERPRETER_CASES)]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(cases), json.dumps(LOAD_PATHS)],
-        env=env,
-        cwd=tmp_path,  # not the repo root: there `kernels/` would import as a top-level package
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_under_interpreter(_INTERPRETER_SCRIPT, json.dumps(cases), json.dumps(LOAD_PATHS), cwd=tmp_path)
     for c in cases:
         for name in LOAD_PATHS:
             r = torch.load(c["path"] + "." + name)

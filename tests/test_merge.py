@@ -8,16 +8,13 @@ past the room kept after the last host's store must grow it without changing a l
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from apb.kernels import decode_attention_ref, merge_partials, merge_partials_ref
 from apb.kernels.triton_apb import HAS_TRITON
-from conftest import tiny_model
+from conftest import run_under_interpreter, tiny_model
 
 from apb import APBConfig, APBModel
 from apb.comm import SimulatedComm
@@ -115,13 +112,7 @@ def test_triton_merge_under_interpreter(tmp_path):
         dict(parts=2, dim=64, pad=0, dead=True, dtype="bfloat16"),
     ]
     cases = [dict(c, path=str(tmp_path / f"m{i}.pt")) for i, c in enumerate(cases)]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    # Run outside the checkout so the repo root's kernels/ folder is not on sys.path.
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(cases)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_under_interpreter(_INTERPRETER_SCRIPT, json.dumps(cases), cwd=tmp_path)
     for case in cases:
         r = torch.load(case["path"])
         want_out, want_lse = merge_partials_ref(r["outs"], r["lses"])
