@@ -53,6 +53,10 @@ what each covers; `score`, `top_k` and `gather` only on hosts that select a pass
 # KV store of one host: per layer (k, v), each [batch, num_kv_heads, tokens, head_dim], post-RoPE.
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
+DECODE_ROOM = 1024
+"""Generated tokens the last host's store has room for after the prefill (beside the query); decoding past
+it doubles the store (`DecodeState`)."""
+
 
 # ---------------------------------------------------------------- maths
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from apb.attention import DecodeState, LayerKV, PrefillState, TimedRegion, activate, install
+from apb.attention import DECODE_ROOM, DecodeState, LayerKV, PrefillState, TimedRegion, activate, install
 from apb.backends import get_backend
 from apb.comm import Communicator, make_comm
 from apb.config import APBConfig
@@ -577,8 +577,9 @@ class APBModel(nn.Module):
         anchor = plan.anchor_ids(context, anchor_query)
         stores: dict[int, list[LayerKV]] = {}
         context_len = 0
-        # the last host's store keeps room for the tokens decoded on top of it (query, then generated)
-        room = (0 if query is None else query.shape[1]) + (max_new_tokens or 0)
+        # the last host's store keeps room for the tokens decoded on top of it (query, then generated); a
+        # generous max_new_tokens does not reserve memory up front: past the room the store doubles
+        room = (0 if query is None else query.shape[1]) + min(max_new_tokens or 0, DECODE_ROOM)
         self.last_plan = plan
         record = self._record
         if record is not None:

@@ -163,3 +163,22 @@ def test_decoding_past_the_kept_room_grows_the_store():
         full = model(torch.cat([context, query, more], dim=1)).logits[:, -more.shape[1] :]
     # fp32 on both sides; APB sums each host's keys apart and merges, so only the order of the sums differs
     torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+def test_a_generous_max_new_tokens_reserves_no_memory_up_front():
+    """generate(max_new_tokens=10**6) must not allocate a million tokens' K/V per layer before the first
+    step: the room kept after the last host's block is capped, and decoding past it grows the store."""
+    from apb.attention import DECODE_ROOM
+
+    model = tiny_model("llama").eval()
+    apbm = APBModel(model)
+    gen = torch.Generator().manual_seed(4)
+    context = torch.randint(0, model.config.vocab_size, (1, 30), generator=gen)
+    query = torch.randint(0, model.config.vocab_size, (1, 3), generator=gen)
+    decode = apbm._prefill_context(
+        context, query, APBConfig.exact(), SimulatedComm(2), query=query, max_new_tokens=10**6
+    )
+    capacity = decode.stores[1][0][0].shape[2]
+    assert capacity == decode.context_len + query.shape[1] + DECODE_ROOM
+    ids = apbm.generate(context, query, config=APBConfig.exact(), num_hosts=2, max_new_tokens=5)
+    assert ids.shape == (1, 5)
