@@ -18,6 +18,27 @@ from apb.heads import decoder_layers
 
 logger = logging.getLogger(__name__)
 
+COMPILE_LAYERS_ARG: dict[str, Any] = dict(
+    nargs="?",
+    const="inductor",
+    default=None,
+    metavar="BACKEND",
+    help="torch.compile every layer's norms and MLP (apb.compile_layers); BACKEND defaults to inductor",
+)
+"""argparse keywords of `--compile-layers [BACKEND]`, the flag of the benchmarks and scripts/generate.py."""
+
+
+def check_backend(backend: str) -> None:
+    """`ValueError` naming the known backends unless `backend` is one `torch.compile` takes."""
+    import torch
+
+    known = torch.compiler.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(
+            f"compile_layers must be a torch.compile backend ({', '.join(known)}), got {backend!r}"
+        )
+
+
 EAGER_CHILD = "self_attn"
 """The child of a decoder layer that stays eager (see `compile_layers`)."""
 

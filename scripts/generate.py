@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 import apb
 from apb import APBConfig, APBModel
+from apb.fusion import COMPILE_LAYERS_ARG
+from apb.fusion import check_backend as check_compile_backend
 
 
 class ByteTokenizer:
@@ -72,9 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--compile-layers", **COMPILE_LAYERS_ARG)
     args = p.parse_args(argv)
     if not args.tiny and not args.model:
         p.error("--model is required (or --tiny)")
+    if args.compile_layers is not None:
+        try:
+            check_compile_backend(args.compile_layers)
+        except ValueError as err:
+            p.error(str(err))
     return args
 
 
@@ -145,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     rank, world, device = setup_distributed()
     print0 = print if rank == 0 else (lambda *a, **k: None)
     model, tokenizer, heads = load(args, device)
+    if args.compile_layers is not None:  # fewer launches per step: decoding is bound by them on a GPU
+        num_compiled = apb.compile_layers(model, backend=args.compile_layers)
+        print0(f"compile_layers: {num_compiled} modules ({args.compile_layers}), compiled on the first call")
 
     if args.context_file:
         with open(args.context_file, encoding="utf-8") as f:

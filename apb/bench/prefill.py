@@ -93,6 +93,8 @@ from apb.bench.common import (
     package_version,
     skipped_run,
 )
+from apb.fusion import COMPILE_LAYERS_ARG as FUSION_ARG
+from apb.fusion import check_backend as check_compile_backend
 from apb.model import PrefillRecord
 
 logger = logging.getLogger(__name__)
@@ -180,12 +182,7 @@ class BenchConfig:
         if not self.backends:
             raise ValueError("backends must name at least one attention backend")
         if self.compile_layers is not None:
-            known = torch.compiler.list_backends(exclude_tags=())
-            if self.compile_layers not in known:
-                raise ValueError(
-                    f"compile_layers must be a torch.compile backend ({', '.join(known)}), "
-                    f"got {self.compile_layers!r}"
-                )
+            check_compile_backend(self.compile_layers)
         self.lengths = sorted(set(self.lengths))
         self.hosts = sorted(set(self.hosts))
         if self.primary_length not in self.lengths:
@@ -1128,14 +1125,11 @@ def summary_line(kind: str, result: dict[str, Any]) -> str:
     )
 
 
-COMPILE_LAYERS_ARG: dict[str, Any] = dict(
-    nargs="?",
-    const="inductor",
-    default=None,
-    metavar="BACKEND",
-    help="torch.compile every layer's norms and MLP for every method (apb.fusion.compile_layers); "
-    "BACKEND defaults to inductor",
-)
+COMPILE_LAYERS_ARG: dict[str, Any] = {
+    **FUSION_ARG,
+    "help": "torch.compile every layer's norms and MLP for every method, full attention included "
+    "(apb.compile_layers); BACKEND defaults to inductor",
+}
 """`--compile-layers [BACKEND]`, shared with `apb.bench.dist`."""
 
 
