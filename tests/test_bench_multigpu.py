@@ -65,6 +65,7 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     _torchrun("bench_prefill_dist.py", *args, "--markdown", str(tmp_path / "dist.md"), cwd=tmp_path)
     results = json.loads(out.read_text())
     assert results["meta"]["world_size"] == 2 and results["meta"]["simulated_hosts"] is False
+    assert "{" not in results["meta"]["timing"]  # every placeholder filled in
     runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == {"full", "star", "exact", "apb-balanced", "apb"}
     full = runs["full"]

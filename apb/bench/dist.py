@@ -51,7 +51,6 @@ from apb.bench.common import (
     find_run,
     flop_bound_ms,
     fmt,
-    measure_rates,
     median,
     method_label,
     skipped_run,
@@ -95,7 +94,7 @@ class DistBench:
             nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
             timing="per rank: decoder hooks (CUDA events / perf_counter) for context and query; comm = time "
             "inside the passing all-gather (APBModel.recording's exchange marks; includes waiting for slower ranks); total = from a "
-            "barrier to the end of prefill on the slowest rank, in an unrecorded run before each recorded one; warm-up {cfg.warmup_layers} layers; median of "
+            f"barrier to the end of prefill on the slowest rank, in an unrecorded run before each recorded one; warm-up {cfg.warmup_layers} layers; median of "
             f"{cfg.repeats} run(s)",
             full_attention=FULL_ATTENTION_NOTE,
             simulated_json=str(args.simulated_json) if args.simulated_json else None,
@@ -224,14 +223,8 @@ class DistBench:
         self.results["backend"] = backend = chosen[0]
         self.log(f"{self.world} ranks, backend {backend!r}")
         bench = self.bench
-        self.rates = measure_rates(
-            bench.model.config,
-            bench.device,
-            self.cfg.torch_dtype,
-            backend,
-            num_tokens=16384 if self.clock.cuda else 256,
-        )
-        self.results["meta"]["rates_tflops"] = self.rates
+        self.rates = bench.flop_rates(backend)
+        self.results["meta"]["rates_tflops"] = {k: self.rates[k] for k in ("matmul", "attention")}
         self.log(
             f"measured rates: matmul {self.rates['matmul']:.0f} TFLOP/s, attention ({backend}, dense causal) "
             f"{self.rates['attention']:.0f} TFLOP/s"
