@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from apb.heads import decoder_layers
@@ -30,8 +31,6 @@ COMPILE_LAYERS_ARG: dict[str, Any] = dict(
 
 def check_backend(backend: str) -> None:
     """`ValueError` naming the known backends unless `backend` is one `torch.compile` takes."""
-    import torch
-
     known = torch.compiler.list_backends(exclude_tags=())
     if backend not in known:
         raise ValueError(

@@ -19,8 +19,9 @@ Two ways to run it (``method``):
 
 ``flash_attn`` and ``cutlass`` are imported on the first call only, so this module imports (and the
 tests collect) without CUDA or FA4. Before that import FA4's disk cache of compiled kernels is switched on
-(`KERNEL_CACHE_ENV`, unless set already): a new process then loads APB's kernels instead of compiling them. Inputs FA4 cannot take (fp32, CPU, odd head dims) run the plain
-reference, as `apb.kernels.apb_attention` does.
+(`KERNEL_CACHE_ENV`, unless set already): a new process then loads APB's kernels instead of compiling them.
+Inputs FA4 cannot take (fp32, CPU, odd head dims) run the plain reference, as `apb.kernels.apb_attention`
+does.
 """
 
 from __future__ import annotations
