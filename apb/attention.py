@@ -125,7 +125,12 @@ class PrefillState:
     selector: Callable | None = None
     """Scores the local block for the passing block (`apb.selectors`); None when passing all or none."""
     anchor_visible: bool = True
-    """False: the anchor rows run but the local rows do not attend to them (host 0's probe anchor)."""
+    """False: the anchor rows run but the local rows do not attend to them (host 0's probe anchor, or the
+    anchor it runs for the later hosts)."""
+    shared_anchor: int = 0
+    """Anchor length host 0 sends to the later hosts at every layer (`APBConfig.share_anchor`; 0: none).
+    Host 0 sends the K/V of its first `shared_anchor` rows; the others attend to them in front of their
+    block and run no anchor rows."""
     question_rows: tuple[int, int] | None = None
     """[start, end) of the question among the anchor rows."""
     block_start: int = 0
@@ -170,6 +175,15 @@ class PrefillState:
         a = self.num_anchor
         k_local, v_local = key[:, :, a:], value[:, :, a:]
         earlier: list[LayerKV] = []
+        anchor_kv = None
+        if self.shared_anchor:  # started now, waited for at the exchange: it travels during the selection
+            if self.host == 0:
+                sent = key[:, :, : self.shared_anchor], value[:, :, : self.shared_anchor]
+            else:
+                buffer = key.new_empty(*key.shape[:2], self.shared_anchor, key.shape[3])
+                sent = buffer, buffer
+            anchor_kv = self.comm.share_anchor(layer_idx, self.host, *sent)
+        marked = self.exchange_marks is not None or self.regions is not None
         if any(self.counts):
             count = self.counts[self.host]
             if count == 0:
@@ -204,9 +218,14 @@ class PrefillState:
                 start = self._mark()
                 k_pass, v_pass = gather_tokens(k_local, idx), gather_tokens(v_local, idx)
                 self._region("gather", layer_idx, start)
-            marked = self.exchange_marks is not None or self.regions is not None
+        if any(self.counts) or anchor_kv is not None:
             start = self.clock() if marked else None
-            earlier = self.comm.exchange_passing(layer_idx, self.host, k_pass, v_pass, self.counts)
+            if any(self.counts):
+                earlier = self.comm.exchange_passing(layer_idx, self.host, k_pass, v_pass, self.counts)
+            if anchor_kv is not None:
+                anchor_kv = anchor_kv()
+                if self.host > 0:  # in front of the block, where its own anchor rows' keys would be
+                    earlier.append(anchor_kv)
             if marked:
                 end = self.clock()
                 if self.exchange_marks is not None:

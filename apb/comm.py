@@ -5,6 +5,8 @@ The maths (apb.attention) is the same for both; only these three exchanges diffe
 - ``exchange_passing``: the per-layer all-gather of passing blocks during prefill. A host only reads
   the blocks of hosts before it, so running hosts one after another in host order (simulation) gives
   each host exactly what an all-gather would.
+- ``share_anchor``: the per-layer broadcast of the anchor's K/V from host 0 (``APBConfig.share_anchor``),
+  started before the host's passing-block selection and waited for before its attention.
 - ``gather_partials``: the per-layer all-gather of partial attention outputs and log-sum-exps while
   decoding (Star Attention phase 2).
 - ``broadcast_from_last``: the last host's sampled tokens / stop flag to every host.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,6 +44,14 @@ class Communicator:
         sizes are padded to max(counts) for the collective and trimmed after it.
         Returns [(k_j, v_j) for j in range(host)] in host order.
         """
+        raise NotImplementedError
+
+    def share_anchor(
+        self, layer_idx: int, host: int, k: torch.Tensor, v: torch.Tensor
+    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """Start sending host 0's anchor K/V of layer `layer_idx` to every host; call the result to wait
+        for them. k, v: [batch, kv_heads, anchor_len, head_dim]: host 0's anchor K/V, on the other hosts
+        tensors of the same shape, dtype and device to receive into. Every host calls it at every layer."""
         raise NotImplementedError
 
     def gather_partials(
@@ -84,6 +94,7 @@ class SimulatedComm(Communicator):
         self.num_hosts = num_hosts
         self.hosts = list(range(num_hosts))
         self._blocks: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def exchange_passing(self, layer_idx, host, k, v, counts):
         if k.shape[2] != counts[host]:
@@ -97,6 +108,19 @@ class SimulatedComm(Communicator):
         if host == self.num_hosts - 1:
             self._blocks.pop(layer_idx, None)  # the last reader is done with this layer
         return earlier
+
+    def share_anchor(self, layer_idx, host, k, v):
+        if host == 0:  # a copy: a view would keep host 0's whole K/V of the layer alive
+            self._anchors[layer_idx] = (k.contiguous(), v.contiguous())
+            return lambda: (k, v)
+        anchor = self._anchors[layer_idx]
+        if host == self.num_hosts - 1:
+            del self._anchors[layer_idx]  # the last reader is done with this layer
+        if anchor[0].shape != k.shape:
+            raise AssertionError(
+                f"host {host} expects an anchor of {tuple(k.shape)}, got {tuple(anchor[0].shape)}"
+            )
+        return lambda: anchor
 
     def gather_partials(self, outs, lses):
         return torch.stack(outs), torch.stack([lse.float() for lse in lses])
@@ -130,6 +154,19 @@ class DistributedComm(Communicator):
         dist.all_gather(gathered, packed.contiguous(), group=self.group)
         return [(gathered[j][0, :, :, : counts[j]], gathered[j][1, :, :, : counts[j]]) for j in range(host)]
 
+    def share_anchor(self, layer_idx, host, k, v):
+        if host != self.rank:
+            raise AssertionError(f"rank {self.rank} asked to act as host {host}")
+        # K and V in one message; the receivers' buffer is filled in place
+        packed = torch.stack([k, v]) if host == 0 else k.new_empty(2, *k.shape)
+        work = dist.broadcast(packed, src=self._global_rank(0), group=self.group, async_op=True)
+
+        def wait() -> tuple[torch.Tensor, torch.Tensor]:
+            work.wait()
+            return packed[0], packed[1]
+
+        return wait
+
     def gather_partials(self, outs, lses):
         (out,), (lse,) = outs, lses
         # one collective: every rank's output and lse side by side, fp32, in one [hosts, ...] buffer
@@ -142,13 +179,11 @@ class DistributedComm(Communicator):
 
     def broadcast_from_last(self, tensor):
         tensor = tensor.contiguous()
-        src = (
-            dist.get_global_rank(self.group, self.num_hosts - 1)
-            if self.group is not None
-            else self.num_hosts - 1
-        )
-        dist.broadcast(tensor, src=src, group=self.group)
+        dist.broadcast(tensor, src=self._global_rank(self.num_hosts - 1), group=self.group)
         return tensor
+
+    def _global_rank(self, host: int) -> int:
+        return dist.get_global_rank(self.group, host) if self.group is not None else host
 
     def check_agreement(self, descriptor, error=None):
         mine = {

@@ -50,6 +50,14 @@ class APBConfig:
     our small-model eval within noise of the equal split but not shown to lose less than a point at 4 hosts
     (benchmarks/RESULTS.md: speed and accuracy of both)."""
 
+    share_anchor: bool = True
+    """Host 0 runs the anchor once and sends its K/V to the later hosts at every layer, instead of every
+    host h > 0 running the same anchor rows itself (`apb.plan`). The anchor rows see only the anchor either
+    way, so the attention is the same and the result equal up to rounding; hosts h > 0 save the anchor's
+    share of their work (a fifth of it with the paper's anchor = block / 4). Not with the
+    "query_attention" selector, which reads the question's queries on every host. False: every host runs
+    its own anchor, as in the paper."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.anchor_len, int) or self.anchor_len < 0:
             raise ValueError(f"anchor_len must be an int >= 0, got {self.anchor_len!r}")
@@ -72,6 +80,8 @@ class APBConfig:
                 "selector='query_attention' scores keys by the attention of the question in the anchor: "
                 "it needs query_in_anchor=True"
             )
+        if not isinstance(self.share_anchor, bool):
+            raise ValueError(f"share_anchor must be True or False, got {self.share_anchor!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
@@ -109,10 +119,16 @@ class APBConfig:
 
     @classmethod
     def star(cls, num_context_tokens: int, num_hosts: int, **overrides) -> APBConfig:
-        """Star Attention: the anchor is the whole first block, nothing is passed; equal blocks, as
-        published."""
+        """Star Attention: the anchor is the whole first block, nothing is passed; equal blocks and every
+        host running its own anchor, as published."""
         block = _block_size(num_context_tokens, num_hosts)
-        kwargs = {"anchor_len": block, "passing_len": 0, "query_in_anchor": False, "split": "equal"}
+        kwargs = {
+            "anchor_len": block,
+            "passing_len": 0,
+            "query_in_anchor": False,
+            "split": "equal",
+            "share_anchor": False,
+        }
         return cls(**{**kwargs, **overrides})
 
     def to_dict(self) -> dict[str, Any]:

@@ -601,6 +601,7 @@ class APBModel(nn.Module):
                 backend=backend,
                 selector=selector if selects else None,
                 anchor_visible=view.anchor_visible,
+                shared_anchor=plan.anchor_len if plan.shares_anchor else 0,
                 question_rows=plan.question_rows,
                 block_start=view.block[0],
                 heads=self.heads if use_heads else None,

@@ -5,10 +5,18 @@ and the number of hosts. Everything that depends on "which host sees what" comes
 (`APBModel`), the passing counts, the benchmarks and the training-sample builder (`apb.data.layout`),
 so heads are trained on exactly the view that inference runs.
 
-Host h's input is ``[anchor | block]`` (host 0 has no anchor): the anchor is the first context tokens
-with the query spliced in after `query_offset` tokens (``query_in_anchor``), at positions
+Host h > 0 attends over ``[anchor | block]`` (host 0 over its block only): the anchor is the first
+context tokens with the query spliced in after `query_offset` tokens (``query_in_anchor``), at positions
 ``0..anchor_len-1``; the block is the context slice ``[start, end)`` at its true positions. Host 0's
 first `anchor_len` block tokens are never passed on (every later host holds them in its anchor).
+
+Who computes the anchor (``APBConfig.share_anchor``): in the paper every host h > 0 runs the anchor
+rows in front of its block. The anchor rows see only the anchor, so every host computes the same anchor
+K/V; with ``share_anchor`` (the default) host 0 computes them once and sends them at every layer, and
+hosts h > 0 run their block alone. Without a query spliced in, host 0's first block tokens are the
+anchor and cost it nothing; with one, host 0 runs the anchor rows apart from its block
+(``anchor_visible=False``). The attention is the same; the work of the anchor rows is done once instead
+of H - 1 times.
 
 Splits (``APBConfig.split``):
 
@@ -52,8 +60,15 @@ class HostView:
     reads: tuple[int, ...]
     """Earlier hosts whose passing blocks this host attends to (those that pass anything)."""
     anchor_visible: bool = True
-    """False for host 0's probe anchor (the "query_attention" selector): the anchor rows run, so the
-    question's queries exist, but the block does not attend to them and its results stay exact."""
+    """False when host 0 runs anchor rows its block does not see: the probe anchor of the
+    "query_attention" selector (so that the question's queries exist) or the anchor it runs for the later
+    hosts (`APBConfig.share_anchor`); host 0's block results stay exact either way."""
+    received_anchor: int = 0
+    """Anchor keys this host's block attends to but does not compute: host 0 sends their K/V at every
+    layer (`APBConfig.share_anchor`); this host then runs no anchor rows (num_anchor == 0)."""
+    serves_anchor: bool = False
+    """Host 0 sends the anchor's K/V to the later hosts at every layer: those of its anchor rows, or, with
+    no query spliced in, those of its first anchor_len block tokens, which are the anchor."""
 
     @property
     def block_len(self) -> int:
@@ -61,8 +76,13 @@ class HostView:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this host runs through the decoder: anchor + block."""
+        """Tokens this host runs through the decoder: anchor rows + block."""
         return self.num_anchor + self.block_len
+
+    @property
+    def anchor_keys_seen(self) -> int:
+        """Anchor keys the block attends to: its own anchor rows' or those received from host 0."""
+        return self.received_anchor + (self.num_anchor if self.anchor_visible else 0)
 
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """[num_anchor + block_len]: anchor 0..num_anchor-1, then the block's true positions."""
@@ -181,6 +201,13 @@ class HostPlan:
         self.num_query = num_query
         self.num_hosts = num_hosts
         self.anchor_len = config.anchor_len if num_hosts > 1 else 0
+        self.shares_anchor = (
+            config.share_anchor
+            and self.anchor_len > 0
+            and not (config.selector == "query_attention" and config.needs_selection)
+        )
+        """Host 0 computes the anchor for every host (`APBConfig.share_anchor`; not with the
+        "query_attention" selector, which needs the question's queries on every host)."""
         self._check_query()
         if num_hosts > 1 and self.anchor_len:
             # the anchor must fit in host 0's block, and every other host needs a token
@@ -222,6 +249,12 @@ class HostPlan:
         """Passing keys host `host` attends to (the sum of the earlier hosts' counts)."""
         return sum(self.hosts[j].passing_count for j in self.hosts[host].reads)
 
+    def attention_shape(self, host: int) -> tuple[int, int, int]:
+        """(num_passing, num_anchor, num_local) of host `host`'s attention call (`apb.kernels`): an anchor
+        received from host 0 sits among the keys in front of the block like a passing block."""
+        view = self.hosts[host]
+        return self.num_passing_keys(host) + view.received_anchor, view.num_anchor, view.block_len
+
     def anchor_ids(self, context: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """The anchor every host h > 0 puts in front of its block: [batch, anchor_len].
 
@@ -238,7 +271,9 @@ class HostPlan:
     def predicted_costs(self, cost: CostModel) -> list[float]:
         """Every host's `CostModel.host_cost` under this plan."""
         return [
-            cost.host_cost(v.num_anchor, v.block_len, self.num_passing_keys(v.host), v.anchor_visible)
+            cost.host_cost(
+                v.num_anchor, v.block_len, self.num_passing_keys(v.host) + v.received_anchor, v.anchor_visible
+            )
             for v in self.hosts
         ]
 
@@ -248,6 +283,7 @@ class HostPlan:
             "split": self.config.split,
             "blocks": [v.block_len for v in self.hosts],
             "anchor_len": self.anchor_len,
+            "shared_anchor": self.shares_anchor,
             "passing_counts": self.counts,
         }
 
@@ -283,16 +319,18 @@ class HostPlan:
         views, start, passers = [], 0, []
         for host, size in enumerate(sizes):
             excluded, count = self._count(host, size)
-            host0_probe = host == 0 and self._host0_probe(count > 0)
+            rows, visible, received = self._anchor_layout(host, count > 0)
             views.append(
                 HostView(
                     host=host,
                     block=(start, start + size),
-                    num_anchor=self.anchor_len if host > 0 or host0_probe else 0,
+                    num_anchor=rows,
                     num_excluded=excluded,
                     passing_count=count,
                     reads=tuple(passers),
-                    anchor_visible=not host0_probe,
+                    anchor_visible=visible,
+                    received_anchor=received,
+                    serves_anchor=host == 0 and self.shares_anchor,
                 )
             )
             if count:
@@ -300,6 +338,15 @@ class HostPlan:
             start += size
         assert start == self.num_context, (sizes, self.num_context)
         return tuple(views)
+
+    def _anchor_layout(self, host: int, host0_passes: bool) -> tuple[int, bool, int]:
+        """(anchor rows host `host` runs, whether its block sees them, anchor keys it receives)."""
+        a = self.anchor_len
+        if host > 0:
+            return (0, True, a) if self.shares_anchor else (a, True, 0)
+        if self._host0_probe(host0_passes) or (self.shares_anchor and self.config.query_in_anchor):
+            return a, False, 0  # rows its block does not see: a probe, or the anchor run for the others
+        return 0, True, 0
 
     def _host0_probe(self, host0_passes: bool) -> bool:
         """Whether host 0 runs the anchor as a probe: when its selector reads the question's attention
@@ -311,14 +358,13 @@ class HostPlan:
         """Block sizes that give every host the same predicted cost (bisection on that cost)."""
         n, hosts = self.num_context, self.num_hosts
 
-        # host 0 has no anchor, or runs it as a probe its block does not see (`_views`)
-        probe = self._host0_probe(self.config.passing_len != 0)
+        host0_passes = self.config.passing_len != 0
 
         def fill(budget: float) -> list[float]:
             sizes, passing = [], 0
             for host in range(hosts):
-                anchor = self.anchor_len if host > 0 or probe else 0
-                size = cost.max_block(budget, anchor, passing, anchor_visible=host > 0)
+                rows, visible, received = self._anchor_layout(host, host0_passes)
+                size = cost.max_block(budget, rows, passing + received, anchor_visible=visible)
                 sizes.append(size)
                 passing += self._count(host, int(size))[1]
             return sizes

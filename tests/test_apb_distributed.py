@@ -93,6 +93,11 @@ def _scenarios(num_hosts: int | None) -> dict[str, torch.Tensor]:
     qwen = APBModel(model, build_heads(model, hidden_size=16))
     sparse = APBConfig(anchor_len=8, passing_len=3, query_in_anchor=True, query_offset=2)
     out["sparse_logits"] = qwen.prefill(context, query, config=sparse, num_hosts=num_hosts)
+    # host 0 sends the anchor (shared, the default) or every host runs its own: the same logits
+    own = APBConfig(anchor_len=8, passing_len=3, query_in_anchor=True, query_offset=2, share_anchor=False)
+    out["own_anchor_logits"] = qwen.prefill(context, query, config=own, num_hosts=num_hosts)
+    no_splice = APBConfig(anchor_len=8, passing_len=3)  # host 0's first block tokens are the anchor
+    out["block_anchor_logits"] = qwen.prefill(context, query, config=no_splice, num_hosts=num_hosts)
     out["star_logits"] = qwen.prefill(
         context, query, config=APBConfig.star(37, NUM_HOSTS), num_hosts=num_hosts
     )
@@ -142,9 +147,12 @@ def simulated() -> dict:
 @pytest.mark.slow
 def test_processes_match_simulation(spawned, simulated):
     for rank, results in enumerate(spawned):
-        for name in ("exact_logits", "sparse_logits", "star_logits", "batch_logits", "row1_logits"):
+        names = ("exact_logits", "sparse_logits", "own_anchor_logits", "block_anchor_logits", "star_logits")
+        for name in (*names, "batch_logits", "row1_logits"):
             err = (results[name] - simulated[name]).abs().max().item()
             assert err < ATOL, f"rank {rank} {name}: max |dist - sim| = {err:.2e}"
+        err = (results["sparse_logits"] - results["own_anchor_logits"]).abs().max().item()
+        assert err < ATOL, f"rank {rank}: shared vs own anchor: {err:.2e}"
         # a row of a batch comes out as it does alone
         err = (results["batch_logits"][1:] - results["row1_logits"]).abs().max().item()
         assert err < ATOL, f"rank {rank}: batch row 1 vs alone: {err:.2e}"

@@ -139,10 +139,19 @@ def _planted_heads(monkeypatch, heads, blocks, num_layers, planted):
 
 
 @pytest.mark.parametrize(
-    ("family", "query_in_anchor", "pool_kernel", "split"),
-    [("llama", False, 5, "equal"), ("qwen3", True, 3, "balanced"), ("mistral", True, 1, "equal")],
+    ("family", "query_in_anchor", "pool_kernel", "split", "share_anchor"),
+    [
+        ("llama", False, 5, "equal", True),
+        ("qwen3", True, 3, "balanced", True),
+        ("mistral", True, 1, "equal", True),
+        ("llama", False, 5, "equal", False),
+        ("qwen3", True, 3, "balanced", False),
+    ],
 )
-def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, pool_kernel, split):
+def test_sparse_apb_matches_mask_oracle(
+    monkeypatch, family, query_in_anchor, pool_kernel, split, share_anchor
+):
+    """The oracle gives every host its own anchor; with share_anchor, host 0 computes it for all."""
     model = tiny_model(family)
     torch.manual_seed(0)
     heads = build_heads(model, hidden_size=16)
@@ -157,8 +166,10 @@ def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, po
         query_offset=2,
         pool_kernel=pool_kernel,
         split=split,
+        share_anchor=share_anchor,
     )
     plan = apbm.plan(num_context, 3, num_hosts, config)
+    assert plan.shares_anchor == share_anchor
     blocks = plan.blocks
     assert (len({e - s for s, e in blocks}) > 2) == (split == "balanced")
     planted = torch.randn(num_context, generator=torch.Generator().manual_seed(3))
@@ -196,6 +207,46 @@ def test_sparse_apb_matches_mask_oracle(monkeypatch, family, query_in_anchor, po
     assert (logits - full).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize(
+    ("num_hosts", "num_context", "query_in_anchor", "passing_len"),
+    [(2, 41, True, 3), (3, 50, False, 4), (5, 63, True, 2), (4, 45, True, None)],
+)
+def test_shared_anchor_gives_what_every_host_running_its_own_gives(
+    num_hosts, num_context, query_in_anchor, passing_len
+):
+    """Host 0 computing the anchor for everyone (share_anchor) and every host computing its own: the same
+    passing blocks chosen by the (random) heads at every layer, the same logits, the same generation;
+    lengths the host count does not divide."""
+    model = tiny_model("qwen2")
+    torch.manual_seed(2)
+    apbm = APBModel(model, build_heads(model, hidden_size=16))
+    context, query = _ids(21, num_context), _ids(22, 3)
+    base = {
+        "anchor_len": 8,
+        "passing_len": passing_len,
+        "query_in_anchor": query_in_anchor,
+        "query_offset": 2,
+    }
+    results = {}
+    for share in (True, False):
+        config = APBConfig(**base, share_anchor=share)
+        with apbm.recording() as record:
+            logits = apbm.prefill(context, query, config=config, num_hosts=num_hosts)
+        assert record.plan.shares_anchor == share
+        ids = apbm.generate(context, query, config=config, num_hosts=num_hosts, max_new_tokens=4)
+        results[share] = (logits, record.passing, ids, record.plan)
+    (shared, shared_passing, shared_ids, plan), (own, own_passing, own_ids, _) = results[True], results[False]
+    assert [v.num_anchor for v in plan.hosts[1:]] == [0] * (num_hosts - 1)
+    assert (shared - own).abs().max().item() < ATOL
+    assert torch.equal(shared_ids, own_ids)
+    for host, layers in own_passing.items():
+        for layer, idx in layers.items():
+            assert torch.equal(shared_passing[host][layer], idx), (host, layer)
+    # and the anchor matters: without it the logits differ (the comparison could fail)
+    no_anchor = apbm.prefill(context, query, config=APBConfig(passing_len=passing_len), num_hosts=num_hosts)
+    assert (no_anchor - own).abs().max().item() > 1e-3
+
+
 def test_star_matches_mask_oracle_and_apb_with_no_passing():
     model = tiny_model("qwen2")
     apbm = APBModel(model)
@@ -204,10 +255,12 @@ def test_star_matches_mask_oracle_and_apb_with_no_passing():
     star = apbm.prefill(context, query, config=APBConfig.star(30, 3), num_hosts=3)
     expected = _oracle_logits(model, context, query, context[:10], blocks, [set(), set(), set()])
     assert (star[0] - expected[0]).abs().max().item() < ATOL
-    same = apbm.prefill(
-        context, query, config=APBConfig(anchor_len=10, passing_len=0, split="equal"), num_hosts=3
-    )
+    star_like = {"anchor_len": 10, "passing_len": 0, "split": "equal"}
+    same = apbm.prefill(context, query, config=APBConfig(**star_like, share_anchor=False), num_hosts=3)
     assert torch.equal(star, same)
+    # host 0's first block is the anchor: sent to the others instead of recomputed, same logits
+    shared = apbm.prefill(context, query, config=APBConfig(**star_like), num_hosts=3)
+    assert apbm.last_plan.shares_anchor and (shared - star).abs().max().item() < ATOL
 
 
 def test_keep_all_with_anchor_matches_mask_oracle():

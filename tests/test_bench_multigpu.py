@@ -67,11 +67,11 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     assert results["meta"]["world_size"] == 2 and results["meta"]["simulated_hosts"] is False
     assert "{" not in results["meta"]["timing"]  # every placeholder filled in
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == {"full", "star", "exact", "apb-balanced", "apb"}
+    assert set(runs) == {"full", "star", "exact", "apb-paper", "apb-balanced", "apb"}
     full = runs["full"]
     assert full["status"] == "ok" and full["hosts"] == 1 and full["total_ms"] > 0
     assert full["full_attention"] == "sdpa, CPU"  # on a GPU: the first of cuDNN, FlashAttention-2, ...
-    for method in ("apb", "apb-balanced", "exact", "star"):
+    for method in ("apb", "apb-balanced", "apb-paper", "exact", "star"):
         run = runs[method]
         assert run["status"] == "ok" and run["hosts"] == 2 and run["finite"]
         assert len(run["rank_context_ms"]) == 2 and min(run["rank_context_ms"]) > 0
@@ -97,6 +97,9 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     assert runs["apb"]["comm_ms"] > 0  # APB passes blocks: the all-gather moved data and took time
     assert runs["apb"]["passing_counts"][0] > 0 and runs["star"]["passing_counts"] == [0, 0]
     assert runs["apb"]["blocks"] == [512, 512] and runs["apb-balanced"]["split"] == "balanced"
+    # host 0 sends the anchor (the default); as published, every host runs its own
+    assert runs["apb"]["shared_anchor"] and not runs["apb-paper"]["shared_anchor"]
+    assert runs["apb-paper"]["blocks"] == [512, 512] and not runs["star"]["shared_anchor"]
     assert runs["exact"]["split"] == "balanced" and runs["apb"]["split"] == "equal"
     assert runs["apb"]["speedup_vs_exact"] == pytest.approx(
         runs["exact"]["total_ms"] / runs["apb"]["total_ms"]

@@ -49,6 +49,12 @@ def test_comm_model_matches_the_stated_formula():
         )
         == 0.0
     )
+    # host 0's anchor broadcast (4096 tokens) adds its bytes and one more latency per layer
+    shape = dict(num_layers=32, num_kv_heads=8, head_dim=128, bytes_per_element=2, bandwidth_gbps=450.0)
+    with_anchor = bench.comm_ms(num_hosts=8, max_passing=2048, latency_us=10.0, shared_anchor=4096, **shape)
+    plain = bench.comm_ms(num_hosts=8, max_passing=2048, latency_us=10.0, **shape)
+    assert with_anchor - plain == pytest.approx(32 * (4096 * 8 * 128 * 2 * 2 / 450e9 + 10e-6) * 1000)
+    assert bench.comm_ms(num_hosts=8, max_passing=0, shared_anchor=4096, **shape) > 0
 
 
 def test_passing_counts_follow_the_apb_config():
@@ -159,16 +165,23 @@ def test_flop_bound_is_linear_work_at_the_matmul_rate_plus_attention_at_the_atte
     from apb.bench.common import flop_bound_ms
     from apb.plan import CostModel
 
-    config = APBConfig(anchor_len=10, passing_len=5, query_in_anchor=False)
-    plan = HostPlan(config, 200, 0, 2)
     cost = CostModel(flops_per_token=1e12, flops_per_pair=1e9)
-    bound = flop_bound_ms(plan, cost, {"matmul": 2.0, "attention": 0.5})
-    # host 0: no anchor, 100 causal rows; host 1: anchor 10 (causal) + 100 rows over 5 + 10 + causal 100
+    rates = {"matmul": 2.0, "attention": 0.5}
+
+    def expected(tokens, pairs):
+        return [(t * 1e12 / 2e12 + p * 1e9 / 0.5e12) * 1000 for t, p in zip(tokens, pairs, strict=True)]
+
+    # every host runs its own anchor. Host 0: no anchor, 100 causal rows; host 1: anchor 10 (causal) + 100
+    # rows over 5 + 10 + causal 100
+    config = APBConfig(anchor_len=10, passing_len=5, query_in_anchor=False, share_anchor=False)
+    plan = HostPlan(config, 200, 0, 2)
     pairs = [100 * 101 / 2, 10 * 11 / 2 + 100 * (5 + 10) + 100 * 101 / 2]
-    tokens = [100, 110]
-    expected = [(t * 1e12 / 2e12 + p * 1e9 / 0.5e12) * 1000 for t, p in zip(tokens, pairs, strict=True)]
     assert [v.num_anchor for v in plan.hosts] == [0, 10] and plan.num_passing_keys(1) == 5
-    assert bound == pytest.approx(expected)
+    assert flop_bound_ms(plan, cost, rates) == pytest.approx(expected([100, 110], pairs))
+    # the anchor shared by host 0 (its first 10 tokens): host 1 runs no anchor rows, still sees the keys
+    plan = HostPlan(APBConfig(anchor_len=10, passing_len=5, query_in_anchor=False), 200, 0, 2)
+    pairs = [100 * 101 / 2, 100 * (5 + 10) + 100 * 101 / 2]
+    assert flop_bound_ms(plan, cost, rates) == pytest.approx(expected([100, 100], pairs))
 
 
 def test_tiny_run_end_to_end(tmp_path):

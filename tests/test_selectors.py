@@ -88,7 +88,7 @@ def test_query_attention_passing_everything_is_exact_and_the_probe_anchor_change
     context, query = _ids(4, 90), _ids(5, 3)
     base = {"anchor_len": 10, "query_in_anchor": True, "query_offset": 2}
     selected = APBConfig(**base, passing_len=1000, selector="query_attention")
-    everything = APBConfig(**base, passing_len=None)
+    everything = APBConfig(**base, passing_len=None, share_anchor=False)
     a = apbm.prefill(context, query, config=selected, num_hosts=3)
     assert apbm.last_plan.hosts[0].num_anchor == 10  # the probe ran
     b = apbm.prefill(context, query, config=everything, num_hosts=3)
@@ -241,5 +241,6 @@ def test_bench_selectors_mode_smoke(tmp_path):
         assert [h["host"] for h in hosts] == [0, 1, 2, 3] and hosts[3]["selection_ms"] == 0
         assert all(h["score_ms"] > 0 and h["passing"] == 256 // 8 for h in hosts[:3])
     by_selector = {r["selector"]: r["hosts"][0] for r in runs}
-    assert by_selector["heads"]["anchor"] == 0 and by_selector["query_attention"]["anchor"] == 64  # the probe
+    # host 0 runs the anchor: for the later hosts (heads: shared anchor) or as the probe (query_attention)
+    assert by_selector["heads"]["anchor"] == 64 and by_selector["query_attention"]["anchor"] == 64
     assert "| query_attention | 0 | 256 | 64 | 32 |" in md.read_text()

@@ -146,18 +146,23 @@ def comm_ms(
     bytes_per_element: int,
     bandwidth_gbps: float,
     latency_us: float = 0.0,
+    shared_anchor: int = 0,
 ) -> float:
-    """Modelled all-gather time of the passing blocks over all layers, in ms:
+    """Modelled time of a prefill's per-layer exchanges over all layers, in ms:
 
-        num_layers * ((H - 1) * P * num_kv_heads * head_dim * 2 (K and V) * bytes / B + latency)
+        num_layers * ((H - 1) * P * kv + A * kv + latency per collective),  kv = num_kv_heads * head_dim * 2
+        (K and V) * bytes / B
 
-    P the largest passing block (the collective pads every host's block to it, as `DistributedComm`
-    does), B the all-gather bus bandwidth per GPU: an all-gather of H pieces of S bytes moves
-    (H - 1) / H * (H * S) bytes into each GPU."""
-    if num_hosts < 2 or max_passing == 0:
+    P the largest passing block (the all-gather pads every host's block to it, as `DistributedComm`
+    does), A the anchor host 0 broadcasts (`shared_anchor`, 0: none), B the bus bandwidth per GPU: an
+    all-gather of H pieces of S bytes moves (H - 1) / H * (H * S) bytes into each GPU, a broadcast S."""
+    if num_hosts < 2 or (max_passing == 0 and shared_anchor == 0):
         return 0.0
-    piece = max_passing * num_kv_heads * head_dim * 2 * bytes_per_element  # K and V of one host
-    per_layer_s = (num_hosts - 1) * piece / (bandwidth_gbps * 1e9) + latency_us * 1e-6
+    per_token = num_kv_heads * head_dim * 2 * bytes_per_element  # K and V of one token
+    per_layer_s = 0.0
+    for tokens in ((num_hosts - 1) * max_passing, shared_anchor):
+        if tokens:
+            per_layer_s += tokens * per_token / (bandwidth_gbps * 1e9) + latency_us * 1e-6
     return num_layers * per_layer_s * 1000.0
 
 
@@ -359,11 +364,8 @@ def flop_bound_ms(plan: Any, cost: Any, rates: dict[str, float]) -> list[float]:
     attention work at the measured attention rate (`measure_rates`), in ms. What the retaining heads,
     top-k, norms, RoPE and the rest add is the gap between a host's busy time and this bound."""
     bounds = []
-    for view in plan.hosts:
+    for view, work in zip(plan.hosts, plan.predicted_costs(cost), strict=True):
         linear = cost.flops_per_token * view.num_tokens
-        work = cost.host_cost(
-            view.num_anchor, view.block_len, plan.num_passing_keys(view.host), view.anchor_visible
-        )
         attention = work - linear
         seconds = linear / (rates["matmul"] * 1e12) + attention / (rates["attention"] * 1e12)
         bounds.append(seconds * 1000.0)

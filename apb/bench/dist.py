@@ -55,14 +55,23 @@ from apb.bench.common import (
     method_label,
     skipped_run,
 )
-from apb.bench.prefill import COMPILE_LAYERS_ARG, FULL_ATTENTION_NOTE, Bench, BenchConfig, compiled_note
+from apb.bench.prefill import (
+    COMPILE_LAYERS_ARG,
+    FULL_ATTENTION_NOTE,
+    METHOD_ORDER,
+    SPEEDUP_METHODS,
+    Bench,
+    BenchConfig,
+    compiled_note,
+)
 from apb.bench.prefill import finalize as finalize_simulated
 
 logger = logging.getLogger(__name__)
 
-DIST_METHODS = ["full", "star", "exact", "apb", "apb-balanced"]
-"""Default methods: full attention on one GPU, Star, exact APB (all-gather context parallelism),
-APB with the paper's equal split, APB with the balanced split."""
+DIST_METHODS = ["full", "star", "exact", "apb-paper", "apb", "apb-balanced"]
+"""Default methods: full attention on one GPU, Star, exact APB (all-gather context parallelism), APB as
+published (equal split, every host running its own anchor), APB with the equal split and the shared
+anchor (the default), APB with the balanced split."""
 
 
 class DistBench:
@@ -183,6 +192,7 @@ class DistBench:
             "passing_counts": plan.counts,
             "split": config.split,
             "blocks": plan.describe()["blocks"],
+            "shared_anchor": plan.shares_anchor,
             "rank_context_ms": s["context"],
             "rank_comm_ms": s["comm"],
             "rank_query_ms": s["query"],
@@ -271,7 +281,7 @@ def finalize(results: dict[str, Any], simulated: dict[str, Any] | None) -> dict[
         full = find_run(runs, "full", run["length"], 1)
         ok = full is not None and full.get("status") == "ok"
         run["speedup_vs_full"] = full["total_ms"] / run["total_ms"] if ok else None
-        if run["method"] in ("apb", "apb-balanced"):
+        if run["method"] in SPEEDUP_METHODS:
             star = find_run(runs, "star", run["length"], run["hosts"])
             ok = star is not None and star.get("status") == "ok"
             run["speedup_vs_star"] = star["total_ms"] / run["total_ms"] if ok else None
@@ -312,7 +322,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| busy ms per rank | busy / FLOP bound | wait ms per rank | wait share (max) | simulated total ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {"full": 0, "star": 1, "exact": 2, "apb": 3, "apb-balanced": 4}
+    order = METHOD_ORDER
     for r in sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9))):
         ctx = context_label(r["length"])
         if r.get("status") != "ok":

@@ -99,10 +99,15 @@ from apb.model import PrefillRecord
 
 logger = logging.getLogger(__name__)
 
-APB_METHODS = ("apb", "apb-balanced", "exact", "star")
-"""Methods run through `APBModel.prefill`: APB (the paper's equal split, the default), APB with the
-balanced split, exact APB (every earlier token passed, balanced split: what all-gather context
-parallelism computes) and Star."""
+APB_METHODS = ("apb", "apb-balanced", "apb-paper", "exact", "star")
+"""Methods run through `APBModel.prefill`: APB (the paper's equal split, the default; host 0 computes the
+anchor for everyone), APB with the balanced split, APB as published (equal split, every host running its
+own anchor: `share_anchor=False`), exact APB (every earlier token passed, balanced split: what all-gather
+context parallelism computes) and Star."""
+SPEEDUP_METHODS = ("apb", "apb-balanced", "apb-paper")
+METHOD_ORDER = {"full": 0, "star": 1, "exact": 2, "apb-paper": 3, "apb": 4, "apb-balanced": 5}
+"""Row order of the tables."""
+"""The APB methods whose speedup over Star (and exact) the tables report."""
 
 CATEGORIES = ("qkv", "heads", "comm", "attention", "passing_concat", "o_proj", "ffn", "other")
 """Per-block breakdown columns: q/k/v projections; retaining heads (score MLP + pool/top-k); the modelled
@@ -443,6 +448,8 @@ class Bench:
             return APBConfig.exact(backend=backend)
         if method == "apb-balanced":
             return APBConfig.for_length(length, hosts, backend=backend, split="balanced")
+        if method == "apb-paper":
+            return APBConfig.for_length(length, hosts, backend=backend, share_anchor=False)
         return APBConfig.for_length(length, hosts, backend=backend)
 
     def host_plan(self, length: int, hosts: int, config):
@@ -464,8 +471,7 @@ class Bench:
         for method in ("apb", "star"):
             config = self.apb_config(method, length, hosts, "reference")
             plan = self.host_plan(length, hosts, config)
-            last = plan.hosts[-1]
-            shapes[method] = (plan.num_passing_keys(last.host), last.num_anchor, last.block_len)
+            shapes[method] = plan.attention_shape(plan.num_hosts - 1)
         times: dict[str, float] = {}
         for name in cfg.backends:
             entry: dict[str, Any] = {"backend": name}
@@ -534,12 +540,14 @@ class Bench:
 
     # -------------------------------------------------------------- one measurement
 
-    def modelled_comm_ms(self, hosts: int, counts: list[int]) -> float:
-        """The passing all-gathers of a simulated prefill, modelled (`comm_ms`) at the configured link."""
+    def modelled_comm_ms(self, plan: Any) -> float:
+        """The exchanges of a simulated prefill under `plan` (passing all-gathers, anchor broadcasts),
+        modelled (`comm_ms`) at the configured link."""
         return comm_ms(
             num_layers=self.num_layers,
-            num_hosts=hosts,
-            max_passing=max(counts),
+            num_hosts=plan.num_hosts,
+            max_passing=max(plan.counts),
+            shared_anchor=plan.anchor_len if plan.shares_anchor else 0,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
             bytes_per_element=self.bytes_per_element,
@@ -642,7 +650,7 @@ class Bench:
             samples.append((max(host_ms), (host_ms, calls, wall)))
         _, (host_ms, calls, wall) = median(samples)
         query_ms = sum(self.clock.ms(c["start"], c["end"]) for c in calls[hosts:])
-        comm = self.modelled_comm_ms(hosts, counts)
+        comm = self.modelled_comm_ms(plan)
         compute = max(host_ms)
         run = {
             "method": method,
@@ -655,6 +663,7 @@ class Bench:
             "passing_counts": counts,
             "split": config.split,
             "blocks": plan.describe()["blocks"],
+            "shared_anchor": plan.shares_anchor,
             "host_ms": host_ms,
             "slowest_host": int(max(range(hosts), key=lambda h: host_ms[h])),
             "compute_ms": compute,
@@ -683,7 +692,8 @@ class Bench:
         context, query = self.ids(length)
         breakdown = Breakdown(self.model, self.recorder)
         config = self.apb_config(method, length, hosts, backend)
-        counts = self.host_plan(length, hosts, config).counts
+        plan = self.host_plan(length, hosts, config)
+        counts = plan.counts
         with (
             breakdown.module_hooks(),
             self.recorder.recording() as calls,
@@ -692,7 +702,7 @@ class Bench:
             self.apbm.prefill(context, query, config=config, num_hosts=hosts)
         self.clock.sync()
         per_call = breakdown.per_call(record)
-        comm = self.modelled_comm_ms(hosts, counts)
+        comm = self.modelled_comm_ms(plan)
         per_host = []
         for host in range(hosts):
             host_ms = self.clock.ms(calls[host]["start"], calls[host]["end"])
@@ -868,7 +878,7 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
         # the context prefill alone (slowest host + comm), without the serially simulated query pass
         context_ms = run["compute_ms"] + run["comm_ms"]
         run["speedup_vs_full_no_query"] = full["total_ms"] / context_ms if ok else None
-        if run["method"] in ("apb", "apb-balanced"):
+        if run["method"] in SPEEDUP_METHODS:
             star = find_run(runs, "star", run["length"], run["hosts"])
             ok = star is not None and star.get("status") == "ok"
             run["speedup_vs_star"] = star["total_ms"] / run["total_ms"] if ok else None
@@ -949,7 +959,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| tokens/s | speedup vs full | same, without query pass | APB / Star | peak GiB per host (est.) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {"full": 0, "star": 1, "exact": 2, "apb": 3, "apb-balanced": 4}
+    order = METHOD_ORDER
     runs = sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9), r["hosts"]))
     for r in runs:
         ctx = context_label(r["length"])
@@ -1060,8 +1070,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
     runs = [r for r in results["runs"] if r.get("status") == "ok"]
     fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = {2: "tab:blue", 4: "tab:orange", 8: "tab:green", 16: "tab:purple"}
-    styles = {"star": ("--", "s"), "apb": ("-", "o"), "apb-balanced": ("-.", "v"), "exact": (":", "^")}
-    names = {"star": "Star", "apb": "APB", "apb-balanced": "APB (balanced split)", "exact": "exact APB"}
+    styles = {
+        "star": ("--", "s"),
+        "apb": ("-", "o"),
+        "apb-balanced": ("-.", "v"),
+        "apb-paper": ((0, (1, 1)), "x"),
+        "exact": (":", "^"),
+    }
+    names = {
+        "star": "Star",
+        "apb": "APB",
+        "apb-balanced": "APB (balanced split)",
+        "apb-paper": "APB (every host its own anchor)",
+        "exact": "exact APB",
+    }
     series: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in runs:
         series[(r["method"], r["hosts"])].append(r)
