@@ -99,6 +99,15 @@ class HostView:
         return torch.cat([anchor[:, : self.num_anchor], local], dim=1)
 
 
+MEASURED_ATTENTION_WEIGHT = 0.81
+"""Time of an attention FLOP over that of a token-linear FLOP in a host's forward, fitted to the 12 hosts of
+one simulated 128K / 4-host run on an H200 (Llama-3.1-8B shape, FlashAttention-4, compiled layers; three
+splits): linear work ran at 536 effective TFLOP/s (the GEMMs plus the norms, RoPE, activations and
+selection around them), attention at 662, and the two-term model matched every host within 1.6%
+(benchmarks/RESULTS.md). With FLOPs alone (weight 1) the balanced split gave host 0, whose work is mostly
+linear, 2-4% too many tokens."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class CostModel:
     """Predicted time of one host's prefill, in FLOP-equivalents.
@@ -125,8 +134,9 @@ class CostModel:
             )
 
     @classmethod
-    def from_model_config(cls, config: Any, attention_weight: float = 1.0) -> CostModel:
-        """From a transformers config of a GQA decoder (hidden_size, intermediate_size, head counts)."""
+    def from_model_config(cls, config: Any, attention_weight: float | None = None) -> CostModel:
+        """From a transformers config of a GQA decoder (hidden_size, intermediate_size, head counts);
+        `attention_weight` None: `MEASURED_ATTENTION_WEIGHT`."""
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -139,7 +149,7 @@ class CostModel:
         return cls(
             flops_per_token=2.0 * weights * layers,
             flops_per_pair=4.0 * num_heads * head_dim * layers,
-            attention_weight=attention_weight,
+            attention_weight=MEASURED_ATTENTION_WEIGHT if attention_weight is None else attention_weight,
         )
 
     @property

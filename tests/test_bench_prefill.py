@@ -287,3 +287,17 @@ def test_best_time_keeps_the_fastest_trial():
     assert best_time(call, FakeClock(), repeats=4, trials=3) == pytest.approx(1.0 / 1000.0)
     with pytest.raises(StopIteration):  # exactly 1 + 3 x 4 calls were made
         call()
+
+
+def test_every_method_runs_and_plots(tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    methods = ["full", "star", "exact", "apb-paper", "apb", "apb-balanced"]
+    argv = ["--tiny", "--lengths", "1024", "--hosts", "4", "--methods", *methods, "--no-breakdown"]
+    bench.main([*argv, "--out", str(out), "--plot", str(png)])
+    runs = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == set(methods) and all(r["status"] == "ok" and r["finite"] for r in runs.values())
+    # host 0 computes the anchor for the others, except as published and in Star
+    shared = {m: runs[m]["shared_anchor"] for m in methods[1:]}
+    assert shared == {"star": False, "exact": False, "apb-paper": False, "apb": True, "apb-balanced": True}
+    assert runs["apb-paper"]["blocks"] == runs["apb"]["blocks"]
+    assert runs["apb-paper"]["speedup_vs_star"] and png.stat().st_size > 10_000

@@ -24,7 +24,7 @@ LLAMA8B = {
 def _llama8b_cost() -> CostModel:
     from transformers import LlamaConfig
 
-    return CostModel.from_model_config(LlamaConfig(**LLAMA8B))
+    return CostModel.from_model_config(LlamaConfig(**LLAMA8B), attention_weight=1.0)  # FLOPs alone
 
 
 def _spread(costs: list[float]) -> float:
@@ -40,6 +40,19 @@ def test_cost_model_counts_llama8b_flops():
     budget = cost.host_cost(4096, 30000, 6000)
     assert cost.max_block(budget, 4096, 6000) == pytest.approx(30000, rel=1e-9)
     assert cost.max_block(cost.host_cost(4096, 0, 0) * 0.5, 4096, 0) == 0.0
+    # by default an attention FLOP weighs what it measured against a linear one (apb.plan)
+    from transformers import LlamaConfig
+
+    from apb.plan import MEASURED_ATTENTION_WEIGHT
+
+    measured = CostModel.from_model_config(LlamaConfig(**LLAMA8B))
+    assert measured.attention_weight == MEASURED_ATTENTION_WEIGHT < 1
+    assert measured.host_cost(0, 100, 50) - measured.flops_per_token * 100 == pytest.approx(
+        MEASURED_ATTENTION_WEIGHT * cost.flops_per_pair * (100 * 50 + 100 * 101 / 2)
+    )
+    assert measured.max_block(measured.host_cost(4096, 30000, 6000), 4096, 6000) == pytest.approx(
+        30000, rel=1e-9
+    )
 
 
 @pytest.mark.parametrize(

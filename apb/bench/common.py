@@ -4,6 +4,7 @@ on its fastest SDPA kernel, and small helpers over result rows."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -360,10 +361,11 @@ def best_time(fn: Callable[[], Any], clock: Any, *, repeats: int, trials: int) -
 
 def flop_bound_ms(plan: Any, cost: Any, rates: dict[str, float]) -> list[float]:
     """Every host's FLOP bound under `plan` (an `apb.HostPlan`): its token-linear work (QKV, O, MLP, from
-    `cost`, an `apb.plan.CostModel` with attention_weight 1) at the measured matmul rate plus its
+    `cost`, an `apb.plan.CostModel`, whose FLOPs count, not its attention weight) at the measured matmul rate plus its
     attention work at the measured attention rate (`measure_rates`), in ms. What the retaining heads,
     top-k, norms, RoPE and the rest add is the gap between a host's busy time and this bound."""
     bounds = []
+    cost = dataclasses.replace(cost, attention_weight=1.0)  # FLOPs, each at its own measured rate
     for view, work in zip(plan.hosts, plan.predicted_costs(cost), strict=True):
         linear = cost.flops_per_token * view.num_tokens
         attention = work - linear

@@ -639,7 +639,7 @@ class Bench:
             with self.few_layers(self.cfg.warmup_layers):
                 prefill()
         self.clock.sync()
-        samples = []
+        samples, query_samples = [], []
         for _ in range(self.cfg.repeats):
             with self.recorder.recording() as calls:
                 wall0 = time.perf_counter()
@@ -647,9 +647,12 @@ class Bench:
                 self.clock.sync()
                 wall = time.perf_counter() - wall0
             host_ms = [self.clock.ms(c["start"], c["end"]) for c in calls[:hosts]]
+            query = sum(self.clock.ms(c["start"], c["end"]) for c in calls[hosts:])
             samples.append((max(host_ms), (host_ms, calls, wall)))
+            query_samples.append((query, None))
         _, (host_ms, calls, wall) = median(samples)
-        query_ms = sum(self.clock.ms(c["start"], c["end"]) for c in calls[hosts:])
+        # its own median: the sample with the median slowest host may hold the slower query pass
+        query_ms, _ = median(query_samples)
         comm = self.modelled_comm_ms(plan)
         compute = max(host_ms)
         run = {
@@ -1096,10 +1099,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         line, marker = styles[method]
         label = f"{names[method]} {hosts} hosts"
         color = colors.get(hosts)
-        ax_time.plot(xs, [r["total_ms"] / 1000 for r in rs], line, marker=marker, color=color, label=label)
+        style = {"linestyle": line, "marker": marker, "color": color, "label": label}
+        ax_time.plot(xs, [r["total_ms"] / 1000 for r in rs], **style)
         sp = [(r["length"], r["speedup_vs_full"]) for r in rs if r.get("speedup_vs_full")]
         if sp:
-            ax_speed.plot(*zip(*sp, strict=True), line, marker=marker, color=color, label=label)
+            ax_speed.plot(*zip(*sp, strict=True), **style)
     lengths = sorted({r["length"] for r in runs})
     for ax in (ax_time, ax_speed):
         ax.set_xscale("log", base=2)
