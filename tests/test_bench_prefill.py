@@ -292,7 +292,18 @@ def test_best_time_keeps_the_fastest_trial():
 def test_every_method_runs_and_plots(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     methods = ["full", "star", "exact", "apb-paper", "apb", "apb-balanced"]
-    argv = ["--tiny", "--lengths", "1024", "--hosts", "4", "--methods", *methods, "--no-breakdown"]
+    argv = [
+        "--tiny",
+        "--lengths",
+        "1024",
+        "--hosts",
+        "4",
+        "--methods",
+        *methods,
+        "--no-breakdown",
+        "--repeats",
+        "2",
+    ]
     bench.main([*argv, "--out", str(out), "--plot", str(png)])
     runs = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
     assert set(runs) == set(methods) and all(r["status"] == "ok" and r["finite"] for r in runs.values())

@@ -647,9 +647,9 @@ class Bench:
                 self.clock.sync()
                 wall = time.perf_counter() - wall0
             host_ms = [self.clock.ms(c["start"], c["end"]) for c in calls[:hosts]]
-            query = sum(self.clock.ms(c["start"], c["end"]) for c in calls[hosts:])
+            query_pass_ms = sum(self.clock.ms(c["start"], c["end"]) for c in calls[hosts:])
             samples.append((max(host_ms), (host_ms, calls, wall)))
-            query_samples.append((query, None))
+            query_samples.append((query_pass_ms, None))
         _, (host_ms, calls, wall) = median(samples)
         # its own median: the sample with the median slowest host may hold the slower query pass
         query_ms, _ = median(query_samples)
