@@ -122,6 +122,8 @@ def test_oracle_two_gloo_ranks_fp32(tmp_path):
     generate = report["generate"]
     assert generate["same_on_all_ranks"] and generate["eos_same_on_all_ranks"]
     assert generate["eos_stopped_early"] and generate["eos_steps"] < generate["steps"]
+    anchor = report["shared_anchor"]  # rank 0 broadcasting the anchor == every rank running its own
+    assert anchor["shared"] and anchor["max_abs_diff_shared_vs_own"] <= 1e-4 and anchor["passed"]
     assert report["passed_all_ranks"]
 
 
