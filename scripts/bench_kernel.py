@@ -4,7 +4,8 @@ causal attention the machine has. This is the script behind the kernel table of 
 
 Shapes: Llama-3.1-8B attention (32 q heads, 8 kv heads, head_dim 128, bf16, batch 1), the last of 8 hosts
 by the paper's defaults for a context of n tokens: block = n/8 local tokens, anchor = min(block/4, 8192),
-passing = 7 earlier hosts x block/8. Useful TFLOP/s = 4 * visible (q, k) pairs * head_dim * num_heads /
+passing = 7 earlier hosts x block/8. With --shared-anchor, the call that host makes when host 0 computes
+the anchor for everyone (the default): no anchor rows, the anchor's keys in front of the block. Useful TFLOP/s = 4 * visible (q, k) pairs * head_dim * num_heads /
 time; median of `triton.testing.do_bench` (warmup 50 ms, rep 300 ms).
 
 APB mask: the Triton kernel (`apb.kernels.apb_attention`), FlashAttention-4 (`apb.kernels.flash4`, one
@@ -53,10 +54,13 @@ DENSE_NAMES = {
 }
 
 
-def apb_lengths(context: int) -> tuple[int, int, int]:
-    """(num_passing, num_anchor, num_local) of the last host by the paper's defaults."""
+def apb_lengths(context: int, shared_anchor: bool = False) -> tuple[int, int, int]:
+    """(num_passing, num_anchor, num_local) of the last host by the paper's defaults. `shared_anchor`: the
+    call that host makes when host 0 computes the anchor (`APBConfig.share_anchor`, the default): no anchor
+    rows, the anchor's keys in front of the block with the passing keys."""
     block = context // NUM_HOSTS
-    return (NUM_HOSTS - 1) * (block // 8), min(block // 4, 8192), block
+    passing, anchor = (NUM_HOSTS - 1) * (block // 8), min(block // 4, 8192)
+    return (passing + anchor, 0, block) if shared_anchor else (passing, anchor, block)
 
 
 def visible_pairs(num_passing: int, num_anchor: int, num_local: int) -> int:
@@ -330,7 +334,12 @@ def first_calls_line(rows: list[dict]) -> str:
 
 
 def main_table(
-    contexts: list[str], skip: set[str], methods: list[str], full_causal: list[str], out_json: str | None
+    contexts: list[str],
+    skip: set[str],
+    methods: list[str],
+    full_causal: list[str],
+    out_json: str | None,
+    shared_anchor: bool = False,
 ) -> None:
     import triton
     from apb.kernels.flash4 import DEFAULT_METHOD
@@ -345,10 +354,10 @@ def main_table(
     )
     rows = []
     for name in contexts:
-        num_passing, num_anchor, num_local = apb_lengths(CONTEXTS[name])
+        num_passing, num_anchor, num_local = apb_lengths(CONTEXTS[name], shared_anchor)
         pairs = visible_pairs(num_passing, num_anchor, num_local)
         row = dict(context=name, passing=num_passing, anchor=num_anchor, local=num_local, pairs=pairs)
-        row["default"] = default
+        row["default"], row["shared_anchor"] = default, shared_anchor
         bench_apb_mask(row, skip, methods)
         if "dense" not in skip:
             bench_dense(row, dense_equivalent_length(pairs), skip)
@@ -469,6 +478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-tma", default="both", choices=["both", "1", "0"])
     parser.add_argument("--first-call", action="store_true")
     parser.add_argument(
+        "--shared-anchor", action="store_true", help="time the last host's call with host 0's shared anchor"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="run the Triton kernel twice at 128K (for ncu)"
     )
     args = parser.parse_args(argv)
@@ -500,4 +512,6 @@ if __name__ == "__main__":
     elif args.first_call:
         main_first_call(args.skip)
     elif "table" not in args.skip:
-        main_table(args.contexts, args.skip, args.flash_methods, args.full_causal, args.json)
+        main_table(
+            args.contexts, args.skip, args.flash_methods, args.full_causal, args.json, args.shared_anchor
+        )

@@ -313,6 +313,10 @@ def test_bench_dense_equivalent_length(bench):
     pairs = bench.visible_pairs(*bench.apb_lengths(131072))
     n = bench.dense_equivalent_length(pairs)
     assert n % 64 == 0 and abs(n * (n + 1) / 2 - pairs) / pairs < 0.01
+    # with host 0's shared anchor the host runs no anchor rows; its block still sees the anchor's keys
+    assert bench.apb_lengths(131072, shared_anchor=True) == (14336 + 4096, 0, 16384)
+    shared = bench.visible_pairs(*bench.apb_lengths(131072, shared_anchor=True))
+    assert pairs - shared == 4096 * 4097 // 2  # the anchor rows' own causal pairs
 
 
 def _bench_row(**extra):
