@@ -95,6 +95,9 @@ def _fa4_imports() -> bool:
     import touches CUDA). A broken install (e.g. a cutlass-dsl without its ``cute`` sources) is logged
     once, and "auto" keeps the Triton kernel."""
     if "ok" not in _FA4_IMPORTS:
+        from apb.kernels.flash4 import before_fa4_import
+
+        before_fa4_import()  # this can be FA4's first import in the process: its kernel cache goes on first
         try:
             importlib.import_module("flash_attn.cute.interface")
             _FA4_IMPORTS["ok"] = True

@@ -96,7 +96,7 @@ folder is ``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR``, default ``<tmp>/<user>/flash_a
 Set it to ``0`` to keep FA4's own default (compile in every process)."""
 
 
-def _before_fa4_import() -> None:
+def before_fa4_import() -> None:
     """Turn FA4's kernel cache on unless the caller chose (or FA4 was already imported without us)."""
     if "flash_attn.cute" not in sys.modules:
         os.environ.setdefault(KERNEL_CACHE_ENV, "1")
@@ -107,7 +107,7 @@ def _fa4_call(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One FA4 forward on ``[batch, seq, heads, dim]`` views of our ``[batch, heads, seq, dim]`` tensors
     (no copies: FA4 takes strided inputs). Returns out [batch, seq, heads, dim] and lse [batch, heads, seq]."""
-    _before_fa4_import()
+    before_fa4_import()
     from flash_attn.cute.interface import flash_attn_func
 
     out, lse = flash_attn_func(
@@ -247,7 +247,7 @@ _SPARSITY_CACHE: dict[tuple, object] = {}
 def _block_sparse_tensors(num_passing: int, num_anchor: int, num_local: int, device: torch.device):
     """FA4's `BlockSparseTensorsTorch` for one host shape, cached (every layer of a host reuses it);
     batch and head dims are 1 (broadcast), which FA4 needs for packed GQA."""
-    _before_fa4_import()
+    before_fa4_import()
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
     key = (num_passing, num_anchor, num_local, device)
@@ -281,7 +281,7 @@ def _apb_mask_mod(num_anchor: int) -> Callable:
     fn = _MASK_MODS.get(num_anchor)
     if fn is not None:
         return fn
-    _before_fa4_import()
+    before_fa4_import()
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.utils import scalar_to_ssa

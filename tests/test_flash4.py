@@ -263,12 +263,34 @@ def test_fa4_kernel_cache_is_on_unless_the_caller_chose(monkeypatch):
 
     monkeypatch.delitem(sys.modules, "flash_attn.cute", raising=False)
     monkeypatch.delenv(flash4.KERNEL_CACHE_ENV, raising=False)
-    flash4._before_fa4_import()
+    flash4.before_fa4_import()
     assert os.environ[flash4.KERNEL_CACHE_ENV] == "1"
     monkeypatch.setenv(flash4.KERNEL_CACHE_ENV, "0")
-    flash4._before_fa4_import()
+    flash4.before_fa4_import()
     assert os.environ[flash4.KERNEL_CACHE_ENV] == "0"
     monkeypatch.delenv(flash4.KERNEL_CACHE_ENV)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute"))
-    flash4._before_fa4_import()
+    flash4.before_fa4_import()
     assert flash4.KERNEL_CACHE_ENV not in os.environ
+
+
+def test_auto_backend_turns_the_kernel_cache_on_before_its_fa4_import(monkeypatch):
+    """The "auto" backend's import check can be FA4's first import in a process (it was, on every GPU run
+    with backend="auto", and the cache stayed off): the variable is set before that import."""
+    import importlib
+
+    from apb import backends
+    from apb.kernels import flash4
+
+    seen = {}
+
+    def fake_import(name, *args):
+        seen[name] = os.environ.get(flash4.KERNEL_CACHE_ENV)
+        raise ImportError("not here")
+
+    monkeypatch.delitem(sys.modules, "flash_attn.cute", raising=False)
+    monkeypatch.delenv(flash4.KERNEL_CACHE_ENV, raising=False)
+    monkeypatch.setattr(backends, "_FA4_IMPORTS", {})
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    assert backends._fa4_imports() is False
+    assert seen == {"flash_attn.cute.interface": "1"}
