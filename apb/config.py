@@ -46,9 +46,10 @@ class APBConfig:
     split: str = "equal"
     """How the context is cut into host blocks (`apb.plan`): "equal" gives every host n // H tokens, as
     in the paper; "balanced" sizes the blocks so that every host's predicted work is the same (later
-    hosts attend over more keys, so they get fewer tokens): 12-15% faster on 4 GPUs at 128K-256K, and on
-    our small-model eval within noise of the equal split but not shown to lose less than a point at 4 hosts
-    (benchmarks/RESULTS.md: speed and accuracy of both)."""
+    hosts attend over more keys, so they get fewer tokens): 7-9% faster than the equal split at 128K with
+    the shared anchor (4 and 8 simulated hosts on an H200). An earlier balanced split, further from equal
+    blocks, was within noise of the equal split on our small-model eval but not shown to lose less than a
+    point at 4 hosts; the current one is not evaluated yet (benchmarks/RESULTS.md: speed and accuracy)."""
 
     share_anchor: bool = True
     """Host 0 runs the anchor once and sends its K/V to the later hosts at every layer, instead of every

@@ -25,11 +25,12 @@ Splits (``APBConfig.split``):
   attention work per visible query-key pair) so that every host's predicted time is the same. The
   last host attends over the anchor and every earlier host's passing block, host 0 over its own block
   only, so with equal blocks the early hosts wait at every layer's all-gather; the balanced split gives
-  them more tokens instead. Measured on 4 H200s it cuts APB's prefill by 12-15% at 128K-256K; on SmolLM2
-  at 2K-8K it scored -0.3 +- 0.7 points against the equal split at 2 hosts and -1.1 +- 1.2 at 4 (95%
-  intervals; benchmarks/RESULTS.md), which does not rule out a point lost at 4 hosts, so sparse APB keeps
-  the equal split unless asked; exact mode (`APBConfig.exact`, no compression) is exact under any split
-  and uses the balanced one.
+  them more tokens instead. With the shared anchor it cuts APB's prefill by 7-9% at 128K (4 and 8 simulated
+  hosts on an H200; 12-15% on 4 real H200s before the shared anchor). An earlier balanced split, further
+  from equal blocks, scored -0.3 +- 0.7 points against the equal split on SmolLM2 at 2K-8K with 2 hosts and
+  -1.1 +- 1.2 with 4 (95% intervals; benchmarks/RESULTS.md), which does not rule out a point lost at 4
+  hosts, so sparse APB keeps the equal split unless asked; exact mode (`APBConfig.exact`, no compression)
+  is exact under any split and uses the balanced one.
 """
 
 from __future__ import annotations

@@ -279,8 +279,9 @@ def test_auto_backend_turns_the_kernel_cache_on_before_its_fa4_import(monkeypatc
     with backend="auto", and the cache stayed off): the variable is set before that import."""
     import importlib
 
-    from apb import backends
     from apb.kernels import flash4
+
+    from apb import backends
 
     seen = {}
 
