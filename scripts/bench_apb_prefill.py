@@ -94,7 +94,7 @@ def selector_run(apbm: APBModel, context, query, config: APBConfig, num_hosts: i
             {
                 "host": host,
                 "block": view.block[1] - view.block[0],
-                "anchor": view.num_anchor,
+                "anchor": view.num_anchor,  # rows this host runs (host 0 runs a shared anchor for all)
                 "passing": view.passing_count,
                 **{f"{name}_ms": ms.get(name, 0.0) for name in SELECTION_REGIONS},
                 "selection_ms": round(selection, 2),
@@ -112,7 +112,7 @@ def selectors_markdown(result: dict) -> str:
         f"{result['shape']} shape ({result['layers']} layers), {result['device']}, backend {result['backend']}, "
         f"heads hidden {result['head_hidden']}, {result['query']} query tokens in the anchor:",
         "",
-        "| selector | host | block | anchor | passing | score ms | top-k ms | gather ms | selection ms "
+        "| selector | host | block | anchor rows run | passing | score ms | top-k ms | gather ms | selection ms "
         "| host prefill ms | selection share |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
