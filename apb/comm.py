@@ -145,14 +145,14 @@ class DistributedComm(Communicator):
     def exchange_passing(self, layer_idx, host, k, v, counts):
         if host != self.rank:
             raise AssertionError(f"rank {self.rank} asked to act as host {host}")
-        max_count = max(counts)
-        packed = torch.stack([k, v])  # [2, batch, kv_heads, count, head_dim]
-        if packed.shape[3] < max_count:
-            pad = packed.new_zeros(*packed.shape[:3], max_count - packed.shape[3], packed.shape[4])
-            packed = torch.cat([packed, pad], dim=3)
-        gathered = [torch.empty_like(packed) for _ in range(self.num_hosts)]
-        dist.all_gather(gathered, packed.contiguous(), group=self.group)
-        return [(gathered[j][0, :, :, : counts[j]], gathered[j][1, :, :, : counts[j]]) for j in range(host)]
+        # K and V in one buffer padded to the largest block (one copy), gathered into one [hosts, ...] buffer
+        batch, kv_heads, count, head_dim = k.shape
+        packed = k.new_zeros(2, batch, kv_heads, max(counts), head_dim)
+        packed[0, :, :, :count], packed[1, :, :, :count] = k, v
+        gathered = packed.new_empty(self.num_hosts * 2, *packed.shape[1:])
+        dist.all_gather_into_tensor(gathered, packed, group=self.group)
+        gathered = gathered.view(self.num_hosts, *packed.shape)
+        return [(gathered[j, 0, :, :, : counts[j]], gathered[j, 1, :, :, : counts[j]]) for j in range(host)]
 
     def share_anchor(self, layer_idx, host, k, v):
         if host != self.rank:
