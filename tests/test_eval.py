@@ -250,6 +250,48 @@ def test_main_resumes_and_evaluates_extra_adapters(tiny, tmp_path):
         ev.main([*argv, "--adapter", "qa=x", "--num-samples", "1"])
 
 
+def test_results_keep_host_plans_and_refuse_to_mix_splits(tmp_path):
+    """A results file records every APB run's host plan; resuming or merging it after the split rules
+    changed (here: a file whose balanced plan differs) is refused instead of mixing samples of two splits."""
+    out = tmp_path / "r.json"
+    argv = [
+        "--tiny",
+        "--lengths",
+        "2048",
+        "--tasks",
+        "single_needle",
+        "--hosts",
+        "4",
+        "--methods",
+        "full",
+        "star",
+    ]
+    argv += ["apb-random", "--splits", "equal", "balanced", "--qa-adapter", "none", "--qagn-adapter", "none"]
+    argv += ["--markdown", str(tmp_path / "r.md")]
+    assert ev.main([*argv, "--num-samples", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    plans = result["host_plans"]
+    assert set(plans) == {"star H=4", "apb-random H=4", "apb-random/balanced H=4"}
+    equal, balanced = plans["apb-random H=4"]["2048"], plans["apb-random/balanced H=4"]["2048"]
+    assert sum(equal["blocks"]) == sum(balanced["blocks"]) == 2048 and equal["blocks"] == [512] * 4
+    assert (
+        balanced["split"] == "balanced"
+        and equal["shared_anchor"]
+        and not plans["star H=4"]["2048"]["shared_anchor"]
+    )
+    # the same rules: resuming works
+    assert ev.main([*argv, "--num-samples", "2", "--out", str(out), "--resume", str(out)]) == 0
+    # an earlier version's balanced split (other blocks): refused, for resume and for merge
+    old = json.loads(out.read_text())
+    old["host_plans"]["apb-random/balanced H=4"]["2048"]["blocks"] = [600, 500, 480, 468]
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="split rules changed"):
+        ev.main([*argv, "--num-samples", "3", "--out", str(tmp_path / "x.json"), "--resume", str(stale)])
+    with pytest.raises(ValueError, match="split rules changed"):
+        ev.main([*argv, "--merge", str(out), str(stale), "--out", str(tmp_path / "m.json")])
+
+
 def test_resume_with_a_subset_of_methods_keeps_the_others(tmp_path):
     out = tmp_path / "r.json"
     argv = ["--tiny", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "2", "--out", str(out)]

@@ -355,11 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         label(m, h): empty_raw(tasks, lengths) for m, h in keys if track and m != "full"
     }
     examples: list[dict[str, Any]] = []
+    host_plans = evaluator.host_plans(keys, lengths)
     num_rounds = max(i.index for i in items) + 1
     by_round = [[i for i in items if i.index == r] for r in range(num_rounds)]
     done_rounds = 0
     if args.resume and Path(args.resume).exists():
-        done_rounds = resume_from(args.resume, scores, seconds, tasks, lengths, hosts, divergences)
+        done_rounds = resume_from(
+            args.resume, scores, seconds, tasks, lengths, hosts, divergences, host_plans=host_plans
+        )
         print(f"resuming {args.resume}: {done_rounds} samples per cell already done", flush=True)
     setup_s = time.perf_counter() - started
     print(f"{len(items)} items, {len(keys)} method configs, setup {setup_s:.0f}s", flush=True)
@@ -399,7 +402,17 @@ def main(argv: list[str] | None = None) -> int:
         avg = ", ".join(f"{k} {v['average']:.1f}" for k, v in summary.items())
         print(f"round {r + 1}/{num_rounds} in {round_s:.1f}s (total {elapsed:.0f}s): {avg}", flush=True)
         write_results(
-            args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed, divergences
+            args,
+            scores,
+            seconds,
+            done_rounds,
+            tasks,
+            lengths,
+            hosts,
+            examples,
+            elapsed,
+            divergences,
+            host_plans,
         )
         if (
             args.time_budget is not None
@@ -415,7 +428,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(
-    args, scores, seconds, done_rounds, tasks, lengths, hosts, examples, elapsed, divergences=None
+    args,
+    scores,
+    seconds,
+    done_rounds,
+    tasks,
+    lengths,
+    hosts,
+    examples,
+    elapsed,
+    divergences=None,
+    host_plans=None,
 ) -> None:
     device = (
         "cuda: " + torch.cuda.get_device_name()
@@ -439,6 +462,7 @@ def write_results(
         "lengths": list(lengths),
         "hosts": list(hosts),
         "elapsed_s": round(elapsed, 1),
+        "host_plans": host_plans or {},
         "examples": examples,
         **derived_results(scores, seconds, lengths, hosts, divergences),
     }

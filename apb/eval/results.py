@@ -95,15 +95,29 @@ def resume_from(
     lengths: tuple[int, ...],
     hosts: tuple[int, ...],
     divergences: dict[str, dict[str, dict[int, list[float]]]] | None = None,
+    host_plans: dict[str, dict[str, Any]] | None = None,
 ) -> int:
     """Fill `scores` / `seconds` (and `divergences`, where the earlier run has them) with an earlier
     run's raw values; returns its samples per cell.
 
     This run may evaluate a subset of the earlier methods (say an adapter is no longer at hand): the
-    others keep their earlier samples, get no new ones, and are written out as they were."""
+    others keep their earlier samples, get no new ones, and are written out as they were.
+
+    `host_plans` (`Evaluator.host_plans`): this run's; a `ValueError` when a run both files hold was
+    planned otherwise in the earlier one (the split rules changed since: new samples would not pair with
+    the old ones). Files written before plans were recorded are not checked."""
     earlier = json.loads(Path(path).read_text())
     if "raw_scores" not in earlier:
         raise ValueError(f"{path} has no raw scores to resume from (written by an older evaluation)")
+    for key, by_length in (host_plans or {}).items():
+        before = earlier.get("host_plans", {}).get(key)
+        if before is not None and before != by_length:
+            n = next((n for n in by_length if before.get(n) != by_length[n]), next(iter(by_length)))
+            raise ValueError(
+                f"{path} ran {key} with other host plans (at {n} tokens: {before.get(n)}; now "
+                f"{by_length[n]}): the split rules changed since, so new samples would not pair with its "
+                "old ones; write to a new results file"
+            )
     same = (earlier["tasks"], earlier["lengths"], earlier["hosts"]) == (
         list(tasks),
         list(lengths),
@@ -362,6 +376,14 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
                 divergences.pop(key, None)
     if "full" in agree and agree["full"]["same"] != agree["full"]["of"]:
         raise ValueError(f"full attention differs between the runs ({agree['full']}): not the same items")
+    plans: dict[str, dict[str, Any]] = {}
+    for name, run in zip(names, results, strict=True):
+        for key, by_length in run.get("host_plans", {}).items():
+            if plans.setdefault(key, by_length) != by_length:
+                raise ValueError(
+                    f"{name} ran {key} with other host plans than an earlier file ({by_length} vs "
+                    f"{plans[key]}): the split rules changed between them; merge runs of one version"
+                )
     derived = derived_results(scores, seconds, lengths, hosts, divergences)
     return {
         "command": " && ".join(r["command"] for r in results),
@@ -376,6 +398,7 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
         "date": max(r["date"] for r in results),
         "samples_per_cell": max(derived["samples_per_method"].values()),
         "elapsed_s": round(sum(r["elapsed_s"] for r in results), 1),
+        "host_plans": plans,
         "examples": [e for r in results for e in r.get("examples", [])],
         **derived,
     }

@@ -140,6 +140,22 @@ class Evaluator:
             overrides["passing_len"] = max(1, (num_context // num_hosts) // spec.divisor)
         return APBConfig.for_length(num_context, num_hosts, **overrides)
 
+    def host_plans(self, keys: list[tuple[str, int]], lengths: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+        """Every APB run's host plan at each nominal length (`apb.HostPlan.describe`: blocks, anchor,
+        shared anchor, passing counts), by row name. A results file keeps them so that a resumed run can
+        tell when the split rules changed in between (its new samples would come from other splits)."""
+        from apb.eval.results import label
+
+        plans: dict[str, dict[str, Any]] = {}
+        for method, num_hosts in keys:
+            if method == "full" or num_hosts < 2:
+                continue
+            plans[label(method, num_hosts)] = {
+                str(n): self.apb.plan(n, 0, num_hosts, self.config(method, n, num_hosts)).describe()
+                for n in lengths
+            }
+        return plans
+
     def _use_heads(self, method: str) -> None:
         name = heads_name(method)
         if name:
