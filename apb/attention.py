@@ -177,12 +177,12 @@ class PrefillState:
         earlier: list[LayerKV] = []
         anchor_kv = None
         if self.shared_anchor:  # started now, waited for at the exchange: it travels during the selection
-            if self.host == 0:
-                sent = key[:, :, : self.shared_anchor], value[:, :, : self.shared_anchor]
-            else:
-                buffer = key.new_empty(*key.shape[:2], self.shared_anchor, key.shape[3])
-                sent = buffer, buffer
-            anchor_kv = self.comm.share_anchor(layer_idx, self.host, *sent)
+            a_len = self.shared_anchor
+            if self.host == 0:  # K and V of its first rows, one contiguous message
+                kv = torch.stack([key[:, :, :a_len], value[:, :, :a_len]])
+            else:  # where they arrive
+                kv = key.new_empty(2, *key.shape[:2], a_len, key.shape[3])
+            anchor_kv = self.comm.share_anchor(layer_idx, self.host, kv)
         marked = self.exchange_marks is not None or self.regions is not None
         if any(self.counts):
             count = self.counts[self.host]
@@ -223,9 +223,9 @@ class PrefillState:
             if any(self.counts):
                 earlier = self.comm.exchange_passing(layer_idx, self.host, k_pass, v_pass, self.counts)
             if anchor_kv is not None:
-                anchor_kv = anchor_kv()
+                received = anchor_kv()
                 if self.host > 0:  # in front of the block, where its own anchor rows' keys would be
-                    earlier.append(anchor_kv)
+                    earlier.append((received[0], received[1]))
             if marked:
                 end = self.clock()
                 if self.exchange_marks is not None:

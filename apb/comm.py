@@ -46,12 +46,11 @@ class Communicator:
         """
         raise NotImplementedError
 
-    def share_anchor(
-        self, layer_idx: int, host: int, k: torch.Tensor, v: torch.Tensor
-    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def share_anchor(self, layer_idx: int, host: int, kv: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Start sending host 0's anchor K/V of layer `layer_idx` to every host; call the result to wait
-        for them. k, v: [batch, kv_heads, anchor_len, head_dim]: host 0's anchor K/V, on the other hosts
-        tensors of the same shape, dtype and device to receive into. Every host calls it at every layer."""
+        for them ([2, batch, kv_heads, anchor_len, head_dim], K then V). `kv`: on host 0 the anchor's K and
+        V stacked so, on the other hosts a buffer of that shape to receive into. Every host calls it at
+        every layer."""
         raise NotImplementedError
 
     def gather_partials(
@@ -94,7 +93,7 @@ class SimulatedComm(Communicator):
         self.num_hosts = num_hosts
         self.hosts = list(range(num_hosts))
         self._blocks: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._anchors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._anchors: dict[int, torch.Tensor] = {}
 
     def exchange_passing(self, layer_idx, host, k, v, counts):
         if k.shape[2] != counts[host]:
@@ -109,16 +108,16 @@ class SimulatedComm(Communicator):
             self._blocks.pop(layer_idx, None)  # the last reader is done with this layer
         return earlier
 
-    def share_anchor(self, layer_idx, host, k, v):
-        if host == 0:  # a copy: a view would keep host 0's whole K/V of the layer alive
-            self._anchors[layer_idx] = (k.contiguous(), v.contiguous())
-            return lambda: (k, v)
+    def share_anchor(self, layer_idx, host, kv):
+        if host == 0:
+            self._anchors[layer_idx] = kv
+            return lambda: kv
         anchor = self._anchors[layer_idx]
         if host == self.num_hosts - 1:
             del self._anchors[layer_idx]  # the last reader is done with this layer
-        if anchor[0].shape != k.shape:
+        if anchor.shape != kv.shape:
             raise AssertionError(
-                f"host {host} expects an anchor of {tuple(k.shape)}, got {tuple(anchor[0].shape)}"
+                f"host {host} expects an anchor of {tuple(kv.shape)}, got {tuple(anchor.shape)}"
             )
         return lambda: anchor
 
@@ -154,16 +153,14 @@ class DistributedComm(Communicator):
         gathered = gathered.view(self.num_hosts, *packed.shape)
         return [(gathered[j, 0, :, :, : counts[j]], gathered[j, 1, :, :, : counts[j]]) for j in range(host)]
 
-    def share_anchor(self, layer_idx, host, k, v):
+    def share_anchor(self, layer_idx, host, kv):
         if host != self.rank:
             raise AssertionError(f"rank {self.rank} asked to act as host {host}")
-        # K and V in one message; the receivers' buffer is filled in place
-        packed = torch.stack([k, v]) if host == 0 else k.new_empty(2, *k.shape)
-        work = dist.broadcast(packed, src=self._global_rank(0), group=self.group, async_op=True)
+        work = dist.broadcast(kv, src=self._global_rank(0), group=self.group, async_op=True)  # in place
 
-        def wait() -> tuple[torch.Tensor, torch.Tensor]:
+        def wait() -> torch.Tensor:
             work.wait()
-            return packed[0], packed[1]
+            return kv
 
         return wait
 
