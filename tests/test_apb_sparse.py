@@ -354,6 +354,8 @@ def test_config_rejects_bad_values():
         APBConfig(pool_kernel=0)
     with pytest.raises(ValueError, match="query_in_anchor"):
         APBConfig(query_in_anchor=True)
+    with pytest.raises(ValueError, match="share_anchor must be True or False"):
+        APBConfig(share_anchor="yes")
 
 
 def test_bad_input_errors():
