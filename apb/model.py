@@ -601,7 +601,7 @@ class APBModel(nn.Module):
                 backend=backend,
                 selector=selector if selects else None,
                 anchor_visible=view.anchor_visible,
-                shared_anchor=plan.anchor_len if plan.shares_anchor else 0,
+                shared_anchor=plan.shared_anchor_len,
                 question_rows=plan.question_rows,
                 block_start=view.block[0],
                 heads=self.heads if use_heads else None,

@@ -80,11 +80,6 @@ class HostView:
         """Tokens this host runs through the decoder: anchor rows + block."""
         return self.num_anchor + self.block_len
 
-    @property
-    def anchor_keys_seen(self) -> int:
-        """Anchor keys the block attends to: its own anchor rows' or those received from host 0."""
-        return self.received_anchor + (self.num_anchor if self.anchor_visible else 0)
-
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """[num_anchor + block_len]: anchor 0..num_anchor-1, then the block's true positions."""
         block = torch.arange(self.block[0], self.block[1], device=device)
@@ -256,6 +251,11 @@ class HostPlan:
     def num_excluded(self) -> list[int]:
         return [v.num_excluded for v in self.hosts]
 
+    @property
+    def shared_anchor_len(self) -> int:
+        """Anchor tokens host 0 sends to the others at every layer (0 when every host runs its own)."""
+        return self.anchor_len if self.shares_anchor else 0
+
     def num_passing_keys(self, host: int) -> int:
         """Passing keys host `host` attends to (the sum of the earlier hosts' counts)."""
         return sum(self.hosts[j].passing_count for j in self.hosts[host].reads)
@@ -281,12 +281,11 @@ class HostPlan:
 
     def predicted_costs(self, cost: CostModel) -> list[float]:
         """Every host's `CostModel.host_cost` under this plan."""
-        return [
-            cost.host_cost(
-                v.num_anchor, v.block_len, self.num_passing_keys(v.host) + v.received_anchor, v.anchor_visible
-            )
-            for v in self.hosts
-        ]
+        costs = []
+        for view in self.hosts:
+            keys_before, rows, block = self.attention_shape(view.host)
+            costs.append(cost.host_cost(rows, block, keys_before, view.anchor_visible))
+        return costs
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary (block sizes, anchor, passing counts) for logs and benchmark records."""

@@ -322,8 +322,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| busy ms per rank | busy / FLOP bound | wait ms per rank | wait share (max) | simulated total ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = METHOD_ORDER
-    for r in sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9))):
+    for r in sorted(results["runs"], key=lambda r: (r["length"], METHOD_ORDER.get(r["method"], 9))):
         ctx = context_label(r["length"])
         if r.get("status") != "ok":
             lines.append(f"| {r['method']} | {ctx} | {r['status']} |" + " |" * 9)

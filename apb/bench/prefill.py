@@ -105,9 +105,9 @@ anchor for everyone), APB with the balanced split, APB as published (equal split
 own anchor: `share_anchor=False`), exact APB (every earlier token passed, balanced split: what all-gather
 context parallelism computes) and Star."""
 SPEEDUP_METHODS = ("apb", "apb-balanced", "apb-paper")
+"""The APB methods whose speedup over Star (and exact) the tables report."""
 METHOD_ORDER = {"full": 0, "star": 1, "exact": 2, "apb-paper": 3, "apb": 4, "apb-balanced": 5}
 """Row order of the tables."""
-"""The APB methods whose speedup over Star (and exact) the tables report."""
 
 CATEGORIES = ("qkv", "heads", "comm", "attention", "passing_concat", "o_proj", "ffn", "other")
 """Per-block breakdown columns: q/k/v projections; retaining heads (score MLP + pool/top-k); the modelled
@@ -547,7 +547,7 @@ class Bench:
             num_layers=self.num_layers,
             num_hosts=plan.num_hosts,
             max_passing=max(plan.counts),
-            shared_anchor=plan.anchor_len if plan.shares_anchor else 0,
+            shared_anchor=plan.shared_anchor_len,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
             bytes_per_element=self.bytes_per_element,
@@ -962,8 +962,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| tokens/s | speedup vs full | same, without query pass | APB / Star | peak GiB per host (est.) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = METHOD_ORDER
-    runs = sorted(results["runs"], key=lambda r: (r["length"], order.get(r["method"], 9), r["hosts"]))
+    runs = sorted(results["runs"], key=lambda r: (r["length"], METHOD_ORDER.get(r["method"], 9), r["hosts"]))
     for r in runs:
         ctx = context_label(r["length"])
         if r.get("status") != "ok":

@@ -109,15 +109,7 @@ def resume_from(
     earlier = json.loads(Path(path).read_text())
     if "raw_scores" not in earlier:
         raise ValueError(f"{path} has no raw scores to resume from (written by an older evaluation)")
-    for key, by_length in (host_plans or {}).items():
-        before = earlier.get("host_plans", {}).get(key)
-        if before is not None and before != by_length:
-            n = next((n for n in by_length if before.get(n) != by_length[n]), next(iter(by_length)))
-            raise ValueError(
-                f"{path} ran {key} with other host plans (at {n} tokens: {before.get(n)}; now "
-                f"{by_length[n]}): the split rules changed since, so new samples would not pair with its "
-                "old ones; write to a new results file"
-            )
+    check_same_plans(earlier.get("host_plans", {}), host_plans or {}, path, "write to a new results file")
     same = (earlier["tasks"], earlier["lengths"], earlier["hosts"]) == (
         list(tasks),
         list(lengths),
@@ -135,6 +127,21 @@ def resume_from(
     if divergences is not None:
         extend_raw(divergences, earlier.get("raw_divergence", {}), tasks, lengths)
     return int(earlier["samples_per_cell"])
+
+
+def check_same_plans(
+    earlier: dict[str, dict[str, Any]], plans: dict[str, dict[str, Any]], where: str, advice: str
+) -> None:
+    """`ValueError` when a run that both `earlier` and `plans` (row name -> length -> `HostPlan.describe`)
+    hold was planned otherwise: the split rules changed in between, so their samples would not pair."""
+    for key, by_length in plans.items():
+        before = earlier.get(key)
+        if before is not None and before != by_length:
+            n = next((n for n in by_length if before.get(n) != by_length[n]), next(iter(by_length)))
+            raise ValueError(
+                f"{where} ran {key} with other host plans (at {n} tokens: {before.get(n)} against "
+                f"{by_length[n]}): the split rules changed in between, so their samples would not pair; {advice}"
+            )
 
 
 def empty_raw(tasks: tuple[str, ...], lengths: tuple[int, ...]) -> dict[str, dict[int, list[float]]]:
@@ -378,12 +385,8 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
         raise ValueError(f"full attention differs between the runs ({agree['full']}): not the same items")
     plans: dict[str, dict[str, Any]] = {}
     for name, run in zip(names, results, strict=True):
-        for key, by_length in run.get("host_plans", {}).items():
-            if plans.setdefault(key, by_length) != by_length:
-                raise ValueError(
-                    f"{name} ran {key} with other host plans than an earlier file ({by_length} vs "
-                    f"{plans[key]}): the split rules changed between them; merge runs of one version"
-                )
+        check_same_plans(plans, run.get("host_plans", {}), name, "merge runs of one version")
+        plans.update(run.get("host_plans", {}))
     derived = derived_results(scores, seconds, lengths, hosts, divergences)
     return {
         "command": " && ".join(r["command"] for r in results),
