@@ -148,9 +148,7 @@ class DistributedComm(Communicator):
         batch, kv_heads, count, head_dim = k.shape
         packed = k.new_zeros(2, batch, kv_heads, max(counts), head_dim)
         packed[0, :, :, :count], packed[1, :, :, :count] = k, v
-        gathered = packed.new_empty(self.num_hosts * 2, *packed.shape[1:])
-        dist.all_gather_into_tensor(gathered, packed, group=self.group)
-        gathered = gathered.view(self.num_hosts, *packed.shape)
+        gathered = self._all_gather_stacked(packed)
         return [(gathered[j, 0, :, :, : counts[j]], gathered[j, 1, :, :, : counts[j]]) for j in range(host)]
 
     def share_anchor(self, layer_idx, host, kv):
@@ -168,16 +166,20 @@ class DistributedComm(Communicator):
         (out,), (lse,) = outs, lses
         # one collective: every rank's output and lse side by side, fp32, in one [hosts, ...] buffer
         packed = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)
-        # ranks concatenated along the batch axis (the layout every backend takes, gloo included)
-        gathered = packed.new_empty(self.num_hosts * packed.shape[0], *packed.shape[1:])
-        dist.all_gather_into_tensor(gathered, packed, group=self.group)
-        gathered = gathered.view(self.num_hosts, *packed.shape)
+        gathered = self._all_gather_stacked(packed)
         return gathered[..., :-1], gathered[..., -1]
 
     def broadcast_from_last(self, tensor):
         tensor = tensor.contiguous()
         dist.broadcast(tensor, src=self._global_rank(self.num_hosts - 1), group=self.group)
         return tensor
+
+    def _all_gather_stacked(self, packed: torch.Tensor) -> torch.Tensor:
+        """Every rank's `packed` in one collective: [hosts, *packed.shape], in rank order."""
+        # ranks concatenated along the first axis (the layout every backend takes, gloo included)
+        gathered = packed.new_empty(self.num_hosts * packed.shape[0], *packed.shape[1:])
+        dist.all_gather_into_tensor(gathered, packed.contiguous(), group=self.group)
+        return gathered.view(self.num_hosts, *packed.shape)
 
     def _global_rank(self, host: int) -> int:
         return dist.get_global_rank(self.group, host) if self.group is not None else host
