@@ -43,13 +43,13 @@ class APBConfig:
     """What scores a host's block to choose its passing block (`apb.selectors`): "heads" (the adapter's
     retaining heads), "query_attention" (training-free: the attention the question in the anchor gives
     each key; needs query_in_anchor), "random" (a control), "oracle" (evaluation only)."""
-    split: str = "equal"
-    """How the context is cut into host blocks (`apb.plan`): "equal" gives every host n // H tokens, as
-    in the paper; "balanced" sizes the blocks so that every host's predicted work is the same (later
-    hosts attend over more keys, so they get fewer tokens): 7-9% faster than the equal split at 128K with
-    the shared anchor (4 and 8 simulated hosts on an H200). An earlier balanced split, further from equal
-    blocks, was within noise of the equal split on our small-model eval but not shown to lose less than a
-    point at 4 hosts; the current one is not evaluated yet (benchmarks/RESULTS.md: speed and accuracy)."""
+    split: str = "balanced"
+    """How the context is cut into host blocks (`apb.plan`): "balanced" (the default) sizes the blocks so
+    that every host's predicted work is the same (later hosts attend over more keys, so they get fewer
+    tokens): 7-9% faster than the equal split at 128K with the shared anchor (4 and 8 simulated hosts on an
+    H200), and on our small-model eval +0.5 +- 0.6 points (2 hosts) and +0.3 +- 0.7 (4 hosts) against the
+    equal split on the same items (benchmarks/RESULTS.md: speed and accuracy). "equal" gives every host
+    n // H tokens, as in the paper."""
 
     share_anchor: bool = True
     """Host 0 runs the anchor once and sends its K/V to the later hosts at every layer, instead of every
@@ -104,8 +104,8 @@ class APBConfig:
     @classmethod
     def exact(cls, **overrides) -> APBConfig:
         """No anchor, pass everything: APB == causal attention (the exactness oracle). This is what
-        all-gather context parallelism computes; exact under any split, so the balanced one."""
-        kwargs = {"anchor_len": 0, "passing_len": None, "query_in_anchor": False, "split": "balanced"}
+        all-gather context parallelism computes; exact under any split."""
+        kwargs = {"anchor_len": 0, "passing_len": None, "query_in_anchor": False}
         return cls(**{**kwargs, **overrides})
 
     @classmethod

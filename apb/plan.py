@@ -20,17 +20,16 @@ of H - 1 times.
 
 Splits (``APBConfig.split``):
 
-- ``"equal"``: n // H tokens a host, the paper's split (the default for sparse APB).
-- ``"balanced"``: block sizes from a cost model (:class:`CostModel`: linear work per token plus
-  attention work per visible query-key pair) so that every host's predicted time is the same. The
+- ``"balanced"`` (the default): block sizes from a cost model (:class:`CostModel`: linear work per token
+  plus attention work per visible query-key pair) so that every host's predicted time is the same. The
   last host attends over the anchor and every earlier host's passing block, host 0 over its own block
   only, so with equal blocks the early hosts wait at every layer's all-gather; the balanced split gives
   them more tokens instead. With the shared anchor it cuts APB's prefill by 7-9% at 128K (4 and 8 simulated
-  hosts on an H200; 12-15% on 4 real H200s before the shared anchor). An earlier balanced split, further
-  from equal blocks, scored -0.3 +- 0.7 points against the equal split on SmolLM2 at 2K-8K with 2 hosts and
-  -1.1 +- 1.2 with 4 (95% intervals; benchmarks/RESULTS.md), which does not rule out a point lost at 4
-  hosts, so sparse APB keeps the equal split unless asked; exact mode (`APBConfig.exact`, no compression)
-  is exact under any split and uses the balanced one.
+  hosts on an H200). On SmolLM2 at 2K-8K it scored +0.5 +- 0.6 points against the equal split with 2 hosts
+  and +0.3 +- 0.7 with 4 (paired on the same items, 95% intervals; benchmarks/RESULTS.md).
+- ``"equal"``: n // H tokens a host, the paper's split.
+
+Exact mode (`APBConfig.exact`, no compression) is exact under any split.
 """
 
 from __future__ import annotations

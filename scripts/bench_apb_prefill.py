@@ -10,7 +10,8 @@ and writes per-host context-prefill times, the query pass, and peak GPU memory. 
 unmodified model's single forward over context + query (sdpa) for scale, and Star / exact modes.
 
 ``--selectors``: the passing-block selectors' cost instead (`apb.selectors`). For each selector, one APB
-prefill at the paper's sizes for the length and host count (`APBConfig.for_length`) with
+prefill at the paper's sizes and equal split for the length and host count (`APBConfig.for_length`; the
+same blocks for every selector, which the balanced split would size apart) with
 ``APBModel.recording(regions=True)``: per host, the selector's scoring (``score``), pooling and top-k
 (``top_k``) and gathering the passed K/V (``gather``), summed over the layers, next to the host's whole
 context prefill. The training-free ``query_attention`` also runs host 0's anchor as a probe (host 0 has
@@ -144,11 +145,12 @@ def run_selectors(args, apbm: APBModel, context, query, name: str) -> dict:
     # 1/8 of the length, but with room for the query in the anchor (block/4 >= query_offset + query)
     warm_tokens = min(args.tokens, max(args.tokens // 8, 4 * num_hosts * (32 + args.query)))
     for selector in args.selectors:
-        warm = APBConfig.for_length(warm_tokens, num_hosts, backend=args.backend, selector=selector)
+        same = {"backend": args.backend, "selector": selector, "split": "equal"}
+        warm = APBConfig.for_length(warm_tokens, num_hosts, **same)
         _, warm_s = timed(
             lambda w=warm: apbm.prefill(context[:, :warm_tokens], query, config=w, num_hosts=num_hosts)
         )
-        config = APBConfig.for_length(args.tokens, num_hosts, backend=args.backend, selector=selector)
+        config = APBConfig.for_length(args.tokens, num_hosts, **same)
         run = selector_run(apbm, context, query, config, num_hosts, args.device)
         run["warmup_s"] = round(warm_s, 1)
         result["runs"].append(run)

@@ -194,7 +194,10 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
     )
     # the anchor computed once on rank 0 and broadcast, or by every rank itself: the same attention
     anchor_len = min(per_rank, max(per_rank // 4, q + 2 + 4))  # the query and a few context tokens
-    anchored = dict(anchor_len=anchor_len, passing_len=None, query_in_anchor=True, query_offset=2)
+    # one split for both (the balanced split sizes the blocks differently when every host runs its own anchor)
+    anchored = dict(
+        anchor_len=anchor_len, passing_len=None, query_in_anchor=True, query_offset=2, split="equal"
+    )
     shared = apbm.prefill(context, query, config=APBConfig(**anchored)).float()
     shared_plan = apbm.last_plan
     own = apbm.prefill(context, query, config=APBConfig(**anchored, share_anchor=False)).float()

@@ -8,6 +8,7 @@ come from BLAS threading), token ids exactly, and every rank must hold the same 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from datetime import timedelta
@@ -91,12 +92,13 @@ def _scenarios(num_hosts: int | None) -> dict[str, torch.Tensor]:
     model = tiny_model("qwen3")
     torch.manual_seed(5)
     qwen = APBModel(model, build_heads(model, hidden_size=16))
-    sparse = APBConfig(anchor_len=8, passing_len=3, query_in_anchor=True, query_offset=2)
+    # host 0 sends the anchor (shared, the default) or every host runs its own: the same logits under one
+    # split (the balanced split sizes the blocks differently for the two, as their work differs)
+    sparse = APBConfig(anchor_len=8, passing_len=3, query_in_anchor=True, query_offset=2, split="equal")
     out["sparse_logits"] = qwen.prefill(context, query, config=sparse, num_hosts=num_hosts)
-    # host 0 sends the anchor (shared, the default) or every host runs its own: the same logits
-    own = APBConfig(anchor_len=8, passing_len=3, query_in_anchor=True, query_offset=2, share_anchor=False)
+    own = dataclasses.replace(sparse, share_anchor=False)
     out["own_anchor_logits"] = qwen.prefill(context, query, config=own, num_hosts=num_hosts)
-    no_splice = APBConfig(anchor_len=8, passing_len=3)  # host 0's first block tokens are the anchor
+    no_splice = APBConfig(anchor_len=8, passing_len=3)  # host 0's first block tokens are the anchor; balanced
     out["block_anchor_logits"] = qwen.prefill(context, query, config=no_splice, num_hosts=num_hosts)
     out["star_logits"] = qwen.prefill(
         context, query, config=APBConfig.star(37, NUM_HOSTS), num_hosts=num_hosts

@@ -216,7 +216,8 @@ def test_shared_anchor_gives_what_every_host_running_its_own_gives(
 ):
     """Host 0 computing the anchor for everyone (share_anchor) and every host computing its own: the same
     passing blocks chosen by the (random) heads at every layer, the same logits, the same generation;
-    lengths the host count does not divide."""
+    lengths the host count does not divide. One split for both: the balanced split gives them different
+    blocks (a host running its own anchor has more work)."""
     model = tiny_model("qwen2")
     torch.manual_seed(2)
     apbm = APBModel(model, build_heads(model, hidden_size=16))
@@ -226,6 +227,7 @@ def test_shared_anchor_gives_what_every_host_running_its_own_gives(
         "passing_len": passing_len,
         "query_in_anchor": query_in_anchor,
         "query_offset": 2,
+        "split": "equal",
     }
     results = {}
     for share in (True, False):

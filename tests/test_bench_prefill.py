@@ -173,13 +173,13 @@ def test_flop_bound_is_linear_work_at_the_matmul_rate_plus_attention_at_the_atte
 
     # every host runs its own anchor. Host 0: no anchor, 100 causal rows; host 1: anchor 10 (causal) + 100
     # rows over 5 + 10 + causal 100
-    config = APBConfig(anchor_len=10, passing_len=5, query_in_anchor=False, share_anchor=False)
-    plan = HostPlan(config, 200, 0, 2)
+    equal = {"anchor_len": 10, "passing_len": 5, "query_in_anchor": False, "split": "equal"}
+    plan = HostPlan(APBConfig(**equal, share_anchor=False), 200, 0, 2)
     pairs = [100 * 101 / 2, 10 * 11 / 2 + 100 * (5 + 10) + 100 * 101 / 2]
     assert [v.num_anchor for v in plan.hosts] == [0, 10] and plan.num_passing_keys(1) == 5
     assert flop_bound_ms(plan, cost, rates) == pytest.approx(expected([100, 110], pairs))
     # the anchor shared by host 0 (its first 10 tokens): host 1 runs no anchor rows, still sees the keys
-    plan = HostPlan(APBConfig(anchor_len=10, passing_len=5, query_in_anchor=False), 200, 0, 2)
+    plan = HostPlan(APBConfig(**equal), 200, 0, 2)
     pairs = [100 * 101 / 2, 100 * (5 + 10) + 100 * 101 / 2]
     assert flop_bound_ms(plan, cost, rates) == pytest.approx(expected([100, 100], pairs))
 
@@ -192,12 +192,12 @@ def test_tiny_run_end_to_end(tmp_path):
     results = bench.main([*argv, "--plot", str(png)])
     saved = json.loads(out.read_text())
     runs = {(r["method"], r["hosts"]): r for r in saved["runs"]}
-    assert set(runs) == {("full", 1), ("star", 2), ("apb", 2)}
+    assert set(runs) == {("full", 1), ("star", 2), ("apb", 2), ("apb-balanced", 2)}
     assert all(r["status"] == "ok" and r["finite"] for r in runs.values())
     full = runs[("full", 1)]
     assert full["full_attention"] == "sdpa, CPU" and full["full_kernel"] is None
     assert "on the first of fa4, cudnn, flash, efficient" in saved["meta"]["full_attention"]
-    for key in (("star", 2), ("apb", 2)):
+    for key in (("star", 2), ("apb", 2), ("apb-balanced", 2)):
         run = runs[key]
         assert run["total_ms"] == pytest.approx(run["compute_ms"] + run["comm_ms"] + run["query_ms"])
         assert run["compute_ms"] == max(run["host_ms"])
@@ -218,7 +218,7 @@ def test_tiny_run_end_to_end(tmp_path):
     )
     assert saved["backend"] == "reference"
     # breakdown: APB, Star and full; categories add up to the host's time (+ the modelled comm)
-    assert {b["method"] for b in saved["breakdown"]} == {"apb", "star", "full"}
+    assert {b["method"] for b in saved["breakdown"]} == {"apb", "apb-balanced", "star", "full"}
     for entry in saved["breakdown"]:
         for host in entry["per_host"]:
             cats = host["ms"]

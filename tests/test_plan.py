@@ -139,6 +139,7 @@ def test_shared_anchor_plan(query_in_anchor):
     its block; without, its first block tokens are the anchor and cost it nothing."""
     cost = CostModel(flops_per_token=1.0, flops_per_pair=1.0)
     base = {"anchor_len": 6, "passing_len": 4, "query_in_anchor": query_in_anchor, "query_offset": 2}
+    base["split"] = "equal"
     shared = HostPlan(APBConfig(**base), 101, 3, 4)
     own = HostPlan(APBConfig(**base, share_anchor=False), 101, 3, 4)
     assert shared.shares_anchor and not own.shares_anchor
@@ -160,7 +161,7 @@ def test_shared_anchor_plan(query_in_anchor):
     anchor_rows = 6 + 6 * 7 / 2  # six tokens and their causal pairs
     assert moved == pytest.approx(anchor_rows * (2 if query_in_anchor else 3))
     # the balanced split still evens the predicted work
-    balanced = HostPlan(APBConfig(**base, split="balanced"), 10_000, 3, 4, cost=cost)
+    balanced = HostPlan(APBConfig(**{**base, "split": "balanced"}), 10_000, 3, 4, cost=cost)
     assert _spread(balanced.predicted_costs(cost)) < 1.01
     # the query_attention selector reads the question on every host: no sharing there
     qattn = HostPlan(APBConfig(**{**base, "query_in_anchor": True}, selector="query_attention"), 101, 3, 4)
@@ -239,9 +240,9 @@ def test_load_defaults_to_the_layout_the_heads_were_trained_for(tmp_path):
 
     model = tiny_model("llama")
     heads = build_heads(model, hidden_size=8)
-    trained = APBConfig(anchor_len=64, query_in_anchor=False, query_offset=3, pool_kernel=3, split="balanced")
+    trained = APBConfig(anchor_len=64, query_in_anchor=False, query_offset=3, pool_kernel=3, split="equal")
     save_adapter(heads, tmp_path / "a", apb_defaults=trained.to_dict())
-    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["apb"]["split"] == "balanced"
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["apb"]["split"] == "equal"
     apbm = apb.load(model, tmp_path / "a")
     config = apbm.default_config(4096, 4)
     expected = APBConfig.for_length(4096, 4)  # sizes follow the length
@@ -250,8 +251,12 @@ def test_load_defaults_to_the_layout_the_heads_were_trained_for(tmp_path):
         False,
         3,
         3,
-        "balanced",
+        "equal",
     )
     plan = apbm.plan(4096, 5, num_hosts=4)
-    assert plan.config == config and plan.blocks[0][1] > 1024  # balanced: host 0 holds more
-    assert APBConfig.for_length(4096, 4).split == "equal" and APBConfig.exact().split == "balanced"
+    assert plan.config == config and plan.blocks == [(0, 1024), (1024, 2048), (2048, 3072), (3072, 4096)]
+    # the library's default split is the balanced one: an adapter that records none gets it
+    assert APBConfig.for_length(4096, 4).split == "balanced" and APBConfig.exact().split == "balanced"
+    save_adapter(heads, tmp_path / "b", apb_defaults={"anchor_len": 64, "query_in_anchor": False})
+    balanced = apb.load(model, tmp_path / "b").plan(4096, 5, num_hosts=4)
+    assert balanced.config.split == "balanced" and balanced.blocks[0][1] > 1024  # host 0 holds more

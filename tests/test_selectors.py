@@ -86,7 +86,7 @@ def test_query_attention_passing_everything_is_exact_and_the_probe_anchor_change
     model = tiny_model("qwen2")
     apbm = APBModel(model)
     context, query = _ids(4, 90), _ids(5, 3)
-    base = {"anchor_len": 10, "query_in_anchor": True, "query_offset": 2}
+    base = {"anchor_len": 10, "query_in_anchor": True, "query_offset": 2, "split": "equal"}
     selected = APBConfig(**base, passing_len=1000, selector="query_attention")
     everything = APBConfig(**base, passing_len=None, share_anchor=False)
     a = apbm.prefill(context, query, config=selected, num_hosts=3)

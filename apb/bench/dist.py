@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 DIST_METHODS = ["full", "star", "exact", "apb-paper", "apb", "apb-balanced"]
 """Default methods: full attention on one GPU, Star, exact APB (all-gather context parallelism), APB as
 published (equal split, every host running its own anchor), APB with the equal split and the shared
-anchor (the default), APB with the balanced split."""
+anchor, APB with the balanced split and the shared anchor (the library's default)."""
 
 
 class DistBench:

@@ -100,10 +100,10 @@ from apb.model import PrefillRecord
 logger = logging.getLogger(__name__)
 
 APB_METHODS = ("apb", "apb-balanced", "apb-paper", "exact", "star")
-"""Methods run through `APBModel.prefill`: APB (the paper's equal split, the default; host 0 computes the
-anchor for everyone), APB with the balanced split, APB as published (equal split, every host running its
-own anchor: `share_anchor=False`), exact APB (every earlier token passed, balanced split: what all-gather
-context parallelism computes) and Star."""
+"""Methods run through `APBModel.prefill`: APB with the paper's equal split (host 0 computes the anchor for
+everyone), APB with the balanced split (the library's default), APB as published (equal split, every host
+running its own anchor: `share_anchor=False`), exact APB (every earlier token passed, balanced split: what
+all-gather context parallelism computes) and Star."""
 SPEEDUP_METHODS = ("apb", "apb-balanced", "apb-paper")
 """The APB methods whose speedup over Star (and exact) the tables report."""
 METHOD_ORDER = {"full": 0, "star": 1, "exact": 2, "apb-paper": 3, "apb": 4, "apb-balanced": 5}
@@ -129,7 +129,7 @@ class BenchConfig:
     """Measured first (with the most hosts and the breakdown); the largest length if not in `lengths`."""
     query_len: int = 64
     """Query tokens after the context."""
-    methods: list[str] = dataclasses.field(default_factory=lambda: ["full", "star", "apb"])
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["full", "star", "apb", "apb-balanced"])
     """Which methods to time."""
     backends: list[str] = dataclasses.field(default_factory=lambda: ["flash", "triton", "flex"])
     """APB/Star attention backends to compare; the fastest at the primary length's last-host shapes is used."""
@@ -449,8 +449,8 @@ class Bench:
         if method == "apb-balanced":
             return APBConfig.for_length(length, hosts, backend=backend, split="balanced")
         if method == "apb-paper":
-            return APBConfig.for_length(length, hosts, backend=backend, share_anchor=False)
-        return APBConfig.for_length(length, hosts, backend=backend)
+            return APBConfig.for_length(length, hosts, backend=backend, split="equal", share_anchor=False)
+        return APBConfig.for_length(length, hosts, backend=backend, split="equal")
 
     def host_plan(self, length: int, hosts: int, config):
         """The `HostPlan` `APBModel.prefill` runs for this setting."""
@@ -1081,7 +1081,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     }
     names = {
         "star": "Star",
-        "apb": "APB",
+        "apb": "APB (equal split)",
         "apb-balanced": "APB (balanced split)",
         "apb-paper": "APB (every host its own anchor)",
         "exact": "exact APB",

@@ -19,7 +19,8 @@ TRAINING_FREE = {"apb-qattn": "query_attention"}
 
 BALANCED_SUFFIX = "/balanced"
 """Added to an APB method run with the balanced split of the context into host blocks (``--splits
-balanced``); APB methods without it run the paper's equal split, the default (`APBConfig.split`)."""
+balanced``); APB methods without it run the paper's equal split (the library's default is the balanced
+one, `APBConfig.split`; the eval keeps the paper's split unless asked, so its rows compare with the paper)."""
 
 BUDGET_MARK = "@block/"
 """``apb-X@block/N``: APB with passing_len = block / N (``--budgets``); APB methods without it pass the
