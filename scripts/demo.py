@@ -81,6 +81,25 @@ class DemoResult:
     measured_apb_seconds: float | None = None
     """With one process per host: APB's measured time from the start to the first answer token's logits,
     the slowest process (hosts at once, communication included)."""
+    plan: Any = None
+    """The `apb.HostPlan` APB ran (blocks, anchor, passing counts)."""
+
+    def plan_line(self) -> str:
+        """One line on how APB cut and compressed the context."""
+        plan = self.plan
+        if plan is None:
+            return ""
+        config = plan.config
+        blocks = " / ".join(str(v.block_len) for v in plan.hosts)
+        line = f"blocks {blocks} tokens ({config.split} split)"
+        if config.is_exact:
+            return line + ", no anchor, every earlier token passed (exact attention)"
+        spliced = " (question spliced in)" if config.query_in_anchor else ""
+        passing = max(plan.counts, default=0)
+        return (
+            line
+            + f", anchor {plan.anchor_len}{spliced}, passing {passing} tokens per KV head chosen by the heads"
+        )
 
     @property
     def parallel_estimate_seconds(self) -> float:
@@ -255,10 +274,11 @@ def run_demo(
         apb_ids=apb_ids,
         num_processes=num_hosts if distributed else 1,
         measured_apb_seconds=measured,
+        plan=record.plan,
     )
 
 
-def report(result: DemoResult, num_hosts: int, config_line: str) -> str:
+def report(result: DemoResult, num_hosts: int) -> str:
     def verdict(answer: str) -> str:
         return "right" if result.expected in answer else "wrong"
 
@@ -270,7 +290,7 @@ def report(result: DemoResult, num_hosts: int, config_line: str) -> str:
         "",
         f"full attention : {result.full_answer!r:40} {verdict(result.full_answer)}",
         f"APB, {num_hosts} hosts   : {result.apb_answer!r:40} {verdict(result.apb_answer)}",
-        f"  {config_line}",
+        f"  {result.plan_line()}",
         "",
         "prefill on this machine (text + question, up to the first answer token; no decoding):",
         f"  full attention, one forward       : {result.full_prefill_seconds:6.1f}s",
@@ -368,7 +388,7 @@ def _run(args: argparse.Namespace, num_hosts: int, device: Any) -> int:
     import torch
     import torch.distributed as dist
 
-    from apb import APBConfig, build_heads, load_heads
+    from apb import build_heads, load_heads
     from apb.eval import assets
 
     distributed = dist.is_initialized()
@@ -415,13 +435,8 @@ def _run(args: argparse.Namespace, num_hosts: int, device: Any) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=say,
     )
-    config = APBConfig.for_length(result.num_context_tokens, num_hosts)
-    config_line = (
-        f"block {result.num_context_tokens // num_hosts} tokens per host, anchor {config.anchor_len} "
-        f"(question spliced in), passing {config.passing_len} tokens per KV head chosen by the heads"
-    )
     say("")
-    say(report(result, num_hosts, config_line))
+    say(report(result, num_hosts))
     say(f"\ntotal {time.perf_counter() - started:.0f}s")
     return 0
 

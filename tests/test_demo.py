@@ -72,15 +72,33 @@ def test_main_prints_answers_prefill_times_and_the_parallel_estimate(demo, capsy
     assert abs(total - (slowest + query_pass)) <= 0.11  # each printed to 0.1 s
     assert "an estimate from this simulation, not a measurement" in out
     assert "benchmarks/RESULTS.md" in out
-    # 2 hosts share the context equally; APBConfig.for_length: anchor = block/4, passing = block/8
+    # the plan APB ran: the balanced split's blocks cover the context; APBConfig.for_length's sizes from
+    # the nominal block n/2: anchor = block/4, passing = block/8
     context = re.search(r"question \((\d+) tokens of text before it\)", out)
     sizes = re.search(
-        r"block (\d+) tokens per host, anchor (\d+) \(question spliced in\), passing (\d+) ", out
+        r"blocks (\d+) / (\d+) tokens \(balanced split\), anchor (\d+) \(question spliced in\), "
+        r"passing (\d+) tokens per KV head",
+        out,
     )
     assert context and sizes, out
-    block, anchor, passing = map(int, sizes.groups())
-    assert 1150 < int(context.group(1)) < 1260 and block == int(context.group(1)) // 2
-    assert (anchor, passing) == (block // 4, block // 8)
+    first, second, anchor, passing = map(int, sizes.groups())
+    n = int(context.group(1))
+    assert 1150 < n < 1260 and first + second == n and first != second
+    assert (anchor, passing) == ((n // 2) // 4, (n // 2) // 8)
+
+
+def test_exact_run_describes_its_plan(demo):
+    from apb import build_heads
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    result = demo.run_demo(
+        model, tokenizer, build_heads(model, hidden_size=16), context_tokens=600, num_hosts=3,
+        haystack="builtin", max_new_tokens=2, exact=True, progress=lambda line: None,
+    )  # fmt: skip
+    blocks = [v.block_len for v in result.plan.hosts]
+    assert sum(blocks) == result.num_context_tokens
+    expected = f"blocks {' / '.join(map(str, blocks))} tokens (balanced split), no anchor, every earlier"
+    assert result.plan_line().startswith(expected), result.plan_line()
 
 
 @pytest.mark.slow
