@@ -27,6 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# torch >= 2.13 names the one-buffer all-gather all_gather_single (all_gather_into_tensor warns there)
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class Communicator:
     """Interface. `hosts` are the host indices whose state lives in this process."""
@@ -178,7 +181,7 @@ class DistributedComm(Communicator):
         """Every rank's `packed` in one collective: [hosts, *packed.shape], in rank order."""
         # ranks concatenated along the first axis (the layout every backend takes, gloo included)
         gathered = packed.new_empty(self.num_hosts * packed.shape[0], *packed.shape[1:])
-        dist.all_gather_into_tensor(gathered, packed.contiguous(), group=self.group)
+        _ALL_GATHER_SINGLE(gathered, packed.contiguous(), group=self.group)
         return gathered.view(self.num_hosts, *packed.shape)
 
     def _global_rank(self, host: int) -> int:
