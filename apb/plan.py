@@ -226,8 +226,9 @@ class HostPlan:
         if config.split == "balanced" and num_hosts > 1:
             if cost is None:
                 raise ValueError(
-                    "split='balanced' needs a CostModel (CostModel.from_model_config(model.config)); "
-                    "APBModel passes its model's"
+                    "split='balanced' (the default) sizes the blocks from the model's costs: pass "
+                    "cost=CostModel.from_model_config(model.config), or build the plan with "
+                    "APBModel.plan(...), which passes its model's, or use split='equal'"
                 )
             sizes = self._balanced_sizes(cost)
         else:

@@ -170,8 +170,8 @@ def test_shared_anchor_plan(query_in_anchor):
 
 
 def test_plan_rejects_bad_input():
-    config = APBConfig(anchor_len=4, passing_len=2, split="balanced")
-    with pytest.raises(ValueError, match="needs a CostModel"):
+    config = APBConfig(anchor_len=4, passing_len=2)  # the default split, balanced, needs the model's costs
+    with pytest.raises(ValueError, match=r"pass cost=CostModel.from_model_config\(model.config\)"):
         HostPlan(config, 100, 2, 4)
     with pytest.raises(ValueError, match="num_hosts must be an int >= 1"):
         HostPlan(config, 100, 2, 0)
