@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import apb
 from apb import APBConfig, APBModel
+from apb.config import SPLITS
 from apb.fusion import COMPILE_LAYERS_ARG
 from apb.fusion import check_backend as check_compile_backend
 
@@ -63,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["apb", "star", "exact", "full"], default="apb")
     p.add_argument("--anchor-len", type=int, help="override the preset's anchor length (apb mode)")
     p.add_argument("--passing-len", type=int, help="override the preset's passing length (apb mode)")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="how the context is cut into host blocks (apb and exact modes; default: the library's, balanced)",
+    )
     p.add_argument(
         "--backend", default="auto", help="attention backend: auto, reference, flex, flash, triton"
     )
@@ -202,16 +208,15 @@ def main(argv: list[str] | None = None) -> None:
         times = {}
     else:
         n = len(context_ids)
+        chosen = (("anchor_len", args.anchor_len), ("passing_len", args.passing_len), ("split", args.split))
+        overrides = {k: v for k, v in chosen if v is not None}
         if args.mode == "exact":
-            config = APBConfig.exact(backend=args.backend)
+            config = APBConfig.exact(
+                backend=args.backend, **{k: v for k, v in overrides.items() if k == "split"}
+            )
         elif args.mode == "star":
             config = APBConfig.star(n, num_hosts, backend=args.backend)
         else:
-            overrides = {
-                k: v
-                for k, v in (("anchor_len", args.anchor_len), ("passing_len", args.passing_len))
-                if v is not None
-            }
             config = APBConfig.for_length(n, num_hosts, backend=args.backend, **overrides)
         apbm = APBModel(model, heads)
         with apbm.recording() as record:  # per-host prefill times (hosts of this process)
@@ -233,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_gather_object(gathered, times)
             times = {h: t for d in gathered for h, t in d.items()}
         print0(f"config: {config}")
+        print0(
+            f"host blocks: {' / '.join(str(v.block_len) for v in record.plan.hosts)} tokens ({config.split} split)"
+        )
     elapsed = time.perf_counter() - started
     for host in sorted(times):
         print0(f"prefill host {host}: {times[host] * 1000:.1f} ms")

@@ -46,6 +46,26 @@ def test_tiny_run_prints_the_answer_and_host_times(generate, capsys):
     assert "prefill host 0:" in out and "prefill host 1:" in out and "answer (" in out
 
 
+def test_split_flag_picks_the_host_blocks(generate, capsys):
+    def blocks(argv):
+        generate.main(["--tiny", "--hosts", "3", "--max-new-tokens", "1", *argv])
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if x.startswith("host blocks: "))
+        context = int(out.split("context ", 1)[1].split(" tokens", 1)[0])
+        sizes = [int(b) for b in line.removeprefix("host blocks: ").split(" tokens")[0].split(" / ")]
+        assert sum(sizes) == context, out
+        return sizes, line
+
+    balanced, line = blocks([])  # the library's default
+    assert "(balanced split)" in line and len(set(balanced)) > 1
+    equal, line = blocks(["--split", "equal"])
+    assert "(equal split)" in line and max(equal) - min(equal) <= 1
+    exact, line = blocks(["--mode", "exact", "--split", "equal"])
+    assert "(equal split)" in line and exact == equal
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--tiny", "--split", "zigzag"])
+
+
 def test_compiled_layers_give_the_same_answer(generate, capsys):
     """--compile-layers compiles every layer's norms and MLP before generating; the tokens are the same
     (aot_eager here: no C++ compiler needed, the same graphs as inductor would compile)."""
