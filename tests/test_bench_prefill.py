@@ -291,7 +291,7 @@ def test_best_time_keeps_the_fastest_trial():
 
 def test_every_method_runs_and_plots(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    methods = ["full", "star", "exact", "apb-paper", "apb", "apb-balanced"]
+    methods = ["full", "star", "star-shared", "exact", "apb-paper", "apb", "apb-balanced"]
     argv = [
         "--tiny",
         "--lengths",
@@ -309,6 +309,16 @@ def test_every_method_runs_and_plots(tmp_path):
     assert set(runs) == set(methods) and all(r["status"] == "ok" and r["finite"] for r in runs.values())
     # host 0 computes the anchor for the others, except as published and in Star
     shared = {m: runs[m]["shared_anchor"] for m in methods[1:]}
-    assert shared == {"star": False, "exact": False, "apb-paper": False, "apb": True, "apb-balanced": True}
+    assert shared == {
+        "star": False,
+        "star-shared": True,
+        "exact": False,
+        "apb-paper": False,
+        "apb": True,
+        "apb-balanced": True,
+    }
     assert runs["apb-paper"]["blocks"] == runs["apb"]["blocks"]
+    # Star with host 0's block sent as the anchor: the same blocks, the broadcast in the modelled comm
+    assert runs["star-shared"]["blocks"] == runs["star"]["blocks"]
+    assert runs["star"]["comm_ms"] == 0.0 and runs["star-shared"]["comm_ms"] > 0.0
     assert runs["apb-paper"]["speedup_vs_star"] and png.stat().st_size > 10_000

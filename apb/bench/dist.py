@@ -56,6 +56,7 @@ from apb.bench.common import (
     skipped_run,
 )
 from apb.bench.prefill import (
+    APB_METHODS,
     COMPILE_LAYERS_ARG,
     FULL_ATTENTION_NOTE,
     METHOD_ORDER,
@@ -353,7 +354,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-shape", default="llama8b", choices=sorted(MODEL_SHAPES))
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--query-len", type=int)
-    p.add_argument("--methods", nargs="+")
+    p.add_argument(
+        "--methods", nargs="+", help=f"full, {', '.join(APB_METHODS)} (default: {' '.join(DIST_METHODS)})"
+    )
     p.add_argument(
         "--backends", nargs="+", help="candidates; rank 0 picks the fastest (default: triton flex)"
     )

@@ -99,14 +99,26 @@ from apb.model import PrefillRecord
 
 logger = logging.getLogger(__name__)
 
-APB_METHODS = ("apb", "apb-balanced", "apb-paper", "exact", "star")
+APB_METHODS = ("apb", "apb-balanced", "apb-paper", "exact", "star", "star-shared")
 """Methods run through `APBModel.prefill`: APB with the paper's equal split (host 0 computes the anchor for
 everyone), APB with the balanced split (the library's default), APB as published (equal split, every host
 running its own anchor: `share_anchor=False`), exact APB (every earlier token passed, balanced split: what
-all-gather context parallelism computes) and Star."""
+all-gather context parallelism computes), Star as published, and Star with the anchor (host 0's block)
+computed once by host 0 and sent to the others (`APBConfig.star(..., share_anchor=True)`; not a published
+method: what APB's shared anchor would give Star)."""
+STAR_METHODS = ("star", "star-shared")
+"""Star Attention's variants (no passing blocks)."""
 SPEEDUP_METHODS = ("apb", "apb-balanced", "apb-paper")
 """The APB methods whose speedup over Star (and exact) the tables report."""
-METHOD_ORDER = {"full": 0, "star": 1, "exact": 2, "apb-paper": 3, "apb": 4, "apb-balanced": 5}
+METHOD_ORDER = {
+    "full": 0,
+    "star": 1,
+    "star-shared": 2,
+    "exact": 3,
+    "apb-paper": 4,
+    "apb": 5,
+    "apb-balanced": 6,
+}
 """Row order of the tables."""
 
 CATEGORIES = ("qkv", "heads", "comm", "attention", "passing_concat", "o_proj", "ffn", "other")
@@ -442,8 +454,8 @@ class Bench:
     def apb_config(self, method: str, length: int, hosts: int, backend: str):
         from apb import APBConfig
 
-        if method == "star":
-            return APBConfig.star(length, hosts, backend=backend)
+        if method in STAR_METHODS:
+            return APBConfig.star(length, hosts, backend=backend, share_anchor=method == "star-shared")
         if method == "exact":
             return APBConfig.exact(backend=backend)
         if method == "apb-balanced":
@@ -676,7 +688,9 @@ class Bench:
             "serial_wall_ms": wall * 1000.0,
             "finite": bool(torch.isfinite(logits).all()),
         }
-        if method != "star":  # Star's hosts are not APB hosts: the bound's attention term does not fit them
+        if (
+            method not in STAR_METHODS
+        ):  # Star's hosts are not APB hosts: the bound's attention term does not fit
             # what each host's forward loses beyond its FLOPs at this GPU's measured rates (`measure_rates`)
             bound = flop_bound_ms(plan, self.apbm.cost_model, self.flop_rates(backend))
             run["host_flop_bound_ms"] = bound
@@ -1074,6 +1088,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     colors = {2: "tab:blue", 4: "tab:orange", 8: "tab:green", 16: "tab:purple"}
     styles = {
         "star": ("--", "s"),
+        "star-shared": ((0, (5, 1, 1, 1)), "D"),
         "apb": ("-", "o"),
         "apb-balanced": ("-.", "v"),
         "apb-paper": ((0, (1, 1)), "x"),
@@ -1081,6 +1096,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     }
     names = {
         "star": "Star",
+        "star-shared": "Star (shared anchor, not published)",
         "apb": "APB (equal split)",
         "apb-balanced": "APB (balanced split)",
         "apb-paper": "APB (every host its own anchor)",
@@ -1166,7 +1182,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--primary-length", type=int, default=131072)
     p.add_argument("--query-len", type=int)
     p.add_argument("--head-hidden", type=int, help="retaining head hidden size (default: the paper's 1024)")
-    p.add_argument("--methods", nargs="+")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        help=f"full, {', '.join(APB_METHODS)} (default: full star apb apb-balanced)",
+    )
     p.add_argument("--backends", nargs="+", help="candidates; the fastest is used (default: triton flex)")
     p.add_argument("--bandwidth-gbps", type=float, default=450.0)
     p.add_argument("--latency-us", type=float, default=0.0)
