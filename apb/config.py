@@ -110,9 +110,9 @@ class APBConfig:
 
     @classmethod
     def for_length(cls, num_context_tokens: int, num_hosts: int, **overrides) -> APBConfig:
-        """The paper's defaults: block = n/H, anchor = block/4 capped at 8192, passing = block/8,
-        query spliced into the anchor. For H = 8 this gives DESIGN.md's table (32K: 1024/512 ...
-        512K: 8192/8192)."""
+        """The paper's sizes from the nominal block n/H: anchor = block/4 capped at 8192, passing =
+        block/8, query spliced into the anchor. For H = 8 this gives DESIGN.md's table (32K: 1024/512 ...
+        512K: 8192/8192). The blocks themselves follow `split` (balanced by default: around n/H)."""
         block = _block_size(num_context_tokens, num_hosts)
         anchor = min(block // 4, MAX_DEFAULT_ANCHOR)
         kwargs = {"anchor_len": anchor, "passing_len": block // 8, "query_in_anchor": anchor > 0}
