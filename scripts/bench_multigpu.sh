@@ -23,7 +23,8 @@
 # train_<N>gpu/, train_killed/; started afresh each time) and their metrics.
 #
 # Env: BENCH_S (stop starting new prefill settings after this many seconds; default 0 = run them all),
-# LONG=0|1 (256K), STEP_TIMEOUT_S (a step that runs longer is stopped and reported; default 3600),
+# RESUME=1 (the bench continues the output folder's prefill_dist.json: an interrupted or time-boxed run
+# times only what it lacks), LONG=0|1 (256K), STEP_TIMEOUT_S (a step that runs longer is stopped and reported; default 3600),
 # TRAIN_STEPS (default 16), ZERO (ZeRO stage of the training runs; default the config's),
 # CONFIG (default configs/llama8b_random.yaml). Larger bases with random weights and the real shapes (no
 # download):
@@ -79,7 +80,7 @@ case "$STEPS" in *" bench "*)
   [ "${LONG:-$(( N >= 4 ))}" = 1 ] && LENGTHS="$LENGTHS 262144"  # 256K: default with 4+ GPUs
   t=$(date +%s)
   timeout -k 10 "$STEP_TIMEOUT_S" torchrun --nproc-per-node "$N" --master-port "$(free_port)" \
-    scripts/bench_prefill_dist.py --lengths $LENGTHS --deadline-s "$BENCH_S" \
+    scripts/bench_prefill_dist.py --lengths $LENGTHS --deadline-s "$BENCH_S" $([ "${RESUME:-0}" = 1 ] && echo --resume) \
     --simulated-json benchmarks/prefill_results.json --out "$OUT_DIR/prefill_dist.json" \
     --markdown "$OUT_DIR/prefill_dist.md" > "$OUT_DIR/bench.log" 2>&1
   rc=$?

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun(script: str, *args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
     env = clean_env(OMP_NUM_THREADS="1")
     command = [
         sys.executable,
@@ -39,7 +39,7 @@ def _torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess
     ]
     # from a temp cwd: at the repo root, kernels/ would be importable as a top-level `kernels`
     done = run_or_fail(command, cwd=cwd, env=env, timeout_s=300)  # ~20 s each on 2 cores
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -110,6 +110,32 @@ def test_distributed_prefill_bench_two_gloo_ranks(tmp_path):
     assert "busy / FLOP bound" in table and "matmul" in table
     assert "Real multi-process run" in table and "| apb | 1K | " in table and "| exact | 1K | " in table
     assert "| full (1 GPU, sdpa, CPU) | 1K | 1024 |" in table
+
+
+def test_distributed_bench_resumes_its_results_file(tmp_path):
+    """--resume keeps the runs an earlier run measured and times only what it lacks; a file measured with
+    other settings is refused, not mixed in."""
+    out = tmp_path / "dist.json"
+    _torchrun("bench_prefill_dist.py", "--tiny", "--methods", "full", "apb", "--out", str(out), cwd=tmp_path)
+    first = {(r["method"], r["length"]): r for r in json.loads(out.read_text())["runs"]}
+    assert set(first) == {("full", 1024), ("apb", 1024)}
+    more = ["--tiny", "--lengths", "1024", "2048", "--methods", "full", "apb", "star", "--out", str(out)]
+    done = _torchrun("bench_prefill_dist.py", *more, "--resume", cwd=tmp_path)
+    assert "--resume: 2 runs" in done.stdout
+    results = json.loads(out.read_text())
+    runs = {(r["method"], r["length"]): r for r in results["runs"]}
+    assert set(runs) == {(m, n) for m in ("full", "apb", "star") for n in (1024, 2048)}
+    for key, run in first.items():  # kept as they were, not timed again
+        assert runs[key]["total_ms"] == run["total_ms"] and runs[key]["compute_ms"] == run["compute_ms"]
+    assert runs[("star", 1024)]["speedup_vs_full"] == pytest.approx(
+        runs[("full", 1024)]["total_ms"] / runs[("star", 1024)]["total_ms"]
+    )
+    assert len(results["meta"]["resumed_from"]) == 1
+    refused = _torchrun(
+        "bench_prefill_dist.py", *more, "--query-len", "4", "--resume", cwd=tmp_path, ok=False
+    )
+    assert "measured with other settings (query_len 8 there, 4 now)" in refused.stdout + refused.stderr
+    assert json.loads(out.read_text())["runs"] == results["runs"]  # the file is left as it was
 
 
 def test_oracle_two_gloo_ranks_fp32(tmp_path):

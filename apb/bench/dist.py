@@ -112,6 +112,69 @@ class DistBench:
         meta.pop("comm_model", None)
         self.results: dict[str, Any] = {"meta": meta, "backend": None, "runs": []}
         self.rates: dict[str, float] | None = None
+        self.done: set[tuple[str, int]] = set()
+        """(method, length) measured by an earlier run that `--resume` continues: not timed again."""
+        if args.resume:
+            self._resume()
+
+    RESUME_KEYS = (
+        "model_shape",
+        "dtype",
+        "head_hidden",
+        "query_len",
+        "compile_layers",
+        "world_size",
+        "device",
+    )
+    """Settings an earlier results file must share for `--resume` to add to it."""
+
+    def _resume(self) -> None:
+        """Take over the runs of `--out` from an earlier run with the same settings (rank 0 reads and
+        checks, every rank learns the outcome, so that all skip the same measurements)."""
+        outcome: list[Any] = [None]
+        if self.rank == 0:
+            outcome[0] = self._read_earlier()
+        dist.broadcast_object_list(outcome, src=0)
+        earlier = outcome[0]
+        if isinstance(earlier, str):
+            raise SystemExit(earlier)
+        if earlier is None:
+            self.log(f"--resume: no {self.args.out} yet, starting afresh")
+            return
+        runs = [r for r in earlier["runs"] if r.get("status") == "ok"]
+        self.results["runs"] = runs
+        self.results["backend"] = earlier.get("backend")
+        self.results["meta"]["resumed_from"] = [
+            *earlier["meta"].get("resumed_from", []),
+            {"command": earlier["meta"].get("command"), "date_utc": earlier["meta"].get("date_utc")},
+        ]
+        self.done = {(r["method"], r["length"]) for r in runs}
+        self.log(f"--resume: {len(runs)} runs of {self.args.out} kept, not timed again")
+
+    def _read_earlier(self) -> dict[str, Any] | str | None:
+        """The earlier results, None when there are none, or why they cannot be continued."""
+        out = self.args.out
+        if out is None:
+            return "--resume continues the --out file: give --out"
+        if not out.exists():
+            return None
+        try:
+            earlier = json.loads(out.read_text())
+            meta = earlier["meta"]
+            earlier["runs"]
+        except (ValueError, KeyError, TypeError) as err:
+            return f"--resume: {out} is not a results file of this benchmark ({err})"
+        now = self.results["meta"]
+        differ = [
+            f"{k} {meta.get(k)!r} there, {now.get(k)!r} now"
+            for k in self.RESUME_KEYS
+            if meta.get(k) != now.get(k)
+        ]
+        if differ:
+            return (
+                f"--resume: {out} was measured with other settings ({'; '.join(differ)}); use another --out"
+            )
+        return earlier
 
     def log(self, message: str) -> None:
         self.bench.log(message)  # rank 0's only
@@ -231,6 +294,11 @@ class DistBench:
         backend = self.bench.select_backend() if len(cfg.backends) > 1 else cfg.backends[0]
         chosen = [backend]
         dist.broadcast_object_list(chosen, src=0)  # every rank uses rank 0's choice
+        if self.done and self.results["backend"] not in (None, chosen[0]):
+            raise SystemExit(
+                f"--resume: {self.args.out} was measured on the {self.results['backend']!r} backend, this run "
+                f"picked {chosen[0]!r}; pass --backends {self.results['backend']} or use another --out"
+            )
         self.results["backend"] = backend = chosen[0]
         self.log(f"{self.world} ranks, backend {backend!r}")
         bench = self.bench
@@ -246,6 +314,8 @@ class DistBench:
                 break
             self.bench.free(empty_cache=True)
             for method in cfg.methods:
+                if (method, length) in self.done:
+                    continue
                 if method == "full":
                     if self.rank == 0:
                         self._record(self.time_full(length))
@@ -367,6 +437,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU (gloo): tiny model, fp32, short lengths")
     p.add_argument("--simulated-json", type=Path, help="apb.bench.prefill results to compare with")
     p.add_argument("--out", type=Path, help="results JSON (rank 0; rewritten after every measurement)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --out from an earlier run with the same settings (an interrupted one, or other "
+        "lengths): keep its runs and time only what it lacks",
+    )
     p.add_argument("--markdown", type=Path, help="write the table here (rank 0)")
     return p.parse_args(argv)
 
