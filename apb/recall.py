@@ -122,14 +122,15 @@ def recall_runs(
     divisors: list[int],
     progress: bool = True,
     backend: str = "auto",
+    split: str = "equal",
 ) -> list[dict[str, Any]]:
     """Passing-block recall of several compressors on the same inputs, one row per (sample, host count,
     budget, method): ``{"sample", "length", "hosts", "divisor", "passing_len", "method", "recall"}``.
 
     samples: ``(context_ids [n], query_ids [q], anchor_query_ids [a])``; the attention mass is that of the
     query rows. methods: name -> (selector, retaining heads or None); the APB config is the paper's for
-    the length and host count (`APBConfig.for_length`) with passing_len = block / divisor and the attention
-    `backend`.
+    the length and host count (`APBConfig.for_length`) with passing_len = block / divisor, the attention
+    `backend` and the host `split` (the paper's equal blocks unless asked: `APBConfig.split`).
     A setting the input does not fit (say, a question longer than the anchor) gets recall None and the
     reason."""
     from tqdm.auto import tqdm
@@ -151,7 +152,12 @@ def recall_runs(
                     bar.update(1)
                     try:
                         config = APBConfig.for_length(
-                            n, num_hosts, passing_len=passing_len, selector=selector, backend=backend
+                            n,
+                            num_hosts,
+                            passing_len=passing_len,
+                            selector=selector,
+                            backend=backend,
+                            split=split,
                         )
                     except ValueError as err:
                         rows.append({**row, "error": str(err)})

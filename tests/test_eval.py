@@ -597,3 +597,27 @@ def test_recall_mode_runs_in_rounds_resumes_and_merges(tmp_path):
     joined = json.loads(merged.read_text())
     assert len(joined["rows"]) == 4 and joined["samples_done"] == 2 and joined["budgets"] == [16]
     assert "| oracle | " in (tmp_path / "m.md").read_text()
+
+
+def test_recall_mode_records_its_host_split_and_keeps_splits_apart(tmp_path):
+    """--mode recall runs one split (the paper's equal blocks unless --splits balanced), records it, and
+    neither resumes nor merges a file of another split; files from before the split was recorded ran
+    the equal split."""
+    equal, balanced = tmp_path / "e.json", tmp_path / "b.json"
+    argv = ["--tiny", "--num-samples", "1", "--lengths", "2048", "--tasks", "single_needle", "--hosts", "3"]
+    argv += ["--qa-adapter", "none", "--qagn-adapter", "none", "--mode", "recall", "--budgets", "16"]
+    argv += ["--recall-methods", "oracle", "--markdown", str(tmp_path / "r.md")]
+    assert ev.main([*argv, "--out", str(equal)]) == 0
+    assert ev.main([*argv, "--splits", "balanced", "--out", str(balanced)]) == 0
+    e, b = json.loads(equal.read_text()), json.loads(balanced.read_text())
+    assert (e["split"], b["split"]) == ("equal", "balanced")
+    assert [r["recall"] for r in e["rows"]] != [r["recall"] for r in b["rows"]]  # other blocks, other recall
+    with pytest.raises(ValueError, match="another recall evaluation"):
+        ev.main([*argv, "--out", str(tmp_path / "x.json"), "--resume", str(balanced)])
+    with pytest.raises(ValueError, match="different host splits cannot be merged"):
+        ev.main(["--merge", str(equal), str(balanced), "--out", str(tmp_path / "m.json")])
+    with pytest.raises(SystemExit, match="one host split at a time"):
+        ev.main([*argv, "--splits", "equal", "balanced", "--out", str(tmp_path / "y.json")])
+    old = {k: v for k, v in e.items() if k != "split"}  # written before the split was recorded
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert ev.main([*argv, "--out", str(tmp_path / "z.json"), "--resume", str(tmp_path / "old.json")]) == 0

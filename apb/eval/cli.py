@@ -117,7 +117,12 @@ def recall_main(
     device = next(model.parameters()).device
     methods = recall_methods(args, heads)
     hosts, budgets = list(args.hosts), list(args.budgets or RECALL_BUDGETS)
-    settings = {"hosts": hosts, "budgets": budgets, "methods": list(methods)}
+    if len(args.splits) != 1:
+        raise SystemExit(
+            f"--mode recall runs one host split at a time: give --splits equal or balanced, got {args.splits}"
+        )
+    split = args.splits[0]
+    settings = {"hosts": hosts, "budgets": budgets, "methods": list(methods), "split": split}
     rows: list[dict[str, Any]] = []
     if args.resume and Path(args.resume).exists():
         rows = recall_resume_rows(args.resume, settings)
@@ -138,7 +143,10 @@ def recall_main(
             token_tensor(item.question_ids + item.prefix_ids, device)[0],
             token_tensor(item.question_ids, device)[0],
         )
-        for row in recall_runs(apbm, [sample], methods, hosts, budgets, progress=False, backend=args.backend):
+        runs = recall_runs(
+            apbm, [sample], methods, hosts, budgets, progress=False, backend=args.backend, split=split
+        )
+        for row in runs:
             row.update(sample=f"{item.task}:{item.length}:{item.index}", task=item.task, cell=item.length)
             row["index"] = item.index
             rows.append(row)

@@ -409,9 +409,14 @@ def merge_results(results: list[dict[str, Any]], names: list[str] | None = None)
 
 # ---------------------------------------------------------------- recall mode (apb.recall)
 # A recall results JSON holds one row per (item, host count, budget, method), apb.recall.recall_runs's row
-# plus the item's ``task``, ``cell`` (length) and ``index``; hosts, budgets and methods say what ran.
+# plus the item's ``task``, ``cell`` (length) and ``index``; hosts, budgets, methods and split say what ran.
 
-RECALL_SETTINGS = ("hosts", "budgets", "methods")
+RECALL_SETTINGS = ("hosts", "budgets", "methods", "split")
+
+
+def recall_split(results: dict[str, Any]) -> str:
+    """The host split a recall results file ran (files from before the split was recorded: equal)."""
+    return results.get("split", "equal")
 
 
 def recall_items_done(rows: list[dict[str, Any]]) -> set[tuple[str, int, int]]:
@@ -424,7 +429,7 @@ def recall_resume_rows(path: str, settings: dict[str, list[Any]]) -> list[dict[s
     earlier = json.loads(Path(path).read_text())
     if earlier.get("mode") != "recall" or "rows" not in earlier:
         raise ValueError(f"{path} is not a recall results file (written by --mode recall)")
-    theirs = {k: earlier.get(k) for k in RECALL_SETTINGS}
+    theirs = {k: earlier.get(k) for k in RECALL_SETTINGS} | {"split": recall_split(earlier)}
     if theirs != settings:
         raise ValueError(f"{path} is another recall evaluation: {theirs}; this run has {settings}")
     return list(earlier["rows"])
@@ -438,6 +443,10 @@ def merge_recall_results(results: list[dict[str, Any]], names: list[str] | None 
     for name, run in zip(names, results, strict=True):
         if "rows" not in run:
             raise ValueError(f"{name} is not a recall results file (written by --mode recall)")
+    splits = {name: recall_split(run) for name, run in zip(names, results, strict=True)}
+    if len(set(splits.values())) > 1:
+        raise ValueError(f"recall results of different host splits cannot be merged: {splits}")
+    for run in results:
         for row in run["rows"]:
             rows[(row["task"], row["cell"], row["index"], row["hosts"], row["divisor"], row["method"])] = row
     merged = list(rows.values())
@@ -456,6 +465,7 @@ def merge_recall_results(results: list[dict[str, Any]], names: list[str] | None 
         "hosts": sorted({r["hosts"] for r in merged}),
         "budgets": sorted({r["divisor"] for r in merged}),
         "methods": list(dict.fromkeys(r["method"] for r in merged)),
+        "split": recall_split(results[0]),
         "elapsed_s": round(sum(r["elapsed_s"] for r in results), 1),
         "samples_done": len(recall_items_done(merged)),
         "rows": merged,
