@@ -135,6 +135,10 @@ def test_distributed_bench_resumes_its_results_file(tmp_path):
         "bench_prefill_dist.py", *more, "--query-len", "4", "--resume", cwd=tmp_path, ok=False
     )
     assert "measured with other settings (query_len 8 there, 4 now)" in refused.stdout + refused.stderr
+    refused = _torchrun(
+        "bench_prefill_dist.py", *more, "--backends", "sdpa", "--resume", cwd=tmp_path, ok=False
+    )
+    assert "measured on the 'reference' backend, this run picked 'sdpa'" in refused.stdout + refused.stderr
     assert json.loads(out.read_text())["runs"] == results["runs"]  # the file is left as it was
 
 
