@@ -160,11 +160,11 @@ class DistBench:
             return None
         try:
             earlier = json.loads(out.read_text())
-            meta = earlier["meta"]
-            earlier["runs"]
-        except (ValueError, KeyError, TypeError) as err:
-            return f"--resume: {out} is not a results file of this benchmark ({err})"
-        now = self.results["meta"]
+        except ValueError as err:
+            return f"--resume: {out} is not JSON ({err})"
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("runs"), list):
+            return f"--resume: {out} is not a results file of this benchmark (no runs)"
+        meta, now = earlier.get("meta") or {}, self.results["meta"]
         differ = [
             f"{k} {meta.get(k)!r} there, {now.get(k)!r} now"
             for k in self.RESUME_KEYS
