@@ -79,3 +79,16 @@ def test_export_script_hub_id_override(tmp_path):
         assert named["training"]["steps"] == 4
         assert script.main([str(run), "--out", str(tmp_path / "bad"), "--hub-id", "/not/a/repo/id"]) == 2
         assert not (tmp_path / "bad").exists()
+
+
+def test_export_records_the_trained_layout_only(tmp_path):
+    """The adapter's `apb` section holds what training fixed; the split and the other run-time choices
+    stay the library's (an adapter exported while the equal split was the default would pin it)."""
+    from apb.train.export import TRAINED_LAYOUT
+
+    out, model = _export(tmp_path, None)
+    section = json.loads((out / "adapter_config.json").read_text())["apb"]
+    assert set(section) == set(TRAINED_LAYOUT)
+    assert section["anchor_len"] == TINY["data"]["anchor_len"]
+    apbm = apb.load(model, out)
+    assert apbm.default_config(4096, 4).split == "balanced"

@@ -21,15 +21,21 @@ HEADS_NAME = "heads.safetensors"
 """The full (gathered) heads state dict inside each checkpoint folder: what export reads."""
 
 
+TRAINED_LAYOUT = ("anchor_len", "query_in_anchor", "query_offset")
+"""The `apb.APBConfig` fields training fixes (the layout of `apb.data.layout`): what an adapter's `apb`
+section records. Run-time choices (split, backend, passing length, anchor sharing) are not recorded, so
+`apb.load` gives them the library's defaults of the day."""
+
+
 def apb_defaults(config: RunConfig) -> dict[str, Any]:
-    """The `apb.APBConfig` the heads were trained for (the layout of `apb.data.layout`), as a dict."""
+    """The layout the heads were trained for (`TRAINED_LAYOUT`), as a dict."""
     d = config.data
     trained = APBConfig(
         anchor_len=d.anchor_len,
         query_in_anchor=d.query_in_anchor and d.anchor_len > 0,
         query_offset=d.query_offset,
     )
-    return trained.to_dict()
+    return {k: v for k, v in trained.to_dict().items() if k in TRAINED_LAYOUT}
 
 
 def gathered(heads: torch.nn.Module, zero3: bool):
