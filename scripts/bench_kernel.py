@@ -5,8 +5,8 @@ causal attention the machine has. This is the script behind the kernel table of 
 Shapes: Llama-3.1-8B attention (32 q heads, 8 kv heads, head_dim 128, bf16, batch 1), the last of 8 hosts
 by the paper's defaults for a context of n tokens: block = n/8 local tokens, anchor = min(block/4, 8192),
 passing = 7 earlier hosts x block/8. With --shared-anchor, the call that host makes when host 0 computes
-the anchor for everyone (the default): no anchor rows, the anchor's keys in front of the block. Useful TFLOP/s = 4 * visible (q, k) pairs * head_dim * num_heads /
-time; median of `triton.testing.do_bench` (warmup 50 ms, rep 300 ms).
+the anchor for everyone (the default): no anchor rows, the anchor's keys in front of the block. Useful
+TFLOP/s = 4 * visible (q, k) pairs * head_dim * num_heads / time; median of `triton.testing.do_bench` (warmup 50 ms, rep 300 ms).
 
 APB mask: the Triton kernel (`apb.kernels.apb_attention`), FlashAttention-4 (`apb.kernels.flash4`, one
 column per method of --flash-methods; "split" is what the flash backend runs), flex_attention (compiled,

@@ -208,16 +208,15 @@ def main(argv: list[str] | None = None) -> None:
         times = {}
     else:
         n = len(context_ids)
-        chosen = (("anchor_len", args.anchor_len), ("passing_len", args.passing_len), ("split", args.split))
-        overrides = {k: v for k, v in chosen if v is not None}
+        split = {"split": args.split} if args.split else {}
         if args.mode == "exact":
-            config = APBConfig.exact(
-                backend=args.backend, **{k: v for k, v in overrides.items() if k == "split"}
-            )
+            config = APBConfig.exact(backend=args.backend, **split)
         elif args.mode == "star":
             config = APBConfig.star(n, num_hosts, backend=args.backend)
         else:
-            config = APBConfig.for_length(n, num_hosts, backend=args.backend, **overrides)
+            sizes = (("anchor_len", args.anchor_len), ("passing_len", args.passing_len))
+            overrides = {k: v for k, v in sizes if v is not None}
+            config = APBConfig.for_length(n, num_hosts, backend=args.backend, **overrides, **split)
         apbm = APBModel(model, heads)
         with apbm.recording() as record:  # per-host prefill times (hosts of this process)
             out = apbm.generate(

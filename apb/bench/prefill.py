@@ -688,10 +688,9 @@ class Bench:
             "serial_wall_ms": wall * 1000.0,
             "finite": bool(torch.isfinite(logits).all()),
         }
-        if (
-            method not in STAR_METHODS
-        ):  # Star's hosts are not APB hosts: the bound's attention term does not fit
-            # what each host's forward loses beyond its FLOPs at this GPU's measured rates (`measure_rates`)
+        # what each host's forward loses beyond its FLOPs at this GPU's measured rates (`measure_rates`);
+        # not for Star, whose hosts are not APB hosts: the bound's attention term does not fit them
+        if method not in STAR_METHODS:
             bound = flop_bound_ms(plan, self.apbm.cost_model, self.flop_rates(backend))
             run["host_flop_bound_ms"] = bound
             run["host_over_bound"] = [t / b for t, b in zip(host_ms, bound, strict=True)]
