@@ -8,11 +8,20 @@ from apb.fusion import compile_layers
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads, build_heads
 from apb.hub import push_to_hub
 from apb.model import APBModel
-from apb.plan import CostModel, HostPlan, HostView
+from apb.plan import Calibration, CostModel, HostPlan, HostView
 
 __version__ = "0.1.0"
 
 __all__ = ["ModelShape", "ProjectionCapture", "RetainingHeads", "build_heads", "__version__"]
 __all__ += ["AdapterConfig", "load_heads", "push_to_hub", "save_adapter"]
-__all__ += ["APBConfig", "APBModel", "CostModel", "HostPlan", "HostView", "chat_inputs", "load"]
+__all__ += [
+    "APBConfig",
+    "APBModel",
+    "Calibration",
+    "CostModel",
+    "HostPlan",
+    "HostView",
+    "chat_inputs",
+    "load",
+]
 __all__ += ["compile_layers"]

@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from apb.attention import DECODE_ROOM, DecodeState, LayerKV, PrefillState, TimedRegion, activate, install
 from apb.backends import get_backend
-from apb.comm import Communicator, make_comm
+from apb.comm import Communicator, SimulatedComm, make_comm
 from apb.config import APBConfig
 from apb.decode import StopCriteria, check_generation, check_sampling, is_int, sample_next_token
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads
-from apb.plan import CostModel, HostPlan
+from apb.plan import Calibration, CostModel, HostPlan
 from apb.selectors import get_selector
 
 logger = logging.getLogger(__name__)
@@ -521,6 +522,97 @@ class APBModel(nn.Module):
         config = self._resolve_config(config, num_context, num_hosts, num_query)
         return HostPlan(config, num_context, num_query, num_hosts, cost=self.cost_model)
 
+    @torch.no_grad()
+    def host_times(
+        self,
+        num_context: int,
+        num_hosts: int | None = None,
+        *,
+        num_query: int = 64,
+        config: APBConfig | None = None,
+        repeats: int = 2,
+    ) -> list[tuple[float, float, float]]:
+        """(tokens, pairs, seconds) of every host of APB prefills of random tokens under the equal split, at
+        `num_context` and `num_context // 2` tokens: what `calibrate` fits. Tokens and pairs are the host's
+        work (`HostPlan.work`); seconds the fastest of `repeats` timed runs after one untimed one.
+
+        The hosts run one after another in this process (`num_hosts`: default the world size inside
+        torch.distributed, else 4), so no host's time includes waiting for another. Inside torch.distributed
+        every rank times them on its own device and the ranks average their times, so that all of them
+        fit the same cost model (the ranks must agree on the split)."""
+        if not is_int(repeats) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        if not is_int(num_query) or num_query < 0:
+            raise ValueError(f"num_query must be an int >= 0, got {num_query!r}")
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_hosts is None:
+            num_hosts = dist.get_world_size() if distributed else 4
+        generator = torch.Generator().manual_seed(0)
+        samples = []
+        for length in (num_context, num_context // 2):
+            plan = self.plan(length, num_query, num_hosts, config)
+            equal = dataclasses.replace(plan.config, split="equal")
+            plan = HostPlan(equal, length, num_query, num_hosts)
+            context, query = (
+                torch.randint(self.vocab_size, (1, size), generator=generator).to(self.device)
+                for size in (length, num_query)
+            )
+            best = [float("inf")] * num_hosts
+            for run in range(repeats + 1):
+                with self.recording() as record:
+                    self._prefill_context(context, query, equal, SimulatedComm(num_hosts))
+                if run:  # the first run compiles and warms up
+                    best = [min(b, record.host_seconds[host]) for host, b in enumerate(best)]
+            samples += [
+                (tokens, pairs, seconds) for (tokens, pairs), seconds in zip(plan.work(), best, strict=True)
+            ]
+        if distributed:
+            seconds = torch.tensor([t for _, _, t in samples], dtype=torch.float64, device=self.device)
+            dist.all_reduce(seconds)
+            seconds /= dist.get_world_size()
+            samples = [(n, p, t) for (n, p, _), t in zip(samples, seconds.tolist(), strict=True)]
+        return samples
+
+    def calibrate(
+        self,
+        num_context: int,
+        num_hosts: int | None = None,
+        *,
+        num_query: int = 64,
+        config: APBConfig | None = None,
+        repeats: int = 2,
+        apply: bool = True,
+    ) -> Calibration:
+        """Fit the balanced split's cost model to this device, backend and model: time every host
+        (`host_times`), fit the rates of linear and attention work (`CostModel.fit`) and, with `apply`, use
+        the result for the prefills that follow (`cost_model`). Time a context near the one you will run;
+        the default attention weight (`apb.plan.MEASURED_ATTENTION_WEIGHT`) was fitted for FlashAttention-4
+        on an H200. Takes about 3 x (1 + 1/2) x `repeats` simulated prefills at `num_context`.
+
+            calibration = apbm.calibrate(131072)
+            calibration.cost.attention_weight  # keep it: CostModel.from_model_config(config, attention_weight=w)
+        """
+        calibration = self.cost_model.fit(
+            self.host_times(num_context, num_hosts, num_query=num_query, config=config, repeats=repeats)
+        )
+        logger.info(
+            "calibrated the balanced split: linear work %.3g TFLOP/s, attention %.3g TFLOP/s, attention weight "
+            "%.3f, fixed %.1f ms a host, fit within %.1f%%",
+            calibration.linear_tflops,
+            calibration.attention_tflops,
+            calibration.cost.attention_weight,
+            calibration.fixed_seconds * 1e3,
+            calibration.max_error * 100,
+        )
+        if calibration.max_error > 0.1:
+            logger.warning(
+                "the calibration fits the host times only within %.0f%%: time a longer context",
+                calibration.max_error * 100,
+            )
+        if apply:
+            self.cost_model = calibration.cost
+        return calibration
+
     def _resolve_config(
         self, config: APBConfig | None, num_context: int, num_hosts: int, num_query: int = 0
     ) -> APBConfig:
@@ -571,6 +663,7 @@ class APBModel(nn.Module):
                 "anchor_query_sha256": _checksum(anchor_query),
                 "has_heads": self.heads is not None,
                 "max_new_tokens": max_new_tokens,
+                "plan.blocks": plan.blocks,  # ranks whose cost models differ would split differently
                 **{f"config.{key}": value for key, value in config.to_dict().items()},
             }
         )

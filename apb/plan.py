@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -100,7 +101,8 @@ one simulated 128K / 4-host run on an H200 (Llama-3.1-8B shape, FlashAttention-4
 splits): linear work ran at 536 effective TFLOP/s (the GEMMs plus the norms, RoPE, activations and
 selection around them), attention at 662, and the two-term model matched every host within 1.6%
 (benchmarks/RESULTS.md). With FLOPs alone (weight 1) the balanced split gave host 0, whose work is mostly
-linear, 2-4% too many tokens."""
+linear, 2-4% too many tokens. `APBModel.calibrate` fits it for another GPU, backend or model (the Triton backend
+on the same H200: 1.16)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -154,13 +156,56 @@ class CostModel:
     def host_cost(
         self, num_anchor: int, block_len: float, num_passing: int, anchor_visible: bool = True
     ) -> float:
-        """Anchor rows see the anchor causally; block rows see the passing keys, the whole anchor (unless
-        `anchor_visible` is False: host 0's probe anchor, `HostView.anchor_visible`) and the block
-        causally."""
-        a, b = num_anchor, block_len
-        seen = num_passing + (a if anchor_visible else 0)
-        pairs = a * (a + 1) / 2 + b * seen + b * (b + 1) / 2
-        return self.flops_per_token * (a + b) + self._pair * pairs
+        """One host's cost from its work (`host_work`)."""
+        return self.work_cost(*host_work(num_anchor, block_len, num_passing, anchor_visible))
+
+    def work_cost(self, tokens: float, pairs: float) -> float:
+        """The cost of `tokens` through the decoder with `pairs` visible (query, key) pairs."""
+        return self.flops_per_token * tokens + self._pair * pairs
+
+    def fit(self, samples: Sequence[tuple[float, float, float]]) -> Calibration:
+        """This cost model with the attention weight fitted to measured host times.
+
+        `samples`: (tokens, pairs, seconds) of timed hosts (`HostPlan.work` gives the first two). Fits
+        seconds = fixed + tokens * flops_per_token / linear_rate + pairs * flops_per_pair / attention_rate
+        by least squares on the relative error. The fixed part (launches, syncs: the same on every host)
+        does not move a balanced split and is left out of the cost model. `ValueError` when the samples
+        cannot separate the two rates: fewer than three, hosts whose work differs too little, or times
+        that do not grow with the work (too short a context, where fixed costs dominate)."""
+        rows = [tuple(float(x) for x in sample) for sample in samples]
+        if len(rows) < 3 or any(len(row) != 3 for row in rows):
+            raise ValueError(f"fit needs at least 3 (tokens, pairs, seconds) samples, got {samples!r}")
+        if not all(tokens > 0 and pairs >= 0 and seconds > 0 for tokens, pairs, seconds in rows):
+            raise ValueError(f"fit needs tokens > 0, pairs >= 0 and seconds > 0 in every sample, got {rows}")
+        # each row divided by its time: least squares on the relative error
+        design = torch.tensor(
+            [[1.0 / t, self.flops_per_token * n / t, self.flops_per_pair * p / t] for n, p, t in rows],
+            dtype=torch.float64,
+        )
+        scale = design.abs().amax(dim=0).clamp_min(1e-300)
+        singular = torch.linalg.svdvals(design / scale)
+        if singular[-1] < 1e-6 * singular[0]:
+            raise ValueError(
+                "the timed hosts' work does not vary enough to tell linear from attention work apart: time "
+                "hosts whose share of attention differs (several hosts, two context lengths)"
+            )
+        solution = torch.linalg.lstsq(design / scale, torch.ones(len(rows), 1, dtype=torch.float64))
+        fixed, per_linear, per_attention = (solution.solution.squeeze(1) / scale).tolist()
+        if not (per_linear > 0 and per_attention > 0 and fixed >= -0.05 * min(t for _, _, t in rows)):
+            raise ValueError(
+                "the host times do not fit fixed + linear + attention work (fitted seconds per linear FLOP "
+                f"{per_linear:.3g}, per attention FLOP {per_attention:.3g}, fixed {fixed:.3g} s): at this length "
+                "costs the model does not count dominate; time a longer context"
+            )
+        predicted = design @ torch.tensor([fixed, per_linear, per_attention], dtype=torch.float64)
+        return Calibration(
+            cost=dataclasses.replace(self, attention_weight=per_attention / per_linear),
+            linear_tflops=1e-12 / per_linear,
+            attention_tflops=1e-12 / per_attention,
+            fixed_seconds=max(fixed, 0.0),
+            max_error=float((predicted - 1).abs().max()),
+            samples=tuple(rows),
+        )
 
     def max_block(
         self, budget: float, num_anchor: int, num_passing: int, anchor_visible: bool = True
@@ -176,6 +221,46 @@ class CostModel:
             return spare / linear
         # pair/2 * b^2 + linear * b - spare = 0
         return (-linear + math.sqrt(linear * linear + 2.0 * self._pair * spare)) / self._pair
+
+
+def host_work(
+    num_anchor: int, block_len: float, num_passing: int, anchor_visible: bool = True
+) -> tuple[float, float]:
+    """(tokens run through the decoder, visible (query, key) pairs) of one host. Anchor rows see the anchor
+    causally; block rows see the passing keys, the whole anchor (unless `anchor_visible` is False: host 0's
+    probe anchor, `HostView.anchor_visible`) and the block causally."""
+    a, b = num_anchor, block_len
+    seen = num_passing + (a if anchor_visible else 0)
+    return a + b, a * (a + 1) / 2 + b * seen + b * (b + 1) / 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Calibration:
+    """What `CostModel.fit` made of measured host times (`APBModel.calibrate`)."""
+
+    cost: CostModel
+    """The cost model with the fitted `attention_weight`."""
+    linear_tflops: float
+    """Effective rate of the token-linear work: the GEMMs and everything per token around them."""
+    attention_tflops: float
+    """Effective rate of the attention work."""
+    fixed_seconds: float
+    """Per-host time that grows with neither (the same on every host, so no part of the split)."""
+    max_error: float
+    """Largest |predicted - measured| / measured over the samples."""
+    samples: tuple[tuple[float, float, float], ...]
+    """(tokens, pairs, seconds) of every timed host."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (for logs and benchmark records)."""
+        return {
+            "attention_weight": self.cost.attention_weight,
+            "linear_tflops": self.linear_tflops,
+            "attention_tflops": self.attention_tflops,
+            "fixed_seconds": self.fixed_seconds,
+            "max_error": self.max_error,
+            "samples": [list(sample) for sample in self.samples],
+        }
 
 
 class HostPlan:
@@ -279,13 +364,17 @@ class HostPlan:
         view = self.hosts[host]
         return view.input_ids(context, anchor), view.position_ids(context.device)
 
-    def predicted_costs(self, cost: CostModel) -> list[float]:
-        """Every host's `CostModel.host_cost` under this plan."""
-        costs = []
+    def work(self) -> list[tuple[float, float]]:
+        """Every host's (tokens, visible (query, key) pairs) under this plan (`host_work`)."""
+        work = []
         for view in self.hosts:
             keys_before, rows, block = self.attention_shape(view.host)
-            costs.append(cost.host_cost(rows, block, keys_before, view.anchor_visible))
-        return costs
+            work.append(host_work(rows, block, keys_before, view.anchor_visible))
+        return work
+
+    def predicted_costs(self, cost: CostModel) -> list[float]:
+        """Every host's `CostModel.host_cost` under this plan."""
+        return [cost.work_cost(tokens, pairs) for tokens, pairs in self.work()]
 
     def describe(self) -> dict[str, Any]:
         """JSON-able summary (block sizes, anchor, passing counts) for logs and benchmark records."""

@@ -118,6 +118,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             )
         except ValueError as err:
             results["mismatch_error"] = str(err)
+        # every rank times the hosts itself; the ranks average, so that all fit the same cost model
+        calibrating = APBModel(tiny_model("llama"))
+        results["host_times"] = torch.tensor(calibrating.host_times(64, repeats=1), dtype=torch.float64)
+        # ranks whose cost models differ would split the context differently: refused on every rank
+        if rank == 1:
+            calibrating.cost_model = dataclasses.replace(calibrating.cost_model, attention_weight=50.0)
+        try:
+            calibrating.prefill(_ids(1, 37), _ids(2, 4), config=APBConfig(anchor_len=8, passing_len=None))
+        except ValueError as err:
+            results["cost_mismatch_error"] = str(err)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # leave together: gloo can abort a process whose peer tears the group down first
     finally:
@@ -161,6 +171,18 @@ def test_processes_match_simulation(spawned, simulated):
         for name in ("greedy", "sampled", "eos", "stop", "batch_greedy"):
             assert torch.equal(results[name], simulated[name]), (rank, name, results[name], simulated[name])
         assert "world size 3" in results["mismatch_error"]
+
+
+@pytest.mark.slow
+def test_ranks_calibrate_alike_and_refuse_different_splits(spawned):
+    times = [results["host_times"] for results in spawned]
+    assert times[0].shape == (2 * NUM_HOSTS, 3)  # every host at 64 and 32 tokens: tokens, pairs, seconds
+    assert (times[0][:, 2] > 0).all()
+    for other in times[1:]:  # averaged over the ranks: bit-identical, so every rank fits the same weight
+        assert torch.equal(other, times[0])
+    for results in spawned:
+        error = results["cost_mismatch_error"]
+        assert "plan.blocks differs on rank(s) 1" in error, error
 
 
 @pytest.mark.slow

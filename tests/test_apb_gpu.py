@@ -74,3 +74,22 @@ def test_sparse_flex_equals_reference_bf16():
     flex = apbm.prefill(context, query, config=APBConfig(**cfg, backend="flex"), num_hosts=4).float()
     # bf16 activations: both backends round differently; logits of a random tiny model are O(1)
     assert (flex - ref).abs().max().item() < 5e-2
+
+
+def test_calibration_fits_host_times_on_the_gpu():
+    """`APBModel.calibrate` on a GPU, at a size where the hosts' work dominates their fixed costs (Llama-3.1-8B
+    layers, four of them, 64K): the fitted two-rate model matches every timed host closely, and the balanced
+    split under it evens the predicted costs. (A 4-layer model of hidden 1024 at 32K took ~7 ms a host, mostly
+    launches, and the fit refused it.)"""
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+    model = tiny_model("llama", num_hidden_layers=4, max_position_embeddings=70000, **shape)
+    model = model.to("cuda", torch.bfloat16)
+    apbm = APBModel(model, build_heads(model, hidden_size=256, dtype=torch.bfloat16))
+    config = APBConfig.for_length(65536, 4, backend="triton")
+    calibration = apbm.calibrate(65536, 4, config=config)
+    assert len(calibration.samples) == 8
+    assert 0.05 < calibration.cost.attention_weight < 20, calibration.to_dict()
+    assert calibration.max_error < 0.1, calibration.to_dict()
+    assert apbm.cost_model is calibration.cost
+    costs = apbm.plan(65536, 64, 4, config).predicted_costs(apbm.cost_model)
+    assert max(costs) / min(costs) < 1.02

@@ -132,9 +132,21 @@ def test_distributed_bench_resumes_its_results_file(tmp_path):
     )
     assert len(results["meta"]["resumed_from"]) == 1
     refused = _torchrun(
-        "bench_prefill_dist.py", *more, "--query-len", "4", "--resume", cwd=tmp_path, ok=False
+        "bench_prefill_dist.py",
+        *more,
+        "--query-len",
+        "4",
+        "--calibrate",
+        "4096",
+        "--resume",
+        cwd=tmp_path,
+        ok=False,
     )
-    assert "measured with other settings (query_len 8 there, 4 now)" in refused.stdout + refused.stderr
+    # a calibrated split is another split: not added to a file measured without (or at another length)
+    said = refused.stdout + refused.stderr
+    assert (
+        "measured with other settings (query_len 8 there, 4 now; calibrate_length 0 there, 4096 now)" in said
+    )
     refused = _torchrun(
         "bench_prefill_dist.py", *more, "--backends", "sdpa", "--resume", cwd=tmp_path, ok=False
     )

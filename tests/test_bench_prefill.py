@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import clean_env, run_or_fail
 
 import apb.attention
 import apb.bench.prefill as bench
+from apb import APBConfig, CostModel
 from apb.bench.common import (
     FULL_KERNELS,
     SDPA_KERNELS,
+    build_model,
     first_working_kernel,
     full_attention_kernel,
     full_attention_label,
@@ -322,3 +326,50 @@ def test_every_method_runs_and_plots(tmp_path):
     assert runs["star-shared"]["blocks"] == runs["star"]["blocks"]
     assert runs["star"]["comm_ms"] == 0.0 and runs["star-shared"]["comm_ms"] > 0.0
     assert runs["apb-paper"]["speedup_vs_star"] and png.stat().st_size > 10_000
+
+
+def test_calibrate_fits_the_split_before_timing(tmp_path, monkeypatch):
+    """--calibrate N: the balanced split's cost model is fitted at N tokens (APBModel.calibrate) before any
+    timing, recorded in the meta, and the balanced rows run the split it gives."""
+    from apb import APBModel, HostPlan
+
+    calls = []
+
+    def slow_attention_times(self, num_context, num_hosts=None, *, num_query=64, config=None, repeats=2):
+        calls.append((num_context, num_hosts, num_query, config.backend))
+        cost, samples = self.cost_model, []
+        for n in (num_context, num_context // 2):  # a device on which attention is 3x dearer per FLOP
+            plan = HostPlan(dataclasses.replace(config, split="equal"), n, num_query, num_hosts)
+            samples += [
+                (t, p, 1e-3 + cost.flops_per_token * t / 1e9 + 3 * cost.flops_per_pair * p / 1e9)
+                for t, p in plan.work()
+            ]
+        return samples
+
+    monkeypatch.setattr(APBModel, "host_times", slow_attention_times)
+    out = tmp_path / "r.json"
+    argv = ["--tiny", "--lengths", "1024", "--hosts", "4", "--methods", "apb-balanced", "--no-breakdown"]
+    bench.main([*argv, "--calibrate", "2048", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert calls == [(2048, 4, 8, "reference")]
+    calibration = saved["meta"]["calibration"]
+    assert calibration["length"] == 2048 and calibration["hosts"] == 4
+    assert calibration["attention_weight"] == pytest.approx(3.0, rel=1e-6)
+    assert saved["meta"]["calibrate_length"] == 2048
+    (run,) = saved["runs"]
+    cost = dataclasses.replace(
+        CostModel.from_model_config(build_model("tiny", torch.device("cpu"), torch.float32).config),
+        attention_weight=3.0,
+    )
+    config = APBConfig.for_length(1024, 4, backend="reference", split="balanced")
+    assert run["blocks"] == HostPlan(config, 1024, 8, 4, cost=cost).describe()["blocks"]
+    default = HostPlan(
+        config,
+        1024,
+        8,
+        4,
+        cost=CostModel.from_model_config(build_model("tiny", torch.device("cpu"), torch.float32).config),
+    )
+    assert run["blocks"] != default.describe()["blocks"]  # the fit moved the split
+    with pytest.raises(ValueError, match="calibrate_length"):
+        bench.config_from_args(bench.parse_args(["--tiny", "--calibrate", "-1"]))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -260,3 +262,92 @@ def test_load_defaults_to_the_layout_the_heads_were_trained_for(tmp_path):
     save_adapter(heads, tmp_path / "b", apb_defaults={"anchor_len": 64, "query_in_anchor": False})
     balanced = apb.load(model, tmp_path / "b").plan(4096, 5, num_hosts=4)
     assert balanced.config.split == "balanced" and balanced.blocks[0][1] > 1024  # host 0 holds more
+
+
+def _fit_samples(cost: CostModel, linear_tflops: float, attention_tflops: float, fixed: float):
+    """Host times that the two-rate model gives exactly, for equal-split plans of two lengths."""
+    samples = []
+    for n in (131072, 65536):
+        plan = HostPlan(APBConfig(anchor_len=n // 16, passing_len=n // 32, split="equal"), n, 64, 4)
+        for tokens, pairs in plan.work():
+            seconds = fixed + cost.flops_per_token * tokens / (linear_tflops * 1e12)
+            samples.append((tokens, pairs, seconds + cost.flops_per_pair * pairs / (attention_tflops * 1e12)))
+    return samples
+
+
+def test_fit_recovers_the_rates_of_linear_and_attention_work():
+    cost = _llama8b_cost()
+    calibration = cost.fit(_fit_samples(cost, 536.0, 662.0, fixed=0.004))
+    assert calibration.linear_tflops == pytest.approx(536.0, rel=1e-9)
+    assert calibration.attention_tflops == pytest.approx(662.0, rel=1e-9)
+    assert calibration.fixed_seconds == pytest.approx(0.004, rel=1e-6)
+    assert calibration.cost.attention_weight == pytest.approx(536 / 662, rel=1e-9)
+    assert calibration.max_error < 1e-9
+    assert calibration.cost.flops_per_token == cost.flops_per_token  # only the weight is fitted
+    assert json.loads(json.dumps(calibration.to_dict()))["attention_weight"] == pytest.approx(536 / 662)
+    # 1% timing noise (the spread of repeated runs on a GPU) moves the weight by a few percent; the error
+    # says how well the model fits
+    rng = random.Random(0)
+    noisy = [(n, p, t * rng.gauss(1.0, 0.01)) for n, p, t in _fit_samples(cost, 300, 150, fixed=0.004)]
+    rough = cost.fit(noisy)
+    assert rough.cost.attention_weight == pytest.approx(2.0, rel=0.15)
+    assert 0.002 < rough.max_error < 0.05
+
+
+def test_fit_refuses_samples_that_cannot_separate_the_rates():
+    cost = _llama8b_cost()
+    samples = _fit_samples(cost, 500, 600, 0.0)
+    with pytest.raises(ValueError, match="at least 3"):
+        cost.fit(samples[:2])
+    with pytest.raises(ValueError, match="seconds > 0"):
+        cost.fit([*samples[:3], (100, 10, 0.0)])
+    with pytest.raises(ValueError, match="does not vary enough"):  # the same host timed again and again
+        cost.fit([samples[1]] * 3 + [(2 * samples[1][0], 2 * samples[1][1], 2 * samples[1][2])])
+    # times that fall as the work grows: fixed costs and noise dominate (too short a context)
+    with pytest.raises(ValueError, match="longer context"):
+        cost.fit([(n, p, 1.0 / (1 + p / 1e9)) for n, p, _ in samples])
+
+
+def test_plan_work_is_what_the_cost_model_weighs():
+    cost = CostModel.from_model_config(__import__("transformers").LlamaConfig(**LLAMA8B))
+    plan = HostPlan(
+        APBConfig(anchor_len=2048, passing_len=1024, query_in_anchor=True), 32768, 64, 4, cost=cost
+    )
+    for (tokens, pairs), predicted, view in zip(
+        plan.work(), plan.predicted_costs(cost), plan.hosts, strict=True
+    ):
+        assert tokens == view.num_tokens
+        assert predicted == pytest.approx(cost.work_cost(tokens, pairs))
+    # the balanced split evens exactly that
+    costs = plan.predicted_costs(cost)
+    assert _spread(costs) < 1.01
+
+
+def test_calibrate_times_every_host_and_moves_the_balanced_split(monkeypatch):
+    apbm = APBModel(tiny_model("llama", max_position_embeddings=8192))
+    samples = apbm.host_times(512, 4, num_query=8, repeats=1)
+    expected = []
+    for n in (512, 256):
+        config = dataclasses.replace(apbm.plan(n, 8, 4).config, split="equal")
+        expected += HostPlan(config, n, 8, 4).work()
+    assert [(n, p) for n, p, _ in samples] == expected
+    assert all(seconds > 0 for _, _, seconds in samples)
+
+    before = apbm.plan(4096, 8, 4).blocks
+    # timings of a device on which attention is three times slower than linear work, per FLOP
+    cost = apbm.cost_model
+    slow_attention = [
+        (n, p, 1e-3 + cost.flops_per_token * n / 1e12 + 3 * cost.flops_per_pair * p / 1e12)
+        for n, p, _ in samples
+    ]
+    monkeypatch.setattr(apbm, "host_times", lambda *args, **kwargs: slow_attention)
+    calibration = apbm.calibrate(512, 4, apply=False)
+    assert calibration.cost.attention_weight == pytest.approx(3.0, rel=1e-6)
+    assert apbm.cost_model is cost and apbm.plan(4096, 8, 4).blocks == before  # apply=False: a dry run
+    apbm.calibrate(512, 4)
+    assert apbm.cost_model.attention_weight == pytest.approx(3.0, rel=1e-6)
+    after = apbm.plan(4096, 8, 4).blocks
+    # dearer attention: the early hosts, which attend least, take more of the context
+    assert after[0][1] > before[0][1]
+    with pytest.raises(ValueError, match="repeats"):
+        APBModel(tiny_model("llama")).host_times(64, 2, repeats=0)

@@ -57,6 +57,7 @@ from apb.bench.common import (
 )
 from apb.bench.prefill import (
     APB_METHODS,
+    CALIBRATE_HELP,
     COMPILE_LAYERS_ARG,
     FULL_ATTENTION_NOTE,
     METHOD_ORDER,
@@ -123,6 +124,7 @@ class DistBench:
         "head_hidden",
         "query_len",
         "compile_layers",
+        "calibrate_length",
         "world_size",
         "device",
     )
@@ -304,6 +306,9 @@ class DistBench:
         bench = self.bench
         self.rates = bench.flop_rates(backend)
         self.results["meta"]["rates_tflops"] = {k: self.rates[k] for k in ("matmul", "attention")}
+        bench.calibrate(backend)  # every rank times the hosts itself; the ranks fit their average
+        if "calibration" in bench.results["meta"]:
+            self.results["meta"]["calibration"] = bench.results["meta"]["calibration"]
         self.log(
             f"measured rates: matmul {self.rates['matmul']:.0f} TFLOP/s, attention ({backend}, dense causal) "
             f"{self.rates['attention']:.0f} TFLOP/s"
@@ -434,6 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--deadline-s", type=float, default=0.0)
     p.add_argument("--compile-layers", **COMPILE_LAYERS_ARG)
+    p.add_argument("--calibrate", type=int, default=0, metavar="TOKENS", help=CALIBRATE_HELP)
     p.add_argument("--tiny", action="store_true", help="CPU (gloo): tiny model, fp32, short lengths")
     p.add_argument("--simulated-json", type=Path, help="apb.bench.prefill results to compare with")
     p.add_argument("--out", type=Path, help="results JSON (rank 0; rewritten after every measurement)")
@@ -458,6 +464,7 @@ def config_from_args(args: argparse.Namespace, world: int) -> BenchConfig:
         breakdown=False,
         deadline_s=args.deadline_s,
         compile_layers=args.compile_layers,
+        calibrate_length=args.calibrate,
     )
     if args.tiny:
         kwargs.update(

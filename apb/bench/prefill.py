@@ -169,6 +169,9 @@ class BenchConfig:
     """Stop starting new work after this many seconds since the start (0 = no limit)."""
     seed: int = 0
     """Seed of the weights and the input ids."""
+    calibrate_length: int = 0
+    """Fit the balanced split's cost model on this device (`APBModel.calibrate`) at this many tokens, with the
+    most hosts, before any timing; 0 keeps the library's default weight."""
     compile_layers: str | None = None
     """`torch.compile` backend for every decoder layer's norms and MLP (`apb.fusion.compile_layers`), applied
     once to the model every method runs on, so full attention and APB / Star / exact compare on the same
@@ -200,6 +203,10 @@ class BenchConfig:
             raise ValueError("backends must name at least one attention backend")
         if self.compile_layers is not None:
             check_compile_backend(self.compile_layers)
+        if self.calibrate_length < 0:
+            raise ValueError(
+                f"calibrate_length must be >= 0 (0: no calibration), got {self.calibrate_length}"
+            )
         self.lengths = sorted(set(self.lengths))
         self.hosts = sorted(set(self.hosts))
         if self.primary_length not in self.lengths:
@@ -372,6 +379,7 @@ class Bench:
                 "head_hidden": cfg.head_hidden,
                 "query_len": cfg.query_len,
                 "compile_layers": cfg.compile_layers,
+                "calibrate_length": cfg.calibrate_length,
                 "weights_gib": self.weights_bytes / 2**30,
                 "simulated_hosts": True,
                 "comm_model": {
@@ -463,6 +471,27 @@ class Bench:
         if method == "apb-paper":
             return APBConfig.for_length(length, hosts, backend=backend, split="equal", share_anchor=False)
         return APBConfig.for_length(length, hosts, backend=backend, split="equal")
+
+    def calibrate(self, backend: str) -> None:
+        """`calibrate_length`: fit the balanced split's cost model to this device and backend
+        (`APBModel.calibrate`, hosts simulated; inside torch.distributed the ranks average their times), and
+        record the fit in the results' meta."""
+        length, hosts = self.cfg.calibrate_length, max(self.cfg.hosts)
+        if not length:
+            return
+        config = self.apb_config("apb-balanced", length, hosts, backend)
+        started = time.perf_counter()
+        try:
+            calibration = self.apbm.calibrate(length, hosts, num_query=self.cfg.query_len, config=config)
+        except ValueError as err:
+            raise SystemExit(f"--calibrate {length}: {err}") from err
+        self.free(empty_cache=True)
+        self.results["meta"]["calibration"] = {"length": length, "hosts": hosts, **calibration.to_dict()}
+        self.log(
+            f"calibrated at {length} tokens x{hosts} in {time.perf_counter() - started:.1f} s: attention weight "
+            f"{calibration.cost.attention_weight:.3f} (linear {calibration.linear_tflops:.3g}, attention "
+            f"{calibration.attention_tflops:.3g} TFLOP/s, fit within {calibration.max_error:.1%})"
+        )
 
     def host_plan(self, length: int, hosts: int, config):
         """The `HostPlan` `APBModel.prefill` runs for this setting."""
@@ -821,6 +850,8 @@ class Bench:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         backend = self.select_backend() if any(m in cfg.methods for m in APB_METHODS) else "none"
+        if backend != "none":
+            self.calibrate(backend)
         last_length = None
         for kind, method, length, hosts in self.plan():
             label = f"{kind} {method} {length // 1024}K x{hosts}"
@@ -1172,6 +1203,11 @@ COMPILE_LAYERS_ARG: dict[str, Any] = {
 }
 """`--compile-layers [BACKEND]`, shared with `apb.bench.dist`."""
 
+CALIBRATE_HELP = (
+    "fit the balanced split's cost model on this device at TOKENS tokens before timing (APBModel.calibrate; "
+    "default: the library's weight)"
+)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1195,6 +1231,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--full-skip-threshold-s", type=float, default=20.0)
     p.add_argument("--deadline-s", type=float, default=0.0)
     p.add_argument("--compile-layers", **COMPILE_LAYERS_ARG)
+    p.add_argument("--calibrate", type=int, default=0, metavar="TOKENS", help=CALIBRATE_HELP)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, fp32, short lengths")
     p.add_argument("--out", type=Path, help="results JSON (rewritten after every measurement)")
     p.add_argument("--markdown", type=Path, help="write the tables here")
@@ -1215,6 +1252,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         full_skip_threshold_s=args.full_skip_threshold_s,
         deadline_s=args.deadline_s,
         compile_layers=args.compile_layers,
+        calibrate_length=args.calibrate,
     )
     if args.tiny:
         kwargs.update(
