@@ -587,7 +587,9 @@ class APBModel(nn.Module):
         (`host_times`), fit the rates of linear and attention work (`CostModel.fit`) and, with `apply`, use
         the result for the prefills that follow (`cost_model`). Time a context near the one you will run;
         the default attention weight (`apb.plan.MEASURED_ATTENTION_WEIGHT`) was fitted for FlashAttention-4
-        on an H200. Takes about 3 x (1 + 1/2) x `repeats` simulated prefills at `num_context`.
+        on an H200. Runs 1 + `repeats` simulated prefills at `num_context` and as many at half of it (26-28 s
+        at 128K with 8 hosts of the Llama-3.1-8B shape on an H200); a context too short for the hosts' work
+        to dominate their fixed costs is refused (`CostModel.fit`).
 
             calibration = apbm.calibrate(131072)
             calibration.cost.attention_weight  # keep it: CostModel.from_model_config(config, attention_weight=w)
