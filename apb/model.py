@@ -540,27 +540,42 @@ class APBModel(nn.Module):
         torch.distributed, else 4), so no host's time includes waiting for another. Inside torch.distributed
         every rank times them on its own device and the ranks average their times, so that all of them
         fit the same cost model (the ranks must agree on the split)."""
-        if not is_int(repeats) or repeats < 1:
-            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-        if not is_int(num_query) or num_query < 0:
-            raise ValueError(f"num_query must be an int >= 0, got {num_query!r}")
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_hosts is None:
-            num_hosts = dist.get_world_size() if distributed else 4
+        comm = make_comm(None, self.device)  # inside torch.distributed: the ranks check their arguments agree
+        distributed = comm.num_hosts > 1
+        with comm.shared_refusal():
+            if not is_int(repeats) or repeats < 1:
+                raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+            if not is_int(num_query) or num_query < 0:
+                raise ValueError(f"num_query must be an int >= 0, got {num_query!r}")
+            if not is_int(num_context) or num_context < 2:
+                raise ValueError(f"num_context must be an int >= 2, got {num_context!r}")
+            if num_hosts is None:
+                num_hosts = comm.num_hosts if distributed else 4
+            plans = []
+            for length in (num_context, num_context // 2):
+                equal = dataclasses.replace(
+                    self.plan(length, num_query, num_hosts, config).config, split="equal"
+                )
+                plans.append(HostPlan(equal, length, num_query, num_hosts))
+        comm.check_agreement(
+            {
+                "calibrate.repeats": repeats,
+                **{
+                    f"calibrate.plan{i}": [plan.config.to_dict(), plan.blocks] for i, plan in enumerate(plans)
+                },
+            }
+        )
         generator = torch.Generator().manual_seed(0)
         samples = []
-        for length in (num_context, num_context // 2):
-            plan = self.plan(length, num_query, num_hosts, config)
-            equal = dataclasses.replace(plan.config, split="equal")
-            plan = HostPlan(equal, length, num_query, num_hosts)
+        for plan in plans:
             context, query = (
                 torch.randint(self.vocab_size, (1, size), generator=generator).to(self.device)
-                for size in (length, num_query)
+                for size in (plan.num_context, num_query)
             )
             best = [float("inf")] * num_hosts
             for run in range(repeats + 1):
                 with self.recording() as record:
-                    self._prefill_context(context, query, equal, SimulatedComm(num_hosts))
+                    self._prefill_context(context, query, plan.config, SimulatedComm(num_hosts))
                 if run:  # the first run compiles and warms up
                     best = [min(b, record.host_seconds[host]) for host, b in enumerate(best)]
             samples += [

@@ -121,6 +121,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # every rank times the hosts itself; the ranks average, so that all fit the same cost model
         calibrating = APBModel(tiny_model("llama"))
         results["host_times"] = torch.tensor(calibrating.host_times(64, repeats=1), dtype=torch.float64)
+        try:  # ranks asked for different calibrations stop together instead of waiting in a collective
+            calibrating.host_times(64 + rank, repeats=1)
+        except ValueError as err:
+            results["calibrate_mismatch_error"] = str(err)
         # ranks whose cost models differ would split the context differently: refused on every rank
         if rank == 1:
             calibrating.cost_model = dataclasses.replace(calibrating.cost_model, attention_weight=50.0)
@@ -183,6 +187,8 @@ def test_ranks_calibrate_alike_and_refuse_different_splits(spawned):
     for results in spawned:
         error = results["cost_mismatch_error"]
         assert "plan.blocks differs on rank(s) 1" in error, error
+        error = results["calibrate_mismatch_error"]
+        assert "calibrate.plan0 differs" in error and "calibrate.plan1" in error, error
 
 
 @pytest.mark.slow
