@@ -24,7 +24,8 @@
 #
 # Env: BENCH_S (stop starting new prefill settings after this many seconds; default 0 = run them all),
 # RESUME=1 (the bench continues the output folder's prefill_dist.json: an interrupted or time-boxed run
-# times only what it lacks), LONG=0|1 (256K), STEP_TIMEOUT_S (a step that runs longer is stopped and reported; default 3600),
+# times only what it lacks), BENCH_ARGS (more arguments of scripts/bench_prefill_dist.py: e.g. "--backends
+# flash --compile-layers" as in benchmarks/RESULTS.md, "--calibrate 131072" to fit the balanced split first), LONG=0|1 (256K), STEP_TIMEOUT_S (a step that runs longer is stopped and reported; default 3600),
 # TRAIN_STEPS (default 16), ZERO (ZeRO stage of the training runs; default the config's),
 # CONFIG (default configs/llama8b_random.yaml). Larger bases with random weights and the real shapes (no
 # download):
@@ -82,7 +83,7 @@ case "$STEPS" in *" bench "*)
   timeout -k 10 "$STEP_TIMEOUT_S" torchrun --nproc-per-node "$N" --master-port "$(free_port)" \
     scripts/bench_prefill_dist.py --lengths $LENGTHS --deadline-s "$BENCH_S" $([ "${RESUME:-0}" = 1 ] && echo --resume) \
     --simulated-json benchmarks/prefill_results.json --out "$OUT_DIR/prefill_dist.json" \
-    --markdown "$OUT_DIR/prefill_dist.md" > "$OUT_DIR/bench.log" 2>&1
+    --markdown "$OUT_DIR/prefill_dist.md" ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
   rc=$?
   log "$(status bench $rc) in $(( $(date +%s) - t ))s (log: bench.log)"
   grep -E "^\[|rror" "$OUT_DIR/bench.log" | tail -20
