@@ -392,9 +392,16 @@ def apb_mask_function(*args: Any, **kwargs: Any):
     return fn(*args, **kwargs)
 
 
+_OPAQUE_ATTENTION = torch.compiler.disable(apb_attention_forward)
+"""What is registered: `apb_attention_forward`, which `torch.compile` does not trace into. A compiled attention
+module (`apb.compile_layers`) then runs APB's prefill and decoding steps eagerly, as they are, between a
+compiled graph before them (projections, RoPE) and one after (the output projection); its host-by-host
+blocks, passing sets and backends never reach a guard."""
+
+
 def install(model: nn.Module) -> None:
     """Register the "apb" functions and switch `model` to them (idempotent)."""
-    AttentionInterface.register(ATTN_NAME, apb_attention_forward)
+    AttentionInterface.register(ATTN_NAME, _OPAQUE_ATTENTION)
     AttentionMaskInterface.register(ATTN_NAME, apb_mask_function)
     config = model.config
     current = config._attn_implementation

@@ -1,10 +1,12 @@
-"""Opt-in `torch.compile` of the token-wise parts of a decoder: the norms and the MLP of every layer.
+"""Opt-in `torch.compile` of a decoder's layers around APB's attention.
 
-Those parts are chains of small elementwise ops when run eagerly (RMSNorm: cast, pow, mean, rsqrt, mul,
-cast; the MLP's SiLU(gate) * up), each a kernel launch and a trip through memory; compiled, each chain
-becomes one fused kernel. On an H200 (Llama-3.1-8B shapes, 128K context, 4 hosts) every APB host runs 6-7%
-faster and the query pass about 30% faster; full attention gains too (benchmarks/RESULTS.md, "Host forward
-on one H200").
+Outside the attention itself a layer is chains of small ops when run eagerly (RMSNorm: cast, pow, mean,
+rsqrt, mul, cast; the MLP's SiLU(gate) * up; RoPE: about ten elementwise launches on strided q and k, plus
+Qwen3's per-head q/k norms), each a kernel launch and a trip through memory; compiled, each chain becomes
+one fused kernel. APB's attention function is not traced (`apb.attention`): it runs eagerly between the
+graph before it and the one after. On an H200 (Llama-3.1-8B shapes, 128K context, 4 hosts) compiling the
+norms and MLPs made every APB host 6-7% faster and the query pass about 30% faster, and full attention gains
+too (benchmarks/RESULTS.md, "Host forward on one H200").
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ COMPILE_LAYERS_ARG: dict[str, Any] = dict(
     const="inductor",
     default=None,
     metavar="BACKEND",
-    help="torch.compile every layer's norms and MLP (apb.compile_layers); BACKEND defaults to inductor",
+    help="torch.compile every layer's norms, MLP and attention module around APB's attention "
+    "(apb.compile_layers); BACKEND defaults to inductor",
 )
 """argparse keywords of `--compile-layers [BACKEND]`, the flag of the benchmarks and scripts/generate.py."""
 
@@ -38,23 +41,25 @@ def check_backend(backend: str) -> None:
         )
 
 
-EAGER_CHILD = "self_attn"
-"""The child of a decoder layer that stays eager (see `compile_layers`)."""
+ATTENTION_CHILD = "self_attn"
+"""The child of a decoder layer that holds its attention (see `compile_layers`)."""
 
 
-def compile_layers(model: nn.Module, **compile_kwargs: Any) -> int:
-    """Compile, in place, every child of every decoder layer except its attention, and the final norm.
+def compile_layers(model: nn.Module, *, attention: bool = True, **compile_kwargs: Any) -> int:
+    """Compile, in place, every child of every decoder layer and the final norm.
 
-    For each layer of `model.get_decoder().layers`, each named child other than `self_attn` (Llama, Qwen,
-    Mistral: `input_layernorm`, `post_attention_layernorm`, `mlp`) gets `nn.Module.compile`, and so does
+    For each layer of `model.get_decoder().layers`, each named child (Llama, Qwen, Mistral:
+    `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`) gets `nn.Module.compile`, and so does
     the decoder's final `norm` when it has one. `compile_kwargs` go to `torch.compile` over the default
     ``dynamic=True`` (one graph for every sequence length instead of one per length); pass e.g.
     ``backend="aot_eager"`` where no C++ compiler is at hand.
 
-    The attention module stays eager because APB runs inside it: it registers its own attention function
-    (`apb.attention`) and forward hooks on q_proj / k_proj / v_proj (`apb.heads.ProjectionCapture`), and a
-    prefill switches per host between blocks, passing sets and backends, which a compiled graph would
-    have to guard on and recompile for.
+    In the attention module the graph stops at the attention function: APB's (`apb.attention`) is not
+    traced, so a prefill's per-host blocks, passing sets and backends run eagerly and never reach a guard,
+    while the q/k/v projections, RoPE (and Qwen3's q/k norms) before it and the output projection after it
+    are compiled. The forward hooks of the retaining heads on q_proj / k_proj / v_proj
+    (`apb.heads.ProjectionCapture`) are traced into the graph. `attention=False` leaves the attention
+    modules eager (as before this option existed).
 
     Compilation is lazy: the first forward traces and compiles, seconds to a minute on a GPU, so warm up
     before timing. Identical layers share one graph per module class; a new length does not recompile
@@ -64,8 +69,9 @@ def compile_layers(model: nn.Module, **compile_kwargs: Any) -> int:
     after compiling still calls the original's compiled modules: copy first. Calling this again skips what
     is compiled already.
 
-    Returns the number of modules compiled by this call (3 per layer + 1 on Llama; 0 when called again).
-    Raises ValueError when the model has no decoder layers or a layer has no `self_attn`.
+    Returns the number of modules compiled by this call (4 per layer + 1 on Llama, 3 per layer + 1 with
+    ``attention=False``; 0 when called again). Raises ValueError when the model has no decoder layers or a
+    layer has no `self_attn`.
     """
     try:
         layers = decoder_layers(model)
@@ -76,13 +82,13 @@ def compile_layers(model: nn.Module, **compile_kwargs: Any) -> int:
     modules: list[nn.Module] = []
     for index, layer in enumerate(layers):
         children = dict(layer.named_children())
-        if EAGER_CHILD not in children:
+        if ATTENTION_CHILD not in children:
             raise ValueError(
                 f"compile_layers: layer {index} ({type(layer).__name__}) of {type(model).__name__} has no "
-                f"`{EAGER_CHILD}` child (children: {', '.join(children) or 'none'}); without knowing which "
-                "child is the attention, nothing can be left eager"
+                f"`{ATTENTION_CHILD}` child (children: {', '.join(children) or 'none'}); without knowing which "
+                "child is the attention, APB's attention cannot be kept out of the graphs"
             )
-        modules += [child for name, child in children.items() if name != EAGER_CHILD]
+        modules += [child for name, child in children.items() if attention or name != ATTENTION_CHILD]
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     final_norm = getattr(decoder, "norm", None)
     if isinstance(final_norm, nn.Module):

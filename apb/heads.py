@@ -202,7 +202,10 @@ class ProjectionCapture:
                 # q_norm/k_norm outputs are [batch, seq, heads, head_dim]; flatten the heads.
                 self.store.setdefault(layer_idx, {})[name] = output.flatten(2)
 
-        return hook
+        # Not traced by torch.compile (`apb.compile_layers` compiles the attention modules around these
+        # projections): traced, each layer's hook would be a graph guarded on its own layer index, one
+        # recompile per layer up to Dynamo's limit. Opaque, the graph breaks at the projection instead.
+        return torch.compiler.disable(hook)
 
     @contextmanager
     def capturing(self) -> Iterator[dict[int, dict[str, torch.Tensor]]]:

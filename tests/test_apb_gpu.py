@@ -93,3 +93,40 @@ def test_calibration_fits_host_times_on_the_gpu():
     assert apbm.cost_model is calibration.cost
     costs = apbm.plan(65536, 64, 4, config).predicted_costs(apbm.cost_model)
     assert max(costs) / min(costs) < 1.02
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_inductor_compiled_layers_on_the_gpu(family):
+    """`compile_layers` with inductor on CUDA: the attention modules compiled around APB's attention (RoPE,
+    Qwen3's q/k norms and the heads' q/k/v hooks inside the graphs). Exact APB gives the uncompiled model's
+    logits within bf16 rounding; sparse APB with heads runs, decodes, and new lengths add no graphs."""
+    import copy
+
+    import torch._dynamo
+
+    from apb import compile_layers
+
+    torch._dynamo.reset()
+    model = tiny_model(family, max_position_embeddings=8192).to("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    heads = build_heads(model, hidden_size=16, dtype=torch.bfloat16)
+    plain = APBModel(copy.deepcopy(model), copy.deepcopy(heads))
+    compile_layers(model)
+    apbm = APBModel(model, heads)
+    g = torch.Generator().manual_seed(2)
+    sparse = APBConfig(anchor_len=64, passing_len=32, query_in_anchor=True, query_offset=4, backend="triton")
+    for num_context in (1000, 1537, 1200):
+        context = torch.randint(0, 128, (1, num_context), generator=g).cuda()
+        query = torch.randint(0, 128, (1, 7), generator=g).cuda()
+        exact = APBConfig.exact(backend="triton")
+        expected = plain.prefill(context, query, config=exact, num_hosts=4).float()
+        logits = apbm.prefill(context, query, config=exact, num_hosts=4).float()
+        # the compiled graphs round bf16 differently (fused RoPE, norms); logits of a random tiny model are O(1)
+        assert (logits - expected).abs().max().item() < 5e-2
+        assert torch.isfinite(apbm.prefill(context, query, config=sparse, num_hosts=4)).all()
+        if num_context == 1000:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # new lengths: no new graphs
+    out = apbm.generate(context, query, config=sparse, num_hosts=4, max_new_tokens=4)
+    assert out.shape == (1, 4)
+    torch._dynamo.reset()

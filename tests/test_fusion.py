@@ -1,6 +1,7 @@
-"""`apb.fusion.compile_layers`: the norms and MLPs compiled, the attention eager; APB's prefill (exact and
-sparse, with the q/k/v hooks of the retaining heads) gives the logits of the uncompiled model; the
-benchmarks' --compile-layers.
+"""`apb.fusion.compile_layers`: the norms, MLPs and attention modules compiled around APB's attention
+function, which runs eagerly (or the attention modules left eager, `attention=False`); APB's prefill (exact
+and sparse, with the q/k/v hooks of the retaining heads) and decoding give the logits and tokens of the
+uncompiled model; the benchmarks' --compile-layers.
 
 CPU, tiny random models, backend aot_eager (traced and run through AOTAutograd like inductor, without a C++
 compiler). Tolerance: fp32; exact APB only regroups the same dot products (the oracle's ATOL, see
@@ -65,16 +66,17 @@ def _plain_query_logits(model: nn.Module, context: torch.Tensor, query: torch.Te
         return model(torch.cat([context, query], dim=1)).logits[:, -query.shape[1] :]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_exact_apb_on_compiled_layers_equals_the_plain_model(family):
     model = tiny_model(family)
     plain = copy.deepcopy(model)  # before compiling: a copy made after would call the original's graphs
     backend = CountingBackend()
     num_layers = model.config.num_hidden_layers
-    # input_layernorm, post_attention_layernorm and mlp per layer, and the final norm
-    assert compile_layers(model, backend=backend) == 3 * num_layers + 1
-    assert all(getattr(layer.self_attn, "_compiled_call_impl", None) is None for layer in model.model.layers)
+    # input_layernorm, self_attn, post_attention_layernorm and mlp per layer, and the final norm
+    assert compile_layers(model, backend=backend) == 4 * num_layers + 1
+    assert all(layer.self_attn._compiled_call_impl is not None for layer in model.model.layers)
     apbm = APBModel(model)
+    graphs = []
     for num_context in (37, 53):  # two lengths, host blocks of several sizes: dynamic shapes
         context, query = _ids(num_context, num_context), _ids(1, NUM_QUERY)
         expected = _plain_query_logits(plain, context, query)
@@ -85,44 +87,72 @@ def test_exact_apb_on_compiled_layers_equals_the_plain_model(family):
             assert err < ATOL, (
                 f"{family} n={num_context} H={num_hosts}: max |compiled APB - plain| = {err:.2e}"
             )
-            # every host's decoder call and the query pass went through the compiled graphs
-            assert backend.num_calls - calls_before == (num_hosts + 1) * (3 * num_layers + 1)
-    # one graph for the norms, one for the MLP, whatever the length (dynamic=True: no recompiles)
-    assert backend.num_graphs == 2
+            # every host's decoder call and the query pass went through the compiled graphs: per layer the
+            # two norms, the MLP and the attention module's two graphs (before and after APB's attention)
+            assert backend.num_calls - calls_before == (num_hosts + 1) * (5 * num_layers + 1)
+        graphs.append(backend.num_graphs)
+    # a second length compiles nothing new (dynamic=True), and APB's host-by-host work reaches no guard
+    assert graphs[0] == graphs[1] <= 6, graphs
 
 
-def test_sparse_apb_with_heads_on_compiled_layers_equals_uncompiled():
-    """The retaining heads read q/k/v through forward hooks on the projections inside the (eager) attention:
-    same passing choices and logits as an uncompiled copy of the same model and heads."""
+def test_attention_can_stay_eager():
     model = tiny_model("llama")
+    plain = copy.deepcopy(model)
+    assert (
+        compile_layers(model, attention=False, backend="aot_eager") == 3 * model.config.num_hidden_layers + 1
+    )
+    assert all(getattr(layer.self_attn, "_compiled_call_impl", None) is None for layer in model.model.layers)
+    context, query = _ids(2, 41), _ids(1, NUM_QUERY)
+    logits = APBModel(model).prefill(context, query, config=APBConfig.exact(), num_hosts=3)
+    assert (logits - _plain_query_logits(plain, context, query)).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_sparse_apb_with_heads_on_compiled_layers_equals_uncompiled(family):
+    """The retaining heads read q/k/v (Qwen3: the q/k norms) through forward hooks inside the compiled
+    attention modules: same passing choices, logits and generated tokens as an uncompiled copy of the same
+    model and heads, over several prefills without new graphs. Ten layers, more than Dynamo's recompile
+    limit (8): graphs guarded on a layer's hooks would recompile per layer and then fall back to eager."""
+    model = tiny_model(family, num_hidden_layers=10)
     torch.manual_seed(0)
     heads = build_heads(model, hidden_size=16)
     plain, plain_heads = copy.deepcopy(model), copy.deepcopy(heads)
     backend = CountingBackend()
     compile_layers(model, backend=backend)
-    config = APBConfig(anchor_len=6, passing_len=4)
-    context, query = _ids(3, 61), _ids(4, NUM_QUERY)
-    runs = []
-    for apbm in (APBModel(model, heads), APBModel(plain, plain_heads)):
-        with apbm.recording() as record:
-            logits = apbm.prefill(context, query, config=config, num_hosts=3)
-        runs.append((logits, record.passing))
-    (logits, passing), (expected, expected_passing) = runs
-    assert backend.num_calls > 0
-    # hosts 0 and 1 each pass 4 tokens per KV head and layer, chosen by their heads; the last passes nothing
+    config = APBConfig(anchor_len=6, passing_len=4, query_in_anchor=True, query_offset=1)
     num_layers = model.config.num_hidden_layers
-    assert [len(passing[host]) for host in range(3)] == [num_layers, num_layers, 0]
-    assert passing.keys() == expected_passing.keys()
-    for host, layers in expected_passing.items():
-        for layer, indices in layers.items():
-            assert indices.shape[-1] == 4
-            assert torch.equal(passing[host][layer], indices), f"host {host} layer {layer}"
-    assert (logits - expected).abs().max().item() < ATOL
+    compiled, uncompiled = APBModel(model, heads), APBModel(plain, plain_heads)
+    graphs = []
+    for seed, num_context in ((3, 61), (5, 80), (6, 67)):
+        context, query = _ids(seed, num_context), _ids(seed + 1, NUM_QUERY)
+        runs = []
+        for apbm in (compiled, uncompiled):
+            with apbm.recording() as record:
+                logits = apbm.prefill(context, query, config=config, num_hosts=3)
+            runs.append((logits, record.passing))
+        (logits, passing), (expected, expected_passing) = runs
+        # hosts 0 and 1 each pass 4 tokens per KV head and layer, chosen by their heads; the last passes none
+        assert [len(passing[host]) for host in range(3)] == [num_layers, num_layers, 0]
+        assert passing.keys() == expected_passing.keys()
+        for host, layers in expected_passing.items():
+            for layer, indices in layers.items():
+                assert indices.shape[-1] == 4
+                assert torch.equal(passing[host][layer], indices), f"host {host} layer {layer}"
+        assert (logits - expected).abs().max().item() < ATOL
+        graphs.append(backend.num_graphs)
+    # as many graphs for ten layers as for one (the heads' hooks split the attention module's graph at the
+    # projections), and new lengths and inputs add none
+    assert graphs[0] == graphs[-1] <= 12, graphs
+    kwargs = dict(config=config, num_hosts=3, max_new_tokens=6)
+    context, query = _ids(3, 61), _ids(4, NUM_QUERY)
+    assert torch.equal(
+        compiled.generate(context, query, **kwargs), uncompiled.generate(context, query, **kwargs)
+    )
 
 
 def test_second_call_compiles_nothing():
     model = tiny_model("mistral")
-    assert compile_layers(model, backend="aot_eager") == 3 * model.config.num_hidden_layers + 1
+    assert compile_layers(model, backend="aot_eager") == 4 * model.config.num_hidden_layers + 1
     assert compile_layers(model, backend="aot_eager") == 0
 
 

@@ -67,7 +67,7 @@ def test_split_flag_picks_the_host_blocks(generate, capsys):
 
 
 def test_compiled_layers_give_the_same_answer(generate, capsys):
-    """--compile-layers compiles every layer's norms and MLP before generating; the tokens are the same
+    """--compile-layers compiles every layer's norms, MLP and attention module before generating; the tokens are the same
     (aot_eager here: no C++ compiler needed, the same graphs as inductor would compile)."""
     argv = ["--tiny", "--hosts", "2", "--max-new-tokens", "3"]
     generate.main(argv)
@@ -78,7 +78,8 @@ def test_compiled_layers_give_the_same_answer(generate, capsys):
     def answers(out):  # "answer (3 tokens, 0.25s total): '...'" -> the text, without the time
         return [line.split("): ", 1)[1] for line in out.splitlines() if line.startswith("answer (")]
 
-    assert "compile_layers: 13 modules (aot_eager)" in compiled  # 4 layers x (2 norms + MLP) + the final norm
+    # 4 layers x (2 norms, attention, MLP) + the final norm
+    assert "compile_layers: 17 modules (aot_eager)" in compiled
     assert "compile_layers" not in eager
     assert answers(eager) and answers(eager) == answers(compiled)
     with pytest.raises(SystemExit):

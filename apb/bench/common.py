@@ -192,6 +192,8 @@ KERNEL_LABELS = {
 }
 FA4_ATTENTION = "apb_bench_fa4_causal"
 """The transformers attention implementation name under which full attention runs on FA4."""
+SDPA_ATTENTION = "apb_bench_sdpa"
+"""The name under which full attention runs on SDPA (transformers' own SDPA function)."""
 
 
 @contextlib.contextmanager
@@ -242,21 +244,38 @@ def full_attention_kernel(model: nn.Module, kernel: str | None) -> Iterator[None
     "fa4" switches its attention implementation to FlashAttention-4 dense causal for the duration; the
     SDPA names restrict SDPA as `sdpa_kernel_only` does (None: torch's own choice)."""
     if kernel != "fa4":
-        with sdpa_kernel_only(kernel):
+        if model is None:
+            with sdpa_kernel_only(kernel):
+                yield
+            return
+        from transformers.masking_utils import sdpa_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        with sdpa_kernel_only(kernel), _attention_function(model, SDPA_ATTENTION, sdpa, sdpa_mask):
             yield
         return
     from apb.kernels.flash4 import fa4_available
 
     if not fa4_available():
         raise RuntimeError("No available kernel: flash-attn-4 is not installed")
+    with _attention_function(model, FA4_ATTENTION, _fa4_causal_forward, _no_mask):
+        yield
+
+
+@contextlib.contextmanager
+def _attention_function(model: nn.Module, name: str, attention: Callable, mask: Callable) -> Iterator[None]:
+    """`model`'s attention runs through `attention` (registered with transformers as `name`) inside the
+    block. It is registered opaque to `torch.compile`: a model whose attention modules are compiled
+    (`apb.compile_layers`) calls it as it is, so the kernel chosen here is the one that runs."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
     from apb.attention import set_implementation
 
-    AttentionInterface.register(FA4_ATTENTION, _fa4_causal_forward)
-    AttentionMaskInterface.register(FA4_ATTENTION, _no_mask)
+    AttentionInterface.register(name, torch.compiler.disable(attention))
+    AttentionMaskInterface.register(name, mask)
     previous = model.config._attn_implementation
-    set_implementation(model, FA4_ATTENTION)
+    set_implementation(model, name)
     try:
         yield
     finally:

@@ -40,8 +40,8 @@ shapes, so kernels are compiled / autotuned and cuBLAS is warm) at a fraction of
 per host: `torch.cuda.max_memory_allocated`, reset at each host's start; since all simulated hosts share
 one GPU, the per-host estimate is weights + (peak during the host - allocated at its start).
 
-`--compile-layers [BACKEND]` (default backend inductor) compiles every layer's norms and MLP
-(`apb.fusion.compile_layers`) right after the model is built, so full attention and APB / Star / exact
+`--compile-layers [BACKEND]` (default backend inductor) compiles every layer's norms, MLP and attention
+module around the attention call (`apb.fusion.compile_layers`) right after the model is built, so full attention and APB / Star / exact
 all run on the same compiled layers; the warm-ups compile them, and the JSON's meta records the backend.
 
 The work runs in order of importance (128K with the most hosts, full vs Star vs APB and the per-block
@@ -91,6 +91,7 @@ from apb.bench.common import (
     median,
     method_label,
     package_version,
+    sdpa_kernel_only,
     skipped_run,
 )
 from apb.fusion import COMPILE_LAYERS_ARG as FUSION_ARG
@@ -173,7 +174,8 @@ class BenchConfig:
     """Fit the balanced split's cost model on this device (`APBModel.calibrate`) at this many tokens, with the
     most hosts, before any timing; 0 keeps the library's default weight."""
     compile_layers: str | None = None
-    """`torch.compile` backend for every decoder layer's norms and MLP (`apb.fusion.compile_layers`), applied
+    """`torch.compile` backend for every decoder layer's norms, MLP and attention module
+    (`apb.fusion.compile_layers`; the attention call itself runs eagerly), applied
     once to the model every method runs on, so full attention and APB / Star / exact compare on the same
     layers; None keeps them eager. The warm-up runs compile (a run with warmup_layers=0 times a compile)."""
 
@@ -795,17 +797,17 @@ class Bench:
             with torch.inference_mode():
                 return self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-        AttentionInterface.register("bench_sdpa", timed_sdpa)
+        AttentionInterface.register("bench_sdpa", torch.compiler.disable(timed_sdpa))  # not traced: timed
         AttentionMaskInterface.register("bench_sdpa", sdpa_mask)
         with self.plain_model():
             kernel = self.full_kernel(forward, length)
             self.model.set_attn_implementation("bench_sdpa")
             try:
-                with (
-                    breakdown.module_hooks(),
-                    self.recorder.recording() as calls,
-                    full_attention_kernel(self.model, kernel),
-                ):
+                # on SDPA kernels the attention stays the timed SDPA registered above (opaque itself)
+                use_kernel = (
+                    full_attention_kernel(self.model, kernel) if kernel == "fa4" else sdpa_kernel_only(kernel)
+                )
+                with breakdown.module_hooks(), self.recorder.recording() as calls, use_kernel:
                     forward()
             finally:
                 self.model.set_attn_implementation("sdpa")
@@ -1198,7 +1200,7 @@ def summary_line(kind: str, result: dict[str, Any]) -> str:
 
 COMPILE_LAYERS_ARG: dict[str, Any] = {
     **FUSION_ARG,
-    "help": "torch.compile every layer's norms and MLP for every method, full attention included "
+    "help": "torch.compile every layer's norms, MLP and attention module for every method, full attention included "
     "(apb.compile_layers); BACKEND defaults to inductor",
 }
 """`--compile-layers [BACKEND]`, shared with `apb.bench.dist`."""
