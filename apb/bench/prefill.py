@@ -41,8 +41,9 @@ per host: `torch.cuda.max_memory_allocated`, reset at each host's start; since a
 one GPU, the per-host estimate is weights + (peak during the host - allocated at its start).
 
 `--compile-layers [BACKEND]` (default backend inductor) compiles every layer's norms, MLP and attention
-module around the attention call (`apb.fusion.compile_layers`) right after the model is built, so full attention and APB / Star / exact
-all run on the same compiled layers; the warm-ups compile them, and the JSON's meta records the backend.
+module around the attention call (`apb.fusion.compile_layers`) right after the model is built, so full
+attention and APB / Star / exact all run on the same compiled layers; the warm-ups compile them, and the
+JSON's meta records the backend.
 
 The work runs in order of importance (128K with the most hosts, full vs Star vs APB and the per-block
 breakdown first) and the JSON is rewritten after every measurement, so a run cut short keeps its numbers.
