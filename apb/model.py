@@ -531,6 +531,7 @@ class APBModel(nn.Module):
         num_query: int = 64,
         config: APBConfig | None = None,
         repeats: int = 2,
+        progress: bool = False,
     ) -> list[tuple[float, float, float]]:
         """(tokens, pairs, seconds) of every host of APB prefills of random tokens under the equal split, at
         `num_context` and `num_context // 2` tokens: what `calibrate` fits. Tokens and pairs are the host's
@@ -539,7 +540,8 @@ class APBModel(nn.Module):
         The hosts run one after another in this process (`num_hosts`: default the world size inside
         torch.distributed, else 4), so no host's time includes waiting for another. Inside torch.distributed
         every rank times them on its own device and the ranks average their times, so that all of them
-        fit the same cost model (the ranks must agree on the split)."""
+        fit the same cost model (the ranks must agree on the split). `progress`: a progress bar over the
+        prefills (on rank 0)."""
         comm = make_comm(None, self.device)  # inside torch.distributed: the ranks check their arguments agree
         distributed = comm.num_hosts > 1
         with comm.shared_refusal():
@@ -565,8 +567,16 @@ class APBModel(nn.Module):
                 },
             }
         )
+        from tqdm.auto import tqdm
+
         generator = torch.Generator().manual_seed(0)
         samples = []
+        bar = tqdm(
+            total=len(plans) * (repeats + 1),
+            desc="calibrate",
+            unit="prefill",
+            disable=not progress or (distributed and dist.get_rank() != 0),
+        )
         for plan in plans:
             context, query = (
                 torch.randint(self.vocab_size, (1, size), generator=generator).to(self.device)
@@ -578,9 +588,11 @@ class APBModel(nn.Module):
                     self._prefill_context(context, query, plan.config, SimulatedComm(num_hosts))
                 if run:  # the first run compiles and warms up
                     best = [min(b, record.host_seconds[host]) for host, b in enumerate(best)]
+                bar.update()
             samples += [
                 (tokens, pairs, seconds) for (tokens, pairs), seconds in zip(plan.work(), best, strict=True)
             ]
+        bar.close()
         if distributed:
             seconds = torch.tensor([t for _, _, t in samples], dtype=torch.float64, device=self.device)
             dist.all_reduce(seconds)
@@ -597,6 +609,7 @@ class APBModel(nn.Module):
         config: APBConfig | None = None,
         repeats: int = 2,
         apply: bool = True,
+        progress: bool = False,
     ) -> Calibration:
         """Fit the balanced split's cost model to this device, backend and model: time every host
         (`host_times`), fit the rates of linear and attention work (`CostModel.fit`) and, with `apply`, use
@@ -604,13 +617,15 @@ class APBModel(nn.Module):
         the default attention weight (`apb.plan.MEASURED_ATTENTION_WEIGHT`) was fitted for FlashAttention-4
         on an H200. Runs 1 + `repeats` simulated prefills at `num_context` and as many at half of it (26-28 s
         at 128K with 8 hosts of the Llama-3.1-8B shape on an H200); a context too short for the hosts' work
-        to dominate their fixed costs is refused (`CostModel.fit`).
+        to dominate their fixed costs is refused (`CostModel.fit`). `progress`: a progress bar (rank 0).
 
             calibration = apbm.calibrate(131072)
             calibration.cost.attention_weight  # keep it: CostModel.from_model_config(config, attention_weight=w)
         """
         calibration = self.cost_model.fit(
-            self.host_times(num_context, num_hosts, num_query=num_query, config=config, repeats=repeats)
+            self.host_times(
+                num_context, num_hosts, num_query=num_query, config=config, repeats=repeats, progress=progress
+            )
         )
         logger.info(
             "calibrated the balanced split: linear work %.3g TFLOP/s, attention %.3g TFLOP/s, attention weight "

@@ -335,7 +335,9 @@ def test_calibrate_fits_the_split_before_timing(tmp_path, monkeypatch):
 
     calls = []
 
-    def slow_attention_times(self, num_context, num_hosts=None, *, num_query=64, config=None, repeats=2):
+    def slow_attention_times(
+        self, num_context, num_hosts=None, *, num_query=64, config=None, repeats=2, progress=False
+    ):
         calls.append((num_context, num_hosts, num_query, config.backend))
         cost, samples = self.cost_model, []
         for n in (num_context, num_context // 2):  # a device on which attention is 3x dearer per FLOP

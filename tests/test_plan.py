@@ -323,14 +323,15 @@ def test_plan_work_is_what_the_cost_model_weighs():
     assert _spread(costs) < 1.01
 
 
-def test_calibrate_times_every_host_and_moves_the_balanced_split(monkeypatch):
+def test_calibrate_times_every_host_and_moves_the_balanced_split(monkeypatch, capsys):
     apbm = APBModel(tiny_model("llama", max_position_embeddings=8192))
-    samples = apbm.host_times(512, 4, num_query=8, repeats=1)
+    samples = apbm.host_times(512, 4, num_query=8, repeats=1, progress=True)
     expected = []
     for n in (512, 256):
         config = dataclasses.replace(apbm.plan(n, 8, 4).config, split="equal")
         expected += HostPlan(config, n, 8, 4).work()
     assert [(n, p) for n, p, _ in samples] == expected
+    assert "calibrate: 100%" in capsys.readouterr().err  # 2 lengths x (1 + 1) prefills, with a progress bar
     assert all(seconds > 0 for _, _, seconds in samples)
 
     before = apbm.plan(4096, 8, 4).blocks

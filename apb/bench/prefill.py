@@ -485,7 +485,9 @@ class Bench:
         config = self.apb_config("apb-balanced", length, hosts, backend)
         started = time.perf_counter()
         try:
-            calibration = self.apbm.calibrate(length, hosts, num_query=self.cfg.query_len, config=config)
+            calibration = self.apbm.calibrate(
+                length, hosts, num_query=self.cfg.query_len, config=config, progress=True
+            )
         except ValueError as err:
             raise SystemExit(f"--calibrate {length}: {err}") from err
         self.free(empty_cache=True)
