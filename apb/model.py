@@ -93,6 +93,7 @@ class APBModel(nn.Module):
         self.cost_model = CostModel.from_model_config(model.config)
         """Predicted per-host work, used by the balanced split (`apb.plan`)."""
         self.last_plan: HostPlan | None = None
+        self._warned_positions = False
         """The `HostPlan` of the last prefill."""
         self._record: PrefillRecord | None = None
 
@@ -699,6 +700,7 @@ class APBModel(nn.Module):
                 **{f"config.{key}": value for key, value in config.to_dict().items()},
             }
         )
+        self._warn_past_max_positions(context.shape[1] + (0 if query is None else query.shape[1]))
         anchor = plan.anchor_ids(context, anchor_query)
         stores: dict[int, list[LayerKV]] = {}
         context_len = 0
@@ -752,6 +754,20 @@ class APBModel(nn.Module):
                     "host %d prefill: %d tokens in %.3fs", host, ids.shape[1], record.host_seconds[host]
                 )
         return DecodeState(stores=stores, last_host=plan.num_hosts - 1, comm=comm, context_len=context_len)
+
+    def _warn_past_max_positions(self, num_tokens: int) -> None:
+        """Warn (once per model) when a prefill runs positions the model's config says it was not made for."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if not isinstance(limit, int) or num_tokens <= limit or self._warned_positions:
+            return
+        self._warned_positions = True
+        logger.warning(
+            "a prefill of %d tokens runs positions past the model's max_position_embeddings (%d): the model "
+            "was not trained on them, so expect worse answers than within that length (APB runs them as the "
+            "model itself would; a model with RoPE scaling states its extended length there)",
+            num_tokens,
+            limit,
+        )
 
     def _run_decoder(self, state, input_ids: torch.Tensor, positions: torch.Tensor, capture: bool = False):
         decoder = self.model.get_decoder()

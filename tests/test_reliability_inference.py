@@ -181,6 +181,25 @@ def test_nan_or_inf_in_heads_given_directly_is_refused_naming_the_tensor():
     APBModel(model, heads)  # finite again: accepted
 
 
+def test_a_context_past_the_models_positions_is_run_with_one_warning(caplog):
+    """Positions past max_position_embeddings run as the model itself would run them (RoPE has no table to
+    overflow), with one warning per model saying the answers may suffer."""
+    apbm = APBModel(tiny_model("llama", max_position_embeddings=64))
+    context, query = torch.randint(0, 128, (1, 70)), torch.randint(0, 128, (1, 4))
+    exact = APBConfig.exact()
+    with caplog.at_level("WARNING", logger="apb.model"):
+        apbm.prefill(context[:, :50], query, config=exact, num_hosts=2)
+        assert not caplog.records  # 54 tokens: within the model's positions
+        logits = apbm.prefill(context, query, config=exact, num_hosts=2)
+        apbm.prefill(context, query, config=exact, num_hosts=2)
+    assert torch.isfinite(logits).all()
+    (record,) = caplog.records
+    assert "74 tokens runs positions past the model's max_position_embeddings (64)" in record.getMessage()
+    with torch.no_grad():  # the same logits as the model itself at those positions
+        expected = apbm.model(torch.cat([context, query], dim=1)).logits[:, -4:]
+    assert (logits - expected).abs().max().item() < 1e-5
+
+
 def _num_projection_hooks(model) -> int:
     attn = model.model.layers
     return sum(len(m._forward_hooks) for layer in attn for m in layer.self_attn.modules())
