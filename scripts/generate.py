@@ -16,6 +16,7 @@ Prints the answer and the context-prefill time of every host.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from typing import Any
@@ -70,6 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the context is cut into host blocks (apb and exact modes; default: the library's, balanced)",
     )
     p.add_argument(
+        "--calibrate",
+        type=int,
+        metavar="TOKENS",
+        help="fit the balanced split to this GPU and backend first (APBModel.calibrate at TOKENS tokens, about "
+        "6 simulated prefills); it prints the --attention-weight to pass next time",
+    )
+    p.add_argument(
+        "--attention-weight",
+        type=float,
+        help="the balanced split's attention weight (what --calibrate printed; default: the library's)",
+    )
+    p.add_argument(
         "--backend", default="auto", help="attention backend: auto, reference, flex, flash, triton"
     )
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -89,6 +102,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             check_compile_backend(args.compile_layers)
         except ValueError as err:
             p.error(str(err))
+    if args.calibrate is not None and args.attention_weight is not None:
+        p.error("--calibrate fits the attention weight: give it or --attention-weight, not both")
+    if args.calibrate is not None and (args.mode in ("star", "full") or args.split == "equal"):
+        p.error("--calibrate fits the balanced split, which --mode star / full and --split equal do not use")
+    if args.calibrate is not None and args.calibrate < 2:
+        p.error(f"--calibrate needs a context length of at least 2 tokens, got {args.calibrate}")
+    if args.attention_weight is not None and not args.attention_weight > 0:
+        p.error(f"--attention-weight must be > 0, got {args.attention_weight}")
     return args
 
 
@@ -218,6 +239,26 @@ def main(argv: list[str] | None = None) -> None:
             overrides = {k: v for k, v in sizes if v is not None}
             config = APBConfig.for_length(n, num_hosts, backend=args.backend, **overrides, **split)
         apbm = APBModel(model, heads)
+        if args.attention_weight is not None:
+            apbm.cost_model = apb.CostModel.from_model_config(
+                model.config, attention_weight=args.attention_weight
+            )
+        elif args.calibrate is not None:
+            # the rates are the GPU's and the backend's: time the default APB layout at that length
+            hosts = None if world > 1 else num_hosts
+            timed = apbm.default_config(args.calibrate, num_hosts, len(query_ids))
+            timed = dataclasses.replace(timed, backend=args.backend)
+            try:
+                fit = apbm.calibrate(
+                    args.calibrate, hosts, num_query=len(query_ids), config=timed, progress=rank == 0
+                )
+            except ValueError as err:
+                raise SystemExit(f"--calibrate {args.calibrate}: {err}") from err
+            print0(
+                f"calibrated: attention weight {fit.cost.attention_weight:.3f} (linear {fit.linear_tflops:.3g}, "
+                f"attention {fit.attention_tflops:.3g} TFLOP/s, fit within {fit.max_error:.1%}); next time "
+                f"pass --attention-weight {fit.cost.attention_weight:.3f}"
+            )
         with apbm.recording() as record:  # per-host prefill times (hosts of this process)
             out = apbm.generate(
                 context_ids,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,53 @@ def test_compiled_layers_give_the_same_answer(generate, capsys):
     assert answers(eager) and answers(eager) == answers(compiled)
     with pytest.raises(SystemExit):
         generate.parse_args([*argv, "--compile-layers", "no-such-backend"])
+
+
+def test_calibrate_fits_the_split_and_prints_the_weight_to_reuse(generate, capsys, monkeypatch):
+    """--calibrate TOKENS fits the balanced split on this machine before generating (the host times stand in
+    fixed here: a tiny model's CPU times are refused as noise) and prints the --attention-weight to pass next
+    time, which gives the same blocks without calibrating."""
+    from apb import APBModel, HostPlan
+
+    calls = []
+
+    def slow_attention_times(self, num_context, num_hosts=None, *, num_query=64, config=None, **kwargs):
+        calls.append((num_context, num_hosts, config.backend))
+        cost, samples = self.cost_model, []
+        for n in (num_context, num_context // 2):  # attention 3x dearer per FLOP than linear work
+            plan = HostPlan(dataclasses.replace(config, split="equal"), n, num_query, num_hosts)
+            samples += [
+                (t, p, 1e-3 + cost.flops_per_token * t / 1e9 + 3 * cost.flops_per_pair * p / 1e9)
+                for t, p in plan.work()
+            ]
+        return samples
+
+    def blocks(out: str) -> str:
+        return next(x for x in out.splitlines() if x.startswith("host blocks: "))
+
+    argv = ["--tiny", "--hosts", "3", "--max-new-tokens", "1", "--backend", "reference"]
+    generate.main(argv)
+    default = blocks(capsys.readouterr().out)
+    monkeypatch.setattr(APBModel, "host_times", slow_attention_times)
+    generate.main([*argv, "--calibrate", "4096"])
+    out = capsys.readouterr().out
+    assert calls == [(4096, 3, "reference")]
+    assert "calibrated: attention weight 3.000" in out and "pass --attention-weight 3.000" in out
+    assert blocks(out) != default  # dearer attention: the early hosts take more of the context
+    generate.main([*argv, "--attention-weight", "3.0"])
+    assert blocks(capsys.readouterr().out) == blocks(out) and len(calls) == 1
+
+    def noise(self, *args, **kwargs):  # times that fall as the work grows: fixed costs and noise dominate
+        return [(t, p, 1.0 / (1.0 + p / 1e6)) for t, p, _ in slow_attention_times(self, *args, **kwargs)]
+
+    monkeypatch.setattr(APBModel, "host_times", noise)
+    with pytest.raises(SystemExit, match="--calibrate 4096: .*time a longer context"):
+        generate.main([*argv, "--calibrate", "4096"])
+    for bad in (
+        ["--calibrate", "4096", "--attention-weight", "1"],
+        ["--calibrate", "4096", "--mode", "star"],
+    ):
+        with pytest.raises(SystemExit):
+            generate.parse_args(["--tiny", *bad])
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--tiny", "--attention-weight", "0"])
