@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port, tiny_model
 
-from apb import APBConfig, APBModel, build_heads
+from apb import APBConfig, APBModel, build_heads, compile_layers
 from apb.decode import StopCriteria, sample_next_token
 
 NUM_HOSTS = 3
@@ -103,6 +103,15 @@ def _scenarios(num_hosts: int | None) -> dict[str, torch.Tensor]:
     out["star_logits"] = qwen.prefill(
         context, query, config=APBConfig.star(37, NUM_HOSTS), num_hosts=num_hosts
     )
+    # the same model and heads with compiled layers (attention modules included): APB's attention, its
+    # collectives and the heads' hooks run outside the graphs, on every rank alike
+    compiled = tiny_model("qwen3")
+    torch.manual_seed(5)
+    compiled_heads = build_heads(compiled, hidden_size=16)
+    compile_layers(compiled, backend="aot_eager")
+    out["compiled_sparse_logits"] = APBModel(compiled, compiled_heads).prefill(
+        context, query, config=sparse, num_hosts=num_hosts
+    )
     return out
 
 
@@ -164,11 +173,14 @@ def simulated() -> dict:
 def test_processes_match_simulation(spawned, simulated):
     for rank, results in enumerate(spawned):
         names = ("exact_logits", "sparse_logits", "own_anchor_logits", "block_anchor_logits", "star_logits")
+        names += ("compiled_sparse_logits",)
         for name in (*names, "batch_logits", "row1_logits"):
             err = (results[name] - simulated[name]).abs().max().item()
             assert err < ATOL, f"rank {rank} {name}: max |dist - sim| = {err:.2e}"
         err = (results["sparse_logits"] - results["own_anchor_logits"]).abs().max().item()
         assert err < ATOL, f"rank {rank}: shared vs own anchor: {err:.2e}"
+        err = (results["sparse_logits"] - results["compiled_sparse_logits"]).abs().max().item()
+        assert err < ATOL, f"rank {rank}: compiled vs eager layers: {err:.2e}"
         # a row of a batch comes out as it does alone
         err = (results["batch_logits"][1:] - results["row1_logits"]).abs().max().item()
         assert err < ATOL, f"rank {rank}: batch row 1 vs alone: {err:.2e}"
