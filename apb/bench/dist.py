@@ -104,9 +104,9 @@ class DistBench:
             backend_dist=dist.get_backend(),
             nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
             timing="per rank: decoder hooks (CUDA events / perf_counter) for context and query; comm = time "
-            "inside the passing all-gather (APBModel.recording's exchange marks; includes waiting for slower ranks); total = from a "
-            f"barrier to the end of prefill on the slowest rank, in an unrecorded run before each recorded one; warm-up {cfg.warmup_layers} layers; median of "
-            f"{cfg.repeats} run(s)",
+            "inside the passing all-gather (APBModel.recording's exchange marks; includes waiting for slower "
+            "ranks); total = from a barrier to the end of prefill on the slowest rank, in an unrecorded run "
+            f"before each recorded one; warm-up {cfg.warmup_layers} layers; median of {cfg.repeats} run(s)",
             full_attention=FULL_ATTENTION_NOTE,
             simulated_json=str(args.simulated_json) if args.simulated_json else None,
         )
@@ -389,8 +389,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"`{meta['model_shape']}` ({meta['dtype']}, random weights), query {meta['query_len']} tokens, device "
         f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date_utc']}, "
         f"NCCL_NVLS_ENABLE={meta.get('nccl_nvls_enable')}. APB/Star backend `{results.get('backend')}`. "
-        f"Full = {meta.get('full_attention') or 'the unmodified model (SDPA)'}, on one GPU. Wait = time inside the per-layer passing all-gather, "
-        "mostly waiting for slower ranks. Busy / FLOP bound: a rank's busy time over its linear work at the "
+        f"Full = {meta.get('full_attention') or 'the unmodified model (SDPA)'}, on one GPU. Wait = time inside "
+        "the per-layer passing all-gather, mostly waiting for slower ranks. Busy / FLOP bound: a rank's busy time over its linear work at the "
         f"measured matmul rate plus its attention at the measured attention rate ({rates})."
         + compiled_note(meta),
         "",
