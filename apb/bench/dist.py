@@ -390,9 +390,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date_utc']}, "
         f"NCCL_NVLS_ENABLE={meta.get('nccl_nvls_enable')}. APB/Star backend `{results.get('backend')}`. "
         f"Full = {meta.get('full_attention') or 'the unmodified model (SDPA)'}, on one GPU. Wait = time inside "
-        "the per-layer passing all-gather, mostly waiting for slower ranks. Busy / FLOP bound: a rank's busy time over its linear work at the "
-        f"measured matmul rate plus its attention at the measured attention rate ({rates})."
-        + compiled_note(meta),
+        "the per-layer passing all-gather, mostly waiting for slower ranks. Busy / FLOP bound: a rank's busy "
+        "time over its linear work at the measured matmul rate plus its attention at the measured attention "
+        f"rate ({rates})." + compiled_note(meta),
         "",
         "| method | context | split (tokens per rank) | total ms | speedup vs full | vs Star | vs exact "
         "| busy ms per rank | busy / FLOP bound | wait ms per rank | wait share (max) | simulated total ms |",
