@@ -578,6 +578,7 @@ class APBModel(nn.Module):
             unit="prefill",
             disable=not progress or (distributed and dist.get_rank() != 0),
         )
+        last_plan = self.last_plan  # the user's last prefill, not these
         for plan in plans:
             context, query = (
                 torch.randint(self.vocab_size, (1, size), generator=generator).to(self.device)
@@ -594,6 +595,7 @@ class APBModel(nn.Module):
                 (tokens, pairs, seconds) for (tokens, pairs), seconds in zip(plan.work(), best, strict=True)
             ]
         bar.close()
+        self.last_plan = last_plan
         if distributed:
             seconds = torch.tensor([t for _, _, t in samples], dtype=torch.float64, device=self.device)
             dist.all_reduce(seconds)

@@ -325,7 +325,10 @@ def test_plan_work_is_what_the_cost_model_weighs():
 
 def test_calibrate_times_every_host_and_moves_the_balanced_split(monkeypatch, capsys):
     apbm = APBModel(tiny_model("llama", max_position_embeddings=8192))
+    apbm.prefill(torch.randint(0, 128, (1, 300)), torch.randint(0, 128, (1, 8)), num_hosts=2)
+    users_plan = apbm.last_plan
     samples = apbm.host_times(512, 4, num_query=8, repeats=1, progress=True)
+    assert apbm.last_plan is users_plan  # the timed prefills leave the user's last plan in place
     expected = []
     for n in (512, 256):
         config = dataclasses.replace(apbm.plan(n, 8, 4).config, split="equal")
