@@ -93,8 +93,8 @@ class APBModel(nn.Module):
         self.cost_model = CostModel.from_model_config(model.config)
         """Predicted per-host work, used by the balanced split (`apb.plan`)."""
         self.last_plan: HostPlan | None = None
-        self._warned_positions = False
         """The `HostPlan` of the last prefill."""
+        self._warned_positions = False
         self._record: PrefillRecord | None = None
 
     # ------------------------------------------------------------------ public API

@@ -3,13 +3,14 @@ for tests that start processes (a free port, a run that fails with a message ins
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
@@ -49,6 +50,27 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), attn_implementation="sdpa")
     return model.eval()
+
+
+def dear_attention_host_times(calls: list, factor: float = 3.0) -> Callable:
+    """A stand-in for `APBModel.host_times`, to monkeypatch onto the class: exact times of a device on which
+    an attention FLOP costs `factor` linear ones (plus 1 ms a host), for the equal-split plans host_times
+    would time. Each call's (num_context, num_hosts, num_query, config.backend) is appended to `calls`.
+    (A tiny model's real CPU timings are refused by the fit as noise.)"""
+    from apb import HostPlan
+
+    def host_times(self, num_context, num_hosts=None, *, num_query=64, config=None, **kwargs):
+        calls.append((num_context, num_hosts, num_query, config.backend))
+        cost, samples = self.cost_model, []
+        for n in (num_context, num_context // 2):
+            plan = HostPlan(dataclasses.replace(config, split="equal"), n, num_query, num_hosts)
+            samples += [
+                (t, p, 1e-3 + cost.flops_per_token * t / 1e9 + factor * cost.flops_per_pair * p / 1e9)
+                for t, p in plan.work()
+            ]
+        return samples
+
+    return host_times
 
 
 @pytest.fixture(params=FAMILIES)

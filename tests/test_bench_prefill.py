@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clean_env, run_or_fail
+from conftest import clean_env, dear_attention_host_times, run_or_fail
 
 import apb.attention
 import apb.bench.prefill as bench
@@ -334,21 +334,7 @@ def test_calibrate_fits_the_split_before_timing(tmp_path, monkeypatch):
     from apb import APBModel, HostPlan
 
     calls = []
-
-    def slow_attention_times(
-        self, num_context, num_hosts=None, *, num_query=64, config=None, repeats=2, progress=False
-    ):
-        calls.append((num_context, num_hosts, num_query, config.backend))
-        cost, samples = self.cost_model, []
-        for n in (num_context, num_context // 2):  # a device on which attention is 3x dearer per FLOP
-            plan = HostPlan(dataclasses.replace(config, split="equal"), n, num_query, num_hosts)
-            samples += [
-                (t, p, 1e-3 + cost.flops_per_token * t / 1e9 + 3 * cost.flops_per_pair * p / 1e9)
-                for t, p in plan.work()
-            ]
-        return samples
-
-    monkeypatch.setattr(APBModel, "host_times", slow_attention_times)
+    monkeypatch.setattr(APBModel, "host_times", dear_attention_host_times(calls))  # attention 3x dearer
     out = tmp_path / "r.json"
     argv = ["--tiny", "--lengths", "1024", "--hosts", "4", "--methods", "apb-balanced", "--no-breakdown"]
     bench.main([*argv, "--calibrate", "2048", "--out", str(out)])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 from apb.data import build_tiny_tokenizer
-from conftest import script_module
+from conftest import dear_attention_host_times, script_module
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "generate.py"
 
@@ -91,20 +90,10 @@ def test_calibrate_fits_the_split_and_prints_the_weight_to_reuse(generate, capsy
     """--calibrate TOKENS fits the balanced split on this machine before generating (the host times stand in
     fixed here: a tiny model's CPU times are refused as noise) and prints the --attention-weight to pass next
     time, which gives the same blocks without calibrating."""
-    from apb import APBModel, HostPlan
+    from apb import APBModel
 
     calls = []
-
-    def slow_attention_times(self, num_context, num_hosts=None, *, num_query=64, config=None, **kwargs):
-        calls.append((num_context, num_hosts, config.backend))
-        cost, samples = self.cost_model, []
-        for n in (num_context, num_context // 2):  # attention 3x dearer per FLOP than linear work
-            plan = HostPlan(dataclasses.replace(config, split="equal"), n, num_query, num_hosts)
-            samples += [
-                (t, p, 1e-3 + cost.flops_per_token * t / 1e9 + 3 * cost.flops_per_pair * p / 1e9)
-                for t, p in plan.work()
-            ]
-        return samples
+    slow_attention_times = dear_attention_host_times(calls)  # attention 3x dearer per FLOP than linear work
 
     def blocks(out: str) -> str:
         return next(x for x in out.splitlines() if x.startswith("host blocks: "))
@@ -115,7 +104,7 @@ def test_calibrate_fits_the_split_and_prints_the_weight_to_reuse(generate, capsy
     monkeypatch.setattr(APBModel, "host_times", slow_attention_times)
     generate.main([*argv, "--calibrate", "4096"])
     out = capsys.readouterr().out
-    assert calls == [(4096, 3, "reference")]
+    assert [(n, h, backend) for n, h, _, backend in calls] == [(4096, 3, "reference")]
     assert "calibrated: attention weight 3.000" in out and "pass --attention-weight 3.000" in out
     assert blocks(out) != default  # dearer attention: the early hosts take more of the context
     generate.main([*argv, "--attention-weight", "3.0"])

@@ -4,7 +4,6 @@ on its fastest SDPA kernel, and small helpers over result rows."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -384,10 +383,8 @@ def flop_bound_ms(plan: Any, cost: Any, rates: dict[str, float]) -> list[float]:
     attention work at the measured attention rate (`measure_rates`), in ms. What the retaining heads,
     top-k, norms, RoPE and the rest add is the gap between a host's busy time and this bound."""
     bounds = []
-    cost = dataclasses.replace(cost, attention_weight=1.0)  # FLOPs, each at its own measured rate
-    for view, work in zip(plan.hosts, plan.predicted_costs(cost), strict=True):
-        linear = cost.flops_per_token * view.num_tokens
-        attention = work - linear
+    for tokens, pairs in plan.work():  # FLOPs, each kind at its own measured rate
+        linear, attention = cost.flops_per_token * tokens, cost.flops_per_pair * pairs
         seconds = linear / (rates["matmul"] * 1e12) + attention / (rates["attention"] * 1e12)
         bounds.append(seconds * 1000.0)
     return bounds
