@@ -15,12 +15,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from apb.attention import DECODE_ROOM, DecodeState, LayerKV, PrefillState, TimedRegion, activate, install
+from apb.attention import (
+    DECODE_ROOM,
+    ContextStored,
+    DecodeState,
+    LayerKV,
+    PrefillState,
+    TimedRegion,
+    activate,
+    install,
+)
 from apb.backends import get_backend
 from apb.comm import Communicator, SimulatedComm, make_comm
 from apb.config import APBConfig
 from apb.decode import StopCriteria, check_generation, check_sampling, is_int, sample_next_token
-from apb.heads import ModelShape, ProjectionCapture, RetainingHeads
+from apb.heads import ModelShape, ProjectionCapture, RetainingHeads, decoder_layers
 from apb.plan import Calibration, CostModel, HostPlan
 from apb.selectors import get_selector
 
@@ -713,6 +722,7 @@ class APBModel(nn.Module):
         record = self._record
         if record is not None:
             record.plan = plan
+        last_layer = min(len(decoder_layers(self.model)), self.model.config.num_hidden_layers) - 1
         for host in comm.hosts:
             view = plan.hosts[host]
             ids, positions = plan.host_inputs(host, context, anchor)
@@ -726,6 +736,7 @@ class APBModel(nn.Module):
                 num_excluded=view.num_excluded,
                 pool_kernel=config.pool_kernel,
                 room=room if host == plan.num_hosts - 1 else 0,
+                last_layer=last_layer,
                 comm=comm,
                 backend=backend,
                 selector=selector if selects else None,
@@ -744,7 +755,8 @@ class APBModel(nn.Module):
             if record is not None:  # a host's time is only taken when asked: it costs two device syncs
                 _sync(context.device)
                 started = time.perf_counter()
-            self._run_decoder(state, ids, positions, capture=use_heads)
+            with contextlib.suppress(ContextStored):  # raised once the last layer's K/V are stored
+                self._run_decoder(state, ids, positions, capture=use_heads)
             stores[host] = state.store
             if host == plan.num_hosts - 1:
                 context_len = state.num_stored

@@ -117,9 +117,11 @@ class CostModel:
     """
 
     flops_per_token: float
-    """Token-linear work of one token through all layers (QKV, O-projection, MLP): 2 x their weights."""
+    """Token-linear work of one context token through the decoder (QKV, O-projection, MLP): 2 x their
+    weights in every layer but the last, where a host computes only the K/V it keeps."""
     flops_per_pair: float
-    """Attention work of one visible (query, key) pair through all layers: 4 x num_heads x head_dim."""
+    """Attention work of one visible (query, key) pair through the decoder: 4 x num_heads x head_dim in every
+    layer but the last, which runs no attention for the context."""
     attention_weight: float = 1.0
     """Time of one attention FLOP relative to one linear FLOP (1.0: both run at the same rate)."""
 
@@ -140,12 +142,14 @@ class CostModel:
         head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
         layers = config.num_hidden_layers
-        weights = hidden * (num_heads + 2 * num_kv_heads) * head_dim  # q, k, v
+        kv_weights = hidden * 2 * num_kv_heads * head_dim  # k, v
+        weights = kv_weights + hidden * num_heads * head_dim  # q
         weights += num_heads * head_dim * hidden  # o
         weights += 3 * hidden * intermediate  # gated MLP
+        # the last layer computes only the context's K and V (`apb.attention.ContextStored`)
         return cls(
-            flops_per_token=2.0 * weights * layers,
-            flops_per_pair=4.0 * num_heads * head_dim * layers,
+            flops_per_token=2.0 * (weights * (layers - 1) + kv_weights),
+            flops_per_pair=4.0 * num_heads * head_dim * (layers - 1),
             attention_weight=MEASURED_ATTENTION_WEIGHT if attention_weight is None else attention_weight,
         )
 

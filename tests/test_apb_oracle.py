@@ -55,6 +55,36 @@ def test_exact_mode_equals_plain_model(family, split):
     assert torch.equal(_plain_query_logits(model, context, query), expected)
 
 
+def test_hosts_stop_at_the_last_layer_once_its_kv_are_stored():
+    """Nothing reads the context rows' output of the last layer: every host computes that layer's K/V and
+    stops, so its attention, output projection and MLP run for the query and generated tokens only. The
+    logits and generated tokens stay the plain model's, and user hooks see the forward end cleanly."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    context, query = _ids(21, 1, NUM_CONTEXT), _ids(22, 1, NUM_QUERY)
+    expected = _plain_query_logits(model, context, query)
+    mlp_calls = {layer: 0 for layer in range(3)}
+    for layer_idx, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda *_, i=layer_idx: mlp_calls.__setitem__(i, mlp_calls[i] + 1))
+    norm_calls = []
+    model.model.norm.register_forward_hook(lambda *_: norm_calls.append(1))
+    apbm = APBModel(model)
+    logits = apbm.prefill(context, query, config=APBConfig.exact(), num_hosts=3)
+    assert (logits - expected).abs().max().item() < ATOL
+    # layers 0 and 1: three hosts and the query pass; layer 2 and the final norm: the query pass only
+    assert mlp_calls == {0: 4, 1: 4, 2: 1} and len(norm_calls) == 1
+    # the last layer's stored K/V are whole: decoding on top of them is the plain model's greedy decoding
+    new_ids = apbm.generate(context, query, config=APBConfig.exact(), num_hosts=3, max_new_tokens=4)
+    with torch.no_grad():
+        plain = model.generate(
+            torch.cat([context, query], dim=1),
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=[],
+            pad_token_id=0,
+        )
+    assert torch.equal(new_ids, plain[:, context.shape[1] + query.shape[1] :])
+
+
 def test_exact_mode_batch_of_two_matches_rows():
     model = tiny_model("qwen2")
     context, query = _ids(3, 2, 23), _ids(4, 2, 3)

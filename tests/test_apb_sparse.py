@@ -125,11 +125,12 @@ def _oracle_logits(model, context, query, anchor, blocks, passed):
 
 def _planted_heads(monkeypatch, heads, blocks, num_layers, planted):
     """Make the heads score each local token by `planted[global position]`, on every head and layer.
-    Hosts run in order and call the heads once per layer, so the call count names the host."""
+    Hosts run in order and call the heads once per layer but the last (where a host only stores its K/V),
+    so the call count names the host."""
     calls = {"n": 0}
 
     def forward(layer_idx, q, k, v):
-        host = calls["n"] // num_layers
+        host = calls["n"] // (num_layers - 1)
         calls["n"] += 1
         start, end = blocks[host]
         assert q.shape[1] == end - start

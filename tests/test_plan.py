@@ -35,9 +35,10 @@ def _spread(costs: list[float]) -> float:
 
 def test_cost_model_counts_llama8b_flops():
     cost = _llama8b_cost()
-    # q,o 4096x4096, k,v 4096x1024, MLP 3 x 4096x14336 = 218.1M weights a layer, 2 FLOPs each, 32 layers
-    assert cost.flops_per_token == pytest.approx(2 * 218_103_808 * 32)
-    assert cost.flops_per_pair == 4 * 32 * 128 * 32
+    # q,o 4096x4096, k,v 4096x1024, MLP 3 x 4096x14336 = 218.1M weights a layer, 2 FLOPs each, 31 layers;
+    # the last layer only computes the context's K and V (2 x 4096x1024)
+    assert cost.flops_per_token == pytest.approx(2 * (218_103_808 * 31 + 8_388_608))
+    assert cost.flops_per_pair == 4 * 32 * 128 * 31
     # max_block inverts host_cost
     budget = cost.host_cost(4096, 30000, 6000)
     assert cost.max_block(budget, 4096, 6000) == pytest.approx(30000, rel=1e-9)

@@ -101,7 +101,7 @@ class DecoderRecorder:
         self.calls: list[dict[str, Any]] = []
         self.active = False
         decoder.register_forward_pre_hook(self._pre)
-        decoder.register_forward_hook(self._post)
+        decoder.register_forward_hook(self._post, always_call=True)  # APB stops a host at its last layer
 
     def _pre(self, _module, _args) -> None:
         if not self.active:
@@ -148,12 +148,13 @@ def comm_ms(
     latency_us: float = 0.0,
     shared_anchor: int = 0,
 ) -> float:
-    """Modelled time of a prefill's per-layer exchanges over all layers, in ms:
+    """Modelled time of a prefill's per-layer exchanges, in ms:
 
-        num_layers * ((H - 1) * P * kv + A * kv + latency per collective),  kv = num_kv_heads * head_dim * 2
-        (K and V) * bytes / B
+        (num_layers - 1) * ((H - 1) * P * kv + A * kv + latency per collective),  kv = num_kv_heads *
+        head_dim * 2 (K and V) * bytes / B
 
-    P the largest passing block (the all-gather pads every host's block to it, as `DistributedComm`
+    (the last layer exchanges nothing: there a host only stores its K/V, `apb.attention.ContextStored`).
+    P is the largest passing block (the all-gather pads every host's block to it, as `DistributedComm`
     does), A the anchor host 0 broadcasts (`shared_anchor`, 0: none), B the bus bandwidth per GPU: an
     all-gather of H pieces of S bytes moves (H - 1) / H * (H * S) bytes into each GPU, a broadcast S."""
     if num_hosts < 2 or (max_passing == 0 and shared_anchor == 0):
@@ -163,7 +164,7 @@ def comm_ms(
     for tokens in ((num_hosts - 1) * max_passing, shared_anchor):
         if tokens:
             per_layer_s += tokens * per_token / (bandwidth_gbps * 1e9) + latency_us * 1e-6
-    return num_layers * per_layer_s * 1000.0
+    return (num_layers - 1) * per_layer_s * 1000.0
 
 
 # ---------------------------------------------------------------- full attention's kernel

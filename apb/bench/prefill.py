@@ -25,7 +25,8 @@ simulated H-GPU prefill time is
 
     total = max over hosts of compute  +  comm  +  query pass
 
-    comm  = num_layers * ((H - 1) * P * num_kv_heads * head_dim * 2 (K and V) * 2 bytes / B + latency)
+    comm  = (num_layers - 1) * ((H - 1) * P * num_kv_heads * head_dim * 2 (K and V) * 2 bytes / B
+            + latency)   (no exchange at the last layer, where a host only stores its K/V)
           (`apb.bench.common.comm_ms`)
 
 where P is the largest passing block (the collective pads every host's block to it, as `DistributedComm`
@@ -388,7 +389,7 @@ class Bench:
                 "comm_model": {
                     "bandwidth_gbps": cfg.bandwidth_gbps,
                     "latency_us": cfg.latency_us,
-                    "formula": "comm_ms = num_layers * ((H-1) * P * num_kv_heads * head_dim * 2 * bytes / "
+                    "formula": "comm_ms = (num_layers - 1) * ((H-1) * P * num_kv_heads * head_dim * 2 * bytes / "
                     "(bandwidth_gbps*1e9) + latency_us*1e-6) * 1000; P = largest passing block",
                 },
                 "full_attention": FULL_ATTENTION_NOTE,
