@@ -5,6 +5,7 @@ if __name__ == "apb.kernels":
     from apb.kernels.merge import merge_partials, merge_partials_ref
     from apb.kernels.reference import apb_attention_ref, apb_mask, decode_attention_ref
     from apb.kernels.triton_apb import HAS_TRITON, apb_attention_triton
+    from apb.kernels.triton_decode import decode_attention_split
 
     __all__ = [
         "HAS_TRITON",
@@ -13,6 +14,7 @@ if __name__ == "apb.kernels":
         "apb_attention_triton",
         "apb_mask",
         "decode_attention",
+        "decode_attention_split",
         "decode_attention_ref",
         "merge_partials",
         "merge_partials_ref",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from apb.kernels.reference import apb_attention_ref, check_shapes, decode_attention_ref
 from apb.kernels.triton_apb import apb_attention_triton, triton_supported
+from apb.kernels.triton_decode import decode_attention_split, split_decode_supported
 
 
 def apb_attention(
@@ -52,21 +53,12 @@ def decode_attention(
     ``j <= num_prefix + i`` (the cache, then the queries' own keys, causal): APB attention with
     `num_passing = num_prefix` and no anchor.
     Returns out [batch, num_heads, t, head_dim] in q's dtype and lse [batch, num_heads, t] (fp32).
-    fp16/bf16 CUDA tensors run the Triton kernel (all-visible as a causal mask shifted past the last key);
-    everything else runs `decode_attention_ref`.
+    fp16/bf16 CUDA tensors run the split-key Triton kernel (`apb.kernels.triton_decode`: the keys cut
+    into splits so that every SM has work, the splits merged by log-sum-exp; the K/V may be a strided view,
+    such as the last host's store with room after it); everything else runs `decode_attention_ref`.
     """
     t, num_keys = q.shape[2], k.shape[2]
-    fits = num_keys >= t if num_prefix is None else num_keys == num_prefix + t
-    if q.is_cuda and fits and triton_supported(q) and k.dtype == q.dtype and v.dtype == q.dtype:
-        # A strided K/V (the last host's store, a view of a buffer with room after it) is read in place
-        # through pointer loads: TMA would first copy the whole store, at every step.
-        use_tma = None if k.is_contiguous() and v.is_contiguous() else False
-        if num_prefix is not None:
-            return apb_attention_triton(
-                q, k, v, num_passing=num_prefix, num_anchor=0, softmax_scale=softmax_scale, use_tma=use_tma
-            )
-        return apb_attention_triton(
-            q, k, v, num_passing=num_keys - t, num_anchor=0, softmax_scale=softmax_scale, causal_shift=t,
-            use_tma=use_tma,
-        )  # fmt: skip
+    fits = num_keys >= 1 if num_prefix is None else num_keys == num_prefix + t
+    if q.is_cuda and fits and split_decode_supported(q, k, v):
+        return decode_attention_split(q, k, v, num_prefix=num_prefix, softmax_scale=softmax_scale)
     return decode_attention_ref(q, k, v, num_prefix=num_prefix, softmax_scale=softmax_scale)

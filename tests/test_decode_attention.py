@@ -127,6 +127,60 @@ def test_all_visible_kernel_under_interpreter(tmp_path):
         _check(r["q"], r["k"], r["v"], r["out"], r["lse"], None)
 
 
+_SPLIT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from apb.kernels.triton_decode import decode_attention_split
+    for case in json.loads(sys.argv[1]):
+        gen = torch.Generator().manual_seed(case["t"] * 101 + case["keys"])
+        q = torch.randn(1, case["heads"], case["t"], 16, generator=gen).half()
+        k = torch.randn(1, case["kv"], case["keys"] + 5, 16, generator=gen).half()[:, :, : case["keys"]]
+        v = torch.randn(1, case["kv"], case["keys"] + 5, 16, generator=gen).half()[:, :, : case["keys"]]
+        num_prefix = case["keys"] - case["t"] if case["prefix"] else None
+        out, lse = decode_attention_split(q, k, v, num_prefix=num_prefix, splits=case["splits"], block_n=16)
+        torch.save(dict(q=q, k=k, v=v, out=out, lse=lse, num_prefix=num_prefix), case["path"])
+    """
+)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(
+    HAS_TRITON and _triton_version() < (3, 7),
+    reason="triton < 3.7's interpreter cannot loop over a bound passed as an argument; there the kernel is "
+    "covered compiled by the single_gpu tests",
+)
+def test_split_kernel_under_interpreter(tmp_path):
+    """The split-key kernel (what `decode_attention` runs on CUDA) through Triton's interpreter: fp16,
+    strided K/V views (a store with room after it), GQA rows packed into a tile, ragged splits and tiles,
+    every key visible or causal over the queries' own keys, one split or several merged."""
+    cases = [
+        dict(t=1, keys=1, heads=2, kv=1, prefix=False, splits=1),
+        dict(t=1, keys=45, heads=4, kv=2, prefix=False, splits=3),
+        dict(t=1, keys=45, heads=4, kv=2, prefix=True, splits=2),
+        dict(t=5, keys=5, heads=2, kv=2, prefix=True, splits=1),
+        dict(t=7, keys=70, heads=4, kv=1, prefix=True, splits=4),
+        dict(t=20, keys=33, heads=2, kv=1, prefix=False, splits=2),
+        dict(t=3, keys=200, heads=8, kv=2, prefix=True, splits=None),
+    ]
+    cases = [dict(c, path=str(tmp_path / f"c{i}.pt")) for i, c in enumerate(cases)]
+    run_under_interpreter(_SPLIT_SCRIPT, json.dumps(cases), cwd=tmp_path)
+    for case in cases:
+        r = torch.load(case["path"])
+        _check(r["q"], r["k"], r["v"], r["out"], r["lse"], r["num_prefix"])
+
+
+def test_split_count_fills_the_gpu_and_keeps_splits_long():
+    from apb.kernels.triton_decode import num_splits
+
+    # Llama-3.1-8B, one decoding token over 32K keys on 132 SMs: 8 programs without splits -> 32 splits
+    assert num_splits(1, 8, 1, 32768, 132) == 32
+    assert num_splits(1, 8, 4, 32768, 132) == 8  # the query pass: 64 rows x 4 heads = 4 row tiles
+    assert num_splits(1, 8, 1, 1000, 132) == 2  # no split under 256 keys
+    assert num_splits(1, 8, 1, 100, 132) == 1
+    assert num_splits(64, 8, 1, 1 << 20, 132) == 1  # enough programs already
+    assert all(n & (n - 1) == 0 for n in (num_splits(1, 8, 1, keys, 132) for keys in range(1, 70000, 997)))
+
+
 @pytest.mark.single_gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -137,3 +191,35 @@ def test_decode_attention_gpu(dtype, t, num_keys, prefix):
     num_prefix = num_keys - t if prefix else None
     out, lse = decode_attention(q, k, v, num_prefix=num_prefix)
     _check(q, k, v, out, lse, num_prefix)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(
+    HAS_TRITON and _triton_version() < (3, 7),
+    reason="triton < 3.7's interpreter cannot loop over a bound passed as an argument",
+)
+def test_bench_decode_script_runs_both_kernels_under_interpreter(tmp_path):
+    """scripts/bench_decode.py --tiny: every setting times and checks the split-key kernel and the prefill
+    kernel's decoding form against the reference, and writes them as JSON."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from conftest import run_or_fail
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
+    out = tmp_path / "decode.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = run_or_fail(
+        [sys.executable, str(script), "--tiny", "--json", str(out)], timeout_s=600, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["keys"], r["t"], r["causal"]) for r in rows] == [
+        (keys, t, causal) for keys in (40, 300) for t in (1, 4) for causal in (False, True)
+    ]
+    for row in rows:
+        assert max(row["split_err"], row["prefill_kernel_err"]) < 2e-3, row  # fp16 outputs
+        assert max(row["split_lse_err"], row["prefill_kernel_lse_err"]) < 1e-4, row
+        assert row["split_ms"] > 0 and row["prefill_kernel_ms"] > 0
+        assert ("sdpa_ms" in row) == (not row["causal"])
