@@ -44,6 +44,35 @@ class ByteTokenizer:
         return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
 
 
+class TokenClock:
+    """A streamer (`put(ids)` / `end()`, as transformers' streamers) that notes when each generated token
+    arrives: the first `put` is the prompt, every later one a step's token (on the CPU, so the GPU is done)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.arrivals: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, ids: Any) -> None:
+        if self._prompt_seen:
+            self.arrivals.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+    def summary(self) -> str | None:
+        """The line to print (`first token after 1.23 s (prefill and query), then 31 tokens at 12.3
+        tokens/s`), or None before any token."""
+        if not self.arrivals:
+            return None
+        line = f"first token after {self.arrivals[0] - self.started:.2f} s (prefill and query)"
+        rest = len(self.arrivals) - 1
+        if rest and self.arrivals[-1] > self.arrivals[0]:
+            line += f", then {rest} tokens at {rest / (self.arrivals[-1] - self.arrivals[0]):.1f} tokens/s"
+        return line
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF model path or id (omit with --tiny)")
@@ -211,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         top_k=args.top_k,
     )
     started = time.perf_counter()
+    clock = TokenClock()
     if args.mode == "full":
         if world > 1:
             raise SystemExit("--mode full runs in one process (the unmodified model); drop torchrun")
@@ -223,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             eos_token_id=tokenizer.eos_token_id,
             stop_strings=args.stop,
             tokenizer=tokenizer if args.stop else None,
+            streamer=clock,
             **gen,
         )
         ids = out[0, prompt.shape[1] :].tolist()
@@ -269,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                 stop_strings=args.stop,
                 tokenizer=tokenizer,
                 seed=args.seed,
+                streamer=clock,  # called on host 0's rank only
                 **gen,
             )
         ids = out[0].tolist()
@@ -284,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - started
     for host in sorted(times):
         print0(f"prefill host {host}: {times[host] * 1000:.1f} ms")
+    if clock.summary():
+        print0(clock.summary())
     print0(
         f"answer ({len(ids)} tokens, {elapsed:.2f}s total): {tokenizer.decode(ids, skip_special_tokens=True)!r}"
     )

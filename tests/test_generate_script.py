@@ -44,6 +44,27 @@ def test_tiny_run_prints_the_answer_and_host_times(generate, capsys):
     out = capsys.readouterr().out
     assert "(plain prompt), mode apb, 2 hosts" in out
     assert "prefill host 0:" in out and "prefill host 1:" in out and "answer (" in out
+    # the time to the first token and the decoding rate after it, for APB and for the unmodified model
+    for argv in ([], ["--mode", "full"]):
+        generate.main(["--tiny", "--max-new-tokens", "3", *argv])
+        out = capsys.readouterr().out
+        num_tokens = int(out.split("answer (", 1)[1].split(" tokens", 1)[0])  # fewer at an early EOS
+        assert "first token after " in out, out
+        assert (f", then {num_tokens - 1} tokens at " in out) == (num_tokens > 1), out
+
+
+def test_token_clock_reads_the_streamer_calls(generate, monkeypatch):
+    ticks = iter([10.0, 10.5, 11.0, 11.5])  # the clock's start, then one tick per token (none for the prompt)
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(ticks))
+    clock = generate.TokenClock()
+    assert clock.summary() is None
+    clock.put("prompt")
+    clock.put([1])
+    assert clock.summary() == "first token after 0.50 s (prefill and query)"
+    clock.put([2])
+    clock.put([3])
+    clock.end()
+    assert clock.summary() == "first token after 0.50 s (prefill and query), then 2 tokens at 2.0 tokens/s"
 
 
 def test_split_flag_picks_the_host_blocks(generate, capsys):
