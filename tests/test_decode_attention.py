@@ -133,9 +133,10 @@ _SPLIT_SCRIPT = textwrap.dedent(
     from apb.kernels.triton_decode import decode_attention_split
     for case in json.loads(sys.argv[1]):
         gen = torch.Generator().manual_seed(case["t"] * 101 + case["keys"])
-        q = torch.randn(1, case["heads"], case["t"], 16, generator=gen).half()
-        k = torch.randn(1, case["kv"], case["keys"] + 5, 16, generator=gen).half()[:, :, : case["keys"]]
-        v = torch.randn(1, case["kv"], case["keys"] + 5, 16, generator=gen).half()[:, :, : case["keys"]]
+        b = case.get("batch", 1)
+        q = torch.randn(b, case["heads"], case["t"], 16, generator=gen).half()
+        k = torch.randn(b, case["kv"], case["keys"] + 5, 16, generator=gen).half()[:, :, : case["keys"]]
+        v = torch.randn(b, case["kv"], case["keys"] + 5, 16, generator=gen).half()[:, :, : case["keys"]]
         num_prefix = case["keys"] - case["t"] if case["prefix"] else None
         out, lse = decode_attention_split(q, k, v, num_prefix=num_prefix, splits=case["splits"], block_n=16)
         torch.save(dict(q=q, k=k, v=v, out=out, lse=lse, num_prefix=num_prefix), case["path"])
@@ -152,7 +153,7 @@ _SPLIT_SCRIPT = textwrap.dedent(
 def test_split_kernel_under_interpreter(tmp_path):
     """The split-key kernel (what `decode_attention` runs on CUDA) through Triton's interpreter: fp16,
     strided K/V views (a store with room after it), GQA rows packed into a tile, ragged splits and tiles,
-    every key visible or causal over the queries' own keys, one split or several merged."""
+    every key visible or causal over the queries' own keys, one split or several merged, batches."""
     cases = [
         dict(t=1, keys=1, heads=2, kv=1, prefix=False, splits=1),
         dict(t=1, keys=45, heads=4, kv=2, prefix=False, splits=3),
@@ -161,6 +162,7 @@ def test_split_kernel_under_interpreter(tmp_path):
         dict(t=7, keys=70, heads=4, kv=1, prefix=True, splits=4),
         dict(t=20, keys=33, heads=2, kv=1, prefix=False, splits=2),
         dict(t=3, keys=200, heads=8, kv=2, prefix=True, splits=None),
+        dict(t=2, keys=90, heads=4, kv=2, prefix=True, splits=3, batch=2),  # rows of one batch
     ]
     cases = [dict(c, path=str(tmp_path / f"c{i}.pt")) for i, c in enumerate(cases)]
     run_under_interpreter(_SPLIT_SCRIPT, json.dumps(cases), cwd=tmp_path)
