@@ -58,8 +58,8 @@ def compile_layers(model: nn.Module, *, attention: bool = True, **compile_kwargs
     traced, so a prefill's per-host blocks, passing sets and backends run eagerly and never reach a guard,
     while the q/k/v projections, RoPE (and Qwen3's q/k norms) before it and the output projection after it
     are compiled. The forward hooks of the retaining heads on q_proj / k_proj / v_proj
-    (`apb.heads.ProjectionCapture`) are traced into the graph. `attention=False` leaves the attention
-    modules eager (as before this option existed).
+    (`apb.heads.ProjectionCapture`) are not traced either, so with heads attached the graph also breaks at
+    each projection. `attention=False` leaves the attention modules eager (as before this option existed).
 
     Compilation is lazy: the first forward traces and compiles, seconds to a minute on a GPU, so warm up
     before timing. Identical layers share one graph per module class; a new length does not recompile

@@ -17,9 +17,8 @@ import math
 
 import torch
 from apb.kernels.merge import merge_partials
-from apb.kernels.triton_apb import HAS_TRITON, SUPPORTED_HEAD_DIMS
+from apb.kernels.triton_apb import _LOG2E, HAS_TRITON, triton_supported
 
-_LOG2E = 1.4426950408889634
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
 
@@ -112,14 +111,12 @@ if HAS_TRITON:
 
 
 def split_decode_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `decode_attention_split` takes these inputs: fp16/bf16 alike, head_dim a supported power of
-    two, contiguous head_dim, and GQA."""
+    """Whether `decode_attention_split` takes these inputs: what the Triton kernels take (`triton_supported`:
+    fp16/bf16, a supported head_dim), K/V of q's dtype, contiguous head_dim, and GQA."""
     return (
-        HAS_TRITON
-        and q.dtype in (torch.float16, torch.bfloat16)
+        triton_supported(q)
         and k.dtype == q.dtype
         and v.dtype == q.dtype
-        and q.shape[-1] in SUPPORTED_HEAD_DIMS
         and q.shape[1] % k.shape[1] == 0
         and all(x.stride(-1) == 1 for x in (q, k, v))
     )

@@ -25,7 +25,8 @@
 # Env: BENCH_S (stop starting new prefill settings after this many seconds; default 0 = run them all),
 # RESUME=1 (the bench continues the output folder's prefill_dist.json: an interrupted or time-boxed run
 # times only what it lacks), BENCH_ARGS (more arguments of scripts/bench_prefill_dist.py: e.g. "--backends
-# flash --compile-layers" as in benchmarks/RESULTS.md, "--calibrate 131072" to fit the balanced split first), LONG=0|1 (256K), STEP_TIMEOUT_S (a step that runs longer is stopped and reported; default 3600),
+# flash --compile-layers" as in benchmarks/RESULTS.md, "--calibrate 131072" to fit the balanced split first),
+# LONG=0|1 (256K), STEP_TIMEOUT_S (a step that runs longer is stopped and reported; default 3600),
 # TRAIN_STEPS (default 16), ZERO (ZeRO stage of the training runs; default the config's),
 # CONFIG (default configs/llama8b_random.yaml). Larger bases with random weights and the real shapes (no
 # download):

@@ -13,9 +13,8 @@ import textwrap
 import pytest
 import torch
 from apb.kernels import apb_attention_ref, decode_attention, decode_attention_ref
-from apb.kernels.triton_apb import HAS_TRITON
 from conftest import run_under_interpreter
-from test_kernels import _triton_version
+from test_kernels import needs_triton_interpreter
 
 OUT_FLOOR = 1e-5  # fp32 rounding of exp2/log2 on values of order 1; see tests/test_kernels.py
 LSE_FLOOR = 1e-4
@@ -105,12 +104,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(
-    HAS_TRITON and _triton_version() < (3, 7),
-    reason="triton < 3.7's interpreter cannot loop over bounds derived from program ids; "
-    "there the kernel is covered compiled by the single_gpu tests",
-)
+@needs_triton_interpreter
 def test_all_visible_kernel_under_interpreter(tmp_path):
     """The shifted-causal trick (every key visible) through Triton's interpreter, fp16, ragged tiles."""
     cases = [
@@ -144,12 +138,7 @@ _SPLIT_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(
-    HAS_TRITON and _triton_version() < (3, 7),
-    reason="triton < 3.7's interpreter cannot loop over a bound passed as an argument; there the kernel is "
-    "covered compiled by the single_gpu tests",
-)
+@needs_triton_interpreter
 def test_split_kernel_under_interpreter(tmp_path):
     """The split-key kernel (what `decode_attention` runs on CUDA) through Triton's interpreter: fp16,
     strided K/V views (a store with room after it), GQA rows packed into a tile, ragged splits and tiles,
@@ -195,11 +184,7 @@ def test_decode_attention_gpu(dtype, t, num_keys, prefix):
     _check(q, k, v, out, lse, num_prefix)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(
-    HAS_TRITON and _triton_version() < (3, 7),
-    reason="triton < 3.7's interpreter cannot loop over a bound passed as an argument",
-)
+@needs_triton_interpreter
 def test_bench_decode_script_runs_both_kernels_under_interpreter(tmp_path):
     """scripts/bench_decode.py --tiny: every setting times and checks the split-key kernel and the prefill
     kernel's decoding form against the reference, and writes them as JSON."""

@@ -185,12 +185,19 @@ def _triton_version() -> tuple[int, int]:
     return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(
-    HAS_TRITON and _triton_version() < (3, 7),
-    reason="triton < 3.7's interpreter cannot loop over bounds derived from program ids (1-element arrays); "
-    "there the kernel is covered compiled by the single_gpu tests",
-)
+def needs_triton_interpreter(test):
+    """Skip `test` without triton, or with a triton < 3.7, whose interpreter cannot loop over bounds that
+    come from program ids or kernel arguments (1-element arrays); there the kernels are covered compiled by
+    the single_gpu tests."""
+    test = pytest.mark.skipif(
+        HAS_TRITON and _triton_version() < (3, 7),
+        reason="triton < 3.7's interpreter cannot loop over bounds derived from program ids or arguments "
+        "(1-element arrays); there the kernels are covered compiled by the single_gpu tests",
+    )(test)
+    return pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")(test)
+
+
+@needs_triton_interpreter
 def test_kernel_under_interpreter(tmp_path):
     cases = [dict(c, path=str(tmp_path / f"case{i}.pt")) for i, c in enumerate(_INTERPRETER_CASES)]
     run_under_interpreter(_INTERPRETER_SCRIPT, json.dumps(cases), json.dumps(LOAD_PATHS), cwd=tmp_path)
