@@ -17,32 +17,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 
+from apb.bench.common import Clock
 
-def timed_ms(fn: Callable[[], object], cuda: bool, calls: int = 30, rounds: int = 3) -> float:
+
+def timed_ms(fn: Callable[[], object], clock: Clock, calls: int = 30, rounds: int = 3) -> float:
     """Best of `rounds` of `calls` back-to-back calls, ms per call."""
     fn()
     best = float("inf")
     for _ in range(rounds):
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            best = min(best, start.elapsed_time(end) / calls)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best = min(best, (time.perf_counter() - t0) * 1000 / calls)
+        clock.sync()
+        start = clock.mark()
+        for _ in range(calls):
+            fn()
+        end = clock.mark()
+        clock.sync()
+        best = min(best, clock.ms(start, end) / calls)
     return best
 
 
@@ -70,7 +64,7 @@ def fa4_function() -> Callable | None:
     return flash_attn_func
 
 
-def measure(q, k, v, num_prefix: int | None, cuda: bool, calls: int, fa4: Callable | None) -> dict:
+def measure(q, k, v, num_prefix: int | None, clock: Clock, calls: int, fa4: Callable | None) -> dict:
     """One setting's errors and ms per call (see the module docstring)."""
     from apb.kernels import decode_attention_ref
     from apb.kernels.triton_decode import decode_attention_split
@@ -84,23 +78,23 @@ def measure(q, k, v, num_prefix: int | None, cuda: bool, calls: int, fa4: Callab
         out, lse = fn()
         row[f"{name}_err"] = (out.float() - ref_out.float()).abs().max().item()
         row[f"{name}_lse_err"] = (lse - ref_lse).abs().max().item()
-        row[f"{name}_ms"] = timed_ms(fn, cuda, calls)
+        row[f"{name}_ms"] = timed_ms(fn, clock, calls)
     if num_prefix is None:  # the baselines have no causal form over a prefix here
         if fa4 is not None:
             qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-            row["fa4_ms"] = timed_ms(partial(fa4, qt, kt, vt, causal=False, return_lse=True), cuda, calls)
+            row["fa4_ms"] = timed_ms(partial(fa4, qt, kt, vt, causal=False, return_lse=True), clock, calls)
         sdpa = partial(torch.nn.functional.scaled_dot_product_attention, q, k, v, enable_gqa=True)
-        row["sdpa_ms"] = timed_ms(sdpa, cuda, calls)
+        row["sdpa_ms"] = timed_ms(sdpa, clock, calls)
     row["prefill_kernel_over_split"] = row["prefill_kernel_ms"] / row["split_ms"]
     return row
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Every setting of `args` (`parse_args`), printed as a JSON line and written to `args.json`."""
-    cuda = args.device == "cuda"
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    fa4 = fa4_function() if cuda else None
-    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    clock = Clock(device)
+    fa4 = fa4_function() if clock.cuda else None
+    meta = {"device": torch.cuda.get_device_name() if clock.cuda else "cpu", "torch": torch.__version__}
     rows = []
     for keys in args.keys:
         for t in args.rows:
@@ -114,7 +108,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 else:
                     k, v = buf_k[:, :, :keys].contiguous(), buf_v[:, :, :keys].contiguous()
                 row = {"keys": keys, "t": t, "causal": causal}
-                row.update(measure(q, k, v, keys - t if causal else None, cuda, args.calls, fa4))
+                row.update(measure(q, k, v, keys - t if causal else None, clock, args.calls, fa4))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 if args.json:
