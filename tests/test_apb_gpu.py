@@ -97,8 +97,8 @@ def test_calibration_fits_host_times_on_the_gpu():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_inductor_compiled_layers_on_the_gpu(family):
-    """`compile_layers` with inductor on CUDA: the attention modules compiled around APB's attention (RoPE,
-    Qwen3's q/k norms and the heads' q/k/v hooks inside the graphs). Exact APB gives the uncompiled model's
+    """`compile_layers` with inductor on CUDA: the attention modules compiled around APB's attention (RoPE
+    and Qwen3's q/k norms inside the graphs, the heads' q/k/v hooks outside). Exact APB gives the uncompiled model's
     logits within bf16 rounding; sparse APB with heads runs, decodes, and new lengths add no graphs."""
     import copy
 
