@@ -309,21 +309,60 @@ class DecodeState:
     """Entries of the last host's store that hold its block (the new tokens' K/V follow them)."""
     appended: dict[int, int] = dataclasses.field(default_factory=dict)
     """Last host only: layer -> query and generated tokens appended to its store so far."""
+    slot: torch.Tensor | None = None
+    """Graphed steps (`apb.steps`): the store index of this step's one token, a one-element device tensor
+    that the step reads at run time (so a CUDA graph recorded once serves every step); None: eager steps,
+    which append after `appended` and grow the store when it is full."""
+    valid: torch.Tensor | None = None
+    """Graphed steps: `slot` + 1, the entries of the last host's store its attention reads."""
 
     def attend(self, module: nn.Module, query, key, value, scaling: float):
         layer_idx = module.layer_idx
         outs, lses = [], []
         for host in sorted(self.stores):
             k_ctx, v_ctx = self.stores[host][layer_idx]
-            num_prefix = None
-            if host == self.last_host:
+            num_prefix = valid = None
+            if host == self.last_host and self.slot is not None:
+                k_ctx.index_copy_(2, self.slot, key)  # the whole buffer; the kernel reads `valid` entries
+                v_ctx.index_copy_(2, self.slot, value)
+                valid = self.valid
+            elif host == self.last_host:
                 k_ctx, v_ctx, num_prefix = self._append(layer_idx, key, value)
-            out, lse = decode_attention(query, k_ctx, v_ctx, num_prefix=num_prefix, softmax_scale=scaling)
+            out, lse = decode_attention(
+                query, k_ctx, v_ctx, num_prefix=num_prefix, softmax_scale=scaling, valid_keys=valid
+            )
             outs.append(out)
             lses.append(lse)
         all_outs, all_lses = self.comm.gather_partials(outs, lses)
         out, _ = merge_partials(all_outs, all_lses, out_dtype=query.dtype)
         return out
+
+    @property
+    def filled(self) -> int:
+        """Entries of the last host's store in use: its block, then the query and generated tokens (every
+        layer has as many: each step runs them all)."""
+        return self.context_len + max(self.appended.values(), default=0)
+
+    def reserve(self, tokens: int) -> None:
+        """Room in the last host's store for `tokens` more at every layer, grown once now (graphed steps
+        write into the buffer they were recorded with, so it must not be replaced while they run)."""
+        need = self.filled + tokens
+        store = self.stores.get(self.last_host)
+        if store is None:
+            return
+        for layer_idx, (k_buf, v_buf) in enumerate(store):
+            if k_buf.shape[2] < need:
+                filled = self.context_len + self.appended.get(layer_idx, 0)
+                room = need - filled
+                store[layer_idx] = (
+                    with_room(k_buf[:, :, :filled], room),
+                    with_room(v_buf[:, :, :filled], room),
+                )
+
+    def advance(self, tokens: int = 1) -> None:
+        """Count `tokens` written at every layer by graphed steps (which run no Python per layer)."""
+        for layer_idx in range(len(self.stores.get(self.last_host, ()))):
+            self.appended[layer_idx] = self.appended.get(layer_idx, 0) + tokens
 
     def _append(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """Write the new tokens' K/V after the last host's block (growing the store when it has no room

@@ -32,6 +32,7 @@ from apb.decode import StopCriteria, check_generation, check_sampling, is_int, s
 from apb.heads import ModelShape, ProjectionCapture, RetainingHeads, decoder_layers
 from apb.plan import Calibration, CostModel, HostPlan
 from apb.selectors import get_selector
+from apb.steps import EagerSteps, GraphedSteps
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ class APBModel(nn.Module):
         anchor_query_ids: TokenIds | None = None,
         streamer: Any = None,
         pad_token_id: int | None = None,
+        cuda_graphs: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Prefill, then generate up to `max_new_tokens` tokens after the query.
 
@@ -224,10 +226,14 @@ class APBModel(nn.Module):
         the one process when hosts are simulated): other ranks may pass the same streamer or None.
         Rows of different lengths cannot be streamed (TextStreamer takes one row anyway).
         `anchor_query_ids`: the tokens spliced into the anchor, as in `prefill` (default: `query_ids`).
+        `cuda_graphs`: run the decoding steps (after the query) as one recorded CUDA graph replayed per token
+        (`apb.steps`): the same tokens, without a CPU launch per kernel. None (default): on when the model
+        is on a GPU and every host runs in this process; under torch.distributed the steps run eagerly.
         """
         comm = make_comm(num_hosts, self.device)
         with comm.shared_refusal():  # every argument is checked before the prefill
             check_generation(max_new_tokens=max_new_tokens, seed=seed)
+            graphed = self._graphed_steps(cuda_graphs, comm)
             check_sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
             batches = self._batches(context_ids, query_ids, anchor_query_ids)
             eos_token_id = self._eos_token_id(eos_token_id, tokenizer)
@@ -257,6 +263,7 @@ class APBModel(nn.Module):
                 seed=seed,
                 return_logits=return_logits,
                 streamer=streamer,
+                graphed=graphed,
             )
             for context, query, anchor_query in batches
         ]
@@ -403,6 +410,7 @@ class APBModel(nn.Module):
         seed: int | None,
         return_logits: bool,
         streamer: Any,
+        graphed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`generate` of one batch of equal-length rows: ids [batch, steps], logits [batch, steps, vocab]
         (None unless `return_logits`)."""
@@ -410,17 +418,43 @@ class APBModel(nn.Module):
             context, anchor_query, config, comm, query=query, max_new_tokens=max_new_tokens
         )
         streams = streamer is not None and 0 in comm.hosts
+        args = (decode, context, query, stop, max_new_tokens, sampling, seed, return_logits, graphed)
         if not streams:
-            return self._decode_batch(
-                decode, context, query, stop, max_new_tokens, sampling, seed, return_logits
-            )
+            return self._decode_batch(*args)
         streamer.put(torch.cat([context, query], dim=1).cpu())
         try:
-            return self._decode_batch(
-                decode, context, query, stop, max_new_tokens, sampling, seed, return_logits, streamer
-            )
+            return self._decode_batch(*args, streamer)
         finally:  # also on an error, so that a consumer iterating a TextIteratorStreamer is not left waiting
             streamer.end()
+
+    def _graphed_steps(self, cuda_graphs: object, comm: Communicator) -> bool:
+        """`generate`'s `cuda_graphs` (None, True, False) -> whether its decoding steps run graphed."""
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True, False or None (auto), got {cuda_graphs!r}")
+        possible = self.device.type == "cuda" and isinstance(comm, SimulatedComm)
+        if cuda_graphs and not possible:
+            where = (
+                "the model is on the CPU"
+                if self.device.type != "cuda"
+                else "hosts run under torch.distributed"
+            )
+            raise ValueError(
+                f"cuda_graphs=True needs the model on a GPU with every host in this process, but {where}; "
+                "pass cuda_graphs=None (auto) or False"
+            )
+        return possible if cuda_graphs is None else cuda_graphs
+
+    def _steps(
+        self, decode: DecodeState, *, batch: int, max_steps: int, graphed: bool
+    ) -> EagerSteps | GraphedSteps:
+        """The decoding steps after the query: eager, or replayed from a CUDA graph (`apb.steps`)."""
+
+        def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self._lm_head(self._run_decoder(decode, ids, positions)[:, -1:])[:, 0]
+
+        if graphed and max_steps > 0:
+            return GraphedSteps(step, decode, batch=batch, max_steps=max_steps, device=self.device)
+        return EagerSteps(step)
 
     def _decode_batch(
         self,
@@ -432,37 +466,43 @@ class APBModel(nn.Module):
         sampling: dict[str, Any],
         seed: int | None,
         return_logits: bool,
+        graphed: bool,
         streamer: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The query on top of the prefilled context, then the token loop; `streamer.put` each token."""
+        """The query on top of the prefilled context, then the token loop (graphed steps or eager ones);
+        `streamer.put` each token."""
         hidden = self._run_tokens(decode, query, start=context.shape[1])
         logits = self._lm_head(hidden[:, -1:])[:, 0]
+        steps = self._steps(decode, batch=context.shape[0], max_steps=max_new_tokens - 1, graphed=graphed)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(seed)
         position = context.shape[1] + query.shape[1]
         tokens: list[torch.Tensor] = []
         step_logits: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            token = sample_next_token(logits, generator=generator, **sampling)
-            if stop.pad_token_id is not None and any(stop.finished):
-                done = torch.tensor(stop.finished, device=token.device)
-                token = token.masked_fill(done, stop.pad_token_id)
-            finished = stop.update(torch.cat([*tokens, token[:, None]], dim=1) if tokens else token[:, None])
-            # the last host decides (token and stop flag) and every host follows
-            packed = torch.cat([token, torch.tensor([int(finished)], device=token.device)])
-            packed = decode.comm.broadcast_from_last(packed)
-            token, finished = packed[:-1], bool(packed[-1].item())
-            tokens.append(token[:, None])
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if return_logits:
-                step_logits.append(logits)
-            if finished or step == max_new_tokens - 1:
-                break
-            hidden = self._run_tokens(decode, token[:, None], start=position)
-            position += 1
-            logits = self._lm_head(hidden[:, -1:])[:, 0]
+        try:
+            for step in range(max_new_tokens):
+                token = sample_next_token(logits, generator=generator, **sampling)
+                if stop.pad_token_id is not None and any(stop.finished):
+                    done = torch.tensor(stop.finished, device=token.device)
+                    token = token.masked_fill(done, stop.pad_token_id)
+                so_far = torch.cat([*tokens, token[:, None]], dim=1) if tokens else token[:, None]
+                finished = stop.update(so_far)
+                # the last host decides (token and stop flag) and every host follows
+                packed = torch.cat([token, torch.tensor([int(finished)], device=token.device)])
+                packed = decode.comm.broadcast_from_last(packed)
+                token, finished = packed[:-1], bool(packed[-1].item())
+                tokens.append(token[:, None])
+                if streamer is not None:
+                    streamer.put(token.cpu())
+                if return_logits:
+                    step_logits.append(logits)
+                if finished or step == max_new_tokens - 1:
+                    break
+                logits = steps(token, position)
+                position += 1
+        finally:
+            steps.close()
         return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1) if return_logits else None
 
     @property

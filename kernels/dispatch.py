@@ -45,13 +45,16 @@ def decode_attention(
     *,
     num_prefix: int | None,
     softmax_scale: float | None = None,
+    valid_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A few query rows (the query pass, a decoding step) over one host's keys, with lse for merging.
 
     q: [batch, num_heads, t, head_dim]; k, v: [batch, num_kv_heads, S, head_dim].
     num_prefix None: every key is visible (a host's cached block). Otherwise query i sees keys
     ``j <= num_prefix + i`` (the cache, then the queries' own keys, causal): APB attention with
-    `num_passing = num_prefix` and no anchor.
+    `num_passing = num_prefix` and no anchor. `valid_keys` (a one-element integer tensor on q's device):
+    only keys ``j < valid_keys`` exist, the rest of the buffer is ignored; read on the device, so a CUDA
+    graph recorded once serves buffers that fill up between replays.
     Returns out [batch, num_heads, t, head_dim] in q's dtype and lse [batch, num_heads, t] (fp32).
     fp16/bf16 CUDA tensors run the split-key Triton kernel (`apb.kernels.triton_decode`: the keys cut
     into splits so that every SM has work, the splits merged by log-sum-exp; the K/V may be a strided view,
@@ -60,5 +63,9 @@ def decode_attention(
     t, num_keys = q.shape[2], k.shape[2]
     fits = num_keys >= 1 if num_prefix is None else num_keys == num_prefix + t
     if q.is_cuda and fits and split_decode_supported(q, k, v):
-        return decode_attention_split(q, k, v, num_prefix=num_prefix, softmax_scale=softmax_scale)
-    return decode_attention_ref(q, k, v, num_prefix=num_prefix, softmax_scale=softmax_scale)
+        return decode_attention_split(
+            q, k, v, num_prefix=num_prefix, softmax_scale=softmax_scale, valid_keys=valid_keys
+        )
+    return decode_attention_ref(
+        q, k, v, num_prefix=num_prefix, softmax_scale=softmax_scale, valid_keys=valid_keys
+    )

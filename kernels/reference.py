@@ -95,13 +95,15 @@ def decode_attention_ref(
     num_prefix: int | None,
     softmax_scale: float | None = None,
     max_elements: int = 1 << 27,
+    valid_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A few query rows over a key set, plainly (fp32 math), with the log-sum-exp for merging partials.
 
     q: [batch, num_heads, t, head_dim]; k, v: [batch, num_kv_heads, S, head_dim].
     num_prefix None: every key is visible. Otherwise query i sees keys ``j <= num_prefix + i`` (the last
-    t keys are the queries' own, causal). GQA without repeating K/V. Query rows are chunked so the score
-    tensor stays under `max_elements`.
+    t keys are the queries' own, causal). `valid_keys` (a one-element integer tensor): only keys
+    ``j < valid_keys`` exist. GQA without repeating K/V. Query rows are chunked so the score tensor stays
+    under `max_elements`.
     Returns out [batch, num_heads, t, head_dim] in q's dtype and lse [batch, num_heads, t] (fp32).
     """
     batch, num_heads, t, head_dim = q.shape
@@ -109,6 +111,10 @@ def decode_attention_ref(
     group = num_heads // num_kv_heads
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     kf, vf = k.float(), v.float()
+    exists = None
+    if valid_keys is not None:  # the entries past them may hold anything (a store's uninitialised room)
+        exists = torch.arange(num_keys, device=q.device) < valid_keys.reshape(())
+        kf, vf = (x.masked_fill(~exists[:, None], 0.0) for x in (kf, vf))
     qg = q.float().reshape(batch, num_kv_heads, group, t, head_dim)
     chunk = max(1, min(t, max_elements // max(1, batch * num_heads * num_keys)))
     outs, lses = [], []
@@ -119,6 +125,8 @@ def decode_attention_ref(
             q_pos = torch.arange(start, start + qc.shape[3], device=q.device)[:, None] + num_prefix
             visible = torch.arange(num_keys, device=q.device)[None, :] <= q_pos
             scores = scores.masked_fill(~visible, float("-inf"))
+        if exists is not None:
+            scores = scores.masked_fill(~exists, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         outs.append(torch.einsum("bkgts,bksd->bkgtd", torch.exp(scores - lse.unsqueeze(-1)), vf))
         lses.append(lse)

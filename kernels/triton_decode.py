@@ -9,6 +9,8 @@ the keys and writes a partial output and log-sum-exp; `merge_partials` then merg
 launch. The K/V of a split are read once for all the query heads that share them.
 
 Rule per query row ``i`` (of ``t``): every key is visible, or with ``diag`` (causal) keys ``j <= diag + i``.
+With `valid_keys` (a device tensor) only the first ``valid_keys`` keys exist: the grid is sized for the
+whole buffer and the kernel reads the count at run time, so that a recorded CUDA graph serves every decoding step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if HAS_TRITON:
         V,
         Out,
         Lse,
+        ValidKeys,
         stride_qb,
         stride_qh,
         stride_qt,
@@ -59,6 +62,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         CAUSAL: tl.constexpr,
+        VALID_FROM_PTR: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -79,6 +83,8 @@ if HAS_TRITON:
         )
         k_base = K + b * stride_kb + kvh * stride_kh
         v_base = V + b * stride_vb + kvh * stride_vh
+        if VALID_FROM_PTR:
+            num_keys = tl.minimum(num_keys, tl.load(ValidKeys))
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, num_keys)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -155,13 +161,16 @@ def decode_attention_split(
     softmax_scale: float | None = None,
     splits: int | None = None,
     block_n: int = 64,
+    valid_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`apb.kernels.decode_attention` by splits of the keys (see the module docstring).
 
     q: [batch, num_heads, t, head_dim]; k, v: [batch, num_kv_heads, S, head_dim] (any strides but the last).
     num_prefix None: every key is visible; else query i sees keys ``j <= num_prefix + i``.
     Returns out [batch, num_heads, t, head_dim] in q's dtype and lse [batch, num_heads, t] (fp32).
-    `splits` None: from the GPU's SM count (`num_splits`)."""
+    `splits` None: from the GPU's SM count (`num_splits`). `valid_keys`: a one-element integer tensor on q's
+    device; only keys ``j < valid_keys`` exist (read by the kernel, so it may change between replays of a
+    CUDA graph); the splits cover all S keys."""
     batch, num_heads, t, head_dim = q.shape
     num_kv_heads, num_keys = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -177,7 +186,7 @@ def decode_attention_split(
     lses = torch.empty(splits, batch, num_heads, t, device=q.device, dtype=torch.float32)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     _decode_split_kernel[(batch * num_kv_heads, splits, row_tiles)](
-        q, k, v, outs, lses,
+        q, k, v, outs, lses, lses if valid_keys is None else valid_keys,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -185,7 +194,8 @@ def decode_attention_split(
         lses.stride(0), lses.stride(1), lses.stride(2),
         num_kv_heads, t, num_keys, 0 if num_prefix is None else num_prefix, keys_per_split,
         keys_per_split // block_n, scale * _LOG2E,
-        GROUP=group, HEAD_DIM=head_dim, CAUSAL=num_prefix is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, CAUSAL=num_prefix is not None,
+        VALID_FROM_PTR=valid_keys is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if splits == 1:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import apb
 from apb import APBConfig, APBModel
+from apb.bench.common import TokenClock
 from apb.config import SPLITS
 from apb.fusion import COMPILE_LAYERS_ARG
 from apb.fusion import check_backend as check_compile_backend
@@ -42,35 +43,6 @@ class ByteTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", errors="replace")
-
-
-class TokenClock:
-    """A streamer (`put(ids)` / `end()`, as transformers' streamers) that notes when each generated token
-    arrives: the first `put` is the prompt, every later one a step's token (on the CPU, so the GPU is done)."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.arrivals: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, ids: Any) -> None:
-        if self._prompt_seen:
-            self.arrivals.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-    def summary(self) -> str | None:
-        """The line to print (`first token after 1.23 s (prefill and query), then 31 tokens at 12.3
-        tokens/s`), or None before any token."""
-        if not self.arrivals:
-            return None
-        line = f"first token after {self.arrivals[0] - self.started:.2f} s (prefill and query)"
-        rest = len(self.arrivals) - 1
-        if rest and self.arrivals[-1] > self.arrivals[0]:
-            line += f", then {rest} tokens at {rest / (self.arrivals[-1] - self.arrivals[0]):.1f} tokens/s"
-        return line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

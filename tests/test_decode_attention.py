@@ -80,6 +80,19 @@ def test_reference_with_prefix_is_apb_attention_without_anchor(t, num_prefix):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("valid", [1, 9, 30])
+def test_valid_keys_hide_the_rest_of_the_buffer(valid):
+    """`valid_keys` (a device tensor: graphed decoding's store) reads the first keys only; the rest of the
+    buffer, even NaN, changes nothing."""
+    q, k, v = _inputs(4, 2, 1, 30, 16, torch.float32, "cpu")
+    k[:, :, valid:], v[:, :, valid:] = float("nan"), float("nan")
+    expected = decode_attention_ref(q, k[:, :, :valid], v[:, :, :valid], num_prefix=None)
+    for fn in (decode_attention_ref, decode_attention):
+        out, lse = fn(q, k, v, num_prefix=None, valid_keys=torch.tensor([valid]))
+        torch.testing.assert_close(out, expected[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(lse, expected[1], rtol=0, atol=1e-6)
+
+
 def test_cpu_falls_back_to_the_reference():
     q, k, v = _inputs(4, 2, 3, 40, 16, torch.float32, "cpu")
     for num_prefix in (None, 37):
@@ -132,7 +145,11 @@ _SPLIT_SCRIPT = textwrap.dedent(
         k = torch.randn(b, case["kv"], case["keys"] + 5, 16, generator=gen).half()[:, :, : case["keys"]]
         v = torch.randn(b, case["kv"], case["keys"] + 5, 16, generator=gen).half()[:, :, : case["keys"]]
         num_prefix = case["keys"] - case["t"] if case["prefix"] else None
-        out, lse = decode_attention_split(q, k, v, num_prefix=num_prefix, splits=case["splits"], block_n=16)
+        valid = case.get("valid")
+        out, lse = decode_attention_split(q, k, v, num_prefix=num_prefix, splits=case["splits"], block_n=16,
+                                          valid_keys=None if valid is None else torch.tensor([valid]))
+        if valid is not None:  # what the kernel must have read: the first `valid` keys
+            k, v = k[:, :, :valid], v[:, :, :valid]
         torch.save(dict(q=q, k=k, v=v, out=out, lse=lse, num_prefix=num_prefix), case["path"])
     """
 )
@@ -142,7 +159,8 @@ _SPLIT_SCRIPT = textwrap.dedent(
 def test_split_kernel_under_interpreter(tmp_path):
     """The split-key kernel (what `decode_attention` runs on CUDA) through Triton's interpreter: fp16,
     strided K/V views (a store with room after it), GQA rows packed into a tile, ragged splits and tiles,
-    every key visible or causal over the queries' own keys, one split or several merged, batches."""
+    every key visible or causal over the queries' own keys, one split or several merged, batches, and a
+    buffer of which only the first `valid_keys` keys exist."""
     cases = [
         dict(t=1, keys=1, heads=2, kv=1, prefix=False, splits=1),
         dict(t=1, keys=45, heads=4, kv=2, prefix=False, splits=3),
@@ -152,6 +170,11 @@ def test_split_kernel_under_interpreter(tmp_path):
         dict(t=20, keys=33, heads=2, kv=1, prefix=False, splits=2),
         dict(t=3, keys=200, heads=8, kv=2, prefix=True, splits=None),
         dict(t=2, keys=90, heads=4, kv=2, prefix=True, splits=3, batch=2),  # rows of one batch
+        # `valid_keys` read from a tensor (graphed decoding): splits past it, inside one, on its edge
+        dict(t=1, keys=90, heads=4, kv=2, prefix=False, splits=4, valid=37),
+        dict(t=1, keys=90, heads=4, kv=2, prefix=False, splits=3, valid=1),
+        dict(t=1, keys=96, heads=4, kv=1, prefix=False, splits=2, valid=48, batch=2),
+        dict(t=1, keys=64, heads=2, kv=1, prefix=False, splits=None, valid=64),
     ]
     cases = [dict(c, path=str(tmp_path / f"c{i}.pt")) for i, c in enumerate(cases)]
     run_under_interpreter(_SPLIT_SCRIPT, json.dumps(cases), cwd=tmp_path)
@@ -182,6 +205,17 @@ def test_decode_attention_gpu(dtype, t, num_keys, prefix):
     num_prefix = num_keys - t if prefix else None
     out, lse = decode_attention(q, k, v, num_prefix=num_prefix)
     _check(q, k, v, out, lse, num_prefix)
+
+
+@pytest.mark.single_gpu
+@needs_cuda
+@pytest.mark.parametrize("valid", [1, 5000, 16383])
+def test_decode_attention_gpu_reads_valid_keys_only(valid):
+    """The kernel's `valid_keys` on the GPU: a 16K-key buffer whose tail past `valid` is NaN."""
+    q, k, v = _inputs(32, 8, 1, 16384, 128, torch.bfloat16, "cuda")
+    k[:, :, valid:], v[:, :, valid:] = float("nan"), float("nan")
+    out, lse = decode_attention(q, k, v, num_prefix=None, valid_keys=torch.tensor([valid], device="cuda"))
+    _check(q, k[:, :, :valid], v[:, :, :valid], out, lse, None)
 
 
 @needs_triton_interpreter

@@ -1,0 +1,137 @@
+"""Decoding steps: one token per row through every layer and the LM head, eagerly or as a CUDA graph.
+
+An eager step launches a few hundred small kernels (every layer's projections, norms, RoPE, each host's
+attention and the merge) for one token per row: the GPU waits on the CPU that launches them. Graphed steps
+record the step once, as a CUDA graph, and replay it per token: one launch from the CPU.
+
+A graph replays fixed kernels on fixed buffers, so everything a step changes lives in device tensors that
+are written before each replay: the token ids, the position, and where the last host's store takes the
+token's K/V (`DecodeState.slot`), whose attention reads only the entries filled so far
+(`DecodeState.valid`, read by the kernel). The store is grown once beforehand (`DecodeState.reserve`), so the
+buffers the graph writes are never replaced. Replays compute what eager steps compute, kernel for kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from apb.attention import DecodeState
+
+logger = logging.getLogger(__name__)
+
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""ids [batch, 1], positions [1] -> logits [batch, vocab]: one decoding step of the model."""
+
+
+class EagerSteps:
+    """Each step run as it comes (any device, any communicator)."""
+
+    def __init__(self, step: Step):
+        self._step = step
+
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """token: [batch] ids at `position` -> the next logits [batch, vocab]."""
+        positions = torch.arange(position, position + 1, device=token.device)
+        return self._step(token[:, None], positions)
+
+    def close(self) -> None:
+        pass
+
+
+class GraphedSteps:
+    """Steps replayed from a CUDA graph recorded at the first one (see the module docstring).
+
+    The first call runs the step eagerly, reading the step's inputs from the device tensors the graph uses
+    (which also warms up Triton's and torch.compile's caches), then records the graph; later calls write
+    the inputs and replay it. Should recording fail (an operation a graph cannot hold, such as a sync to
+    the CPU inside a model's forward), a warning says so and the steps run eagerly from then on: same
+    tokens, only slower. `close()` returns the state to eager steps and frees the graph.
+    `record_graph=False` runs every step eagerly from the graph's input tensors: what a replay computes,
+    on any device (the CPU tests check it against `EagerSteps`)."""
+
+    def __init__(
+        self,
+        step: Step,
+        decode: DecodeState,
+        *,
+        batch: int,
+        max_steps: int,
+        device: torch.device,
+        record_graph: bool = True,
+    ):
+        if record_graph and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self._record_graph = record_graph
+        self._step = step
+        self._decode = decode
+        decode.reserve(max_steps)
+        self._max_filled = decode.filled + max_steps
+        self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self._positions = torch.zeros(1, dtype=torch.long, device=device)
+        decode.slot = torch.zeros(1, dtype=torch.long, device=device)
+        decode.valid = torch.zeros(1, dtype=torch.long, device=device)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
+        self._eager: EagerSteps | None = None
+
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """token: [batch] ids at `position` -> the next logits [batch, vocab] (a tensor of its own)."""
+        if self._eager is not None:
+            return self._eager(token, position)
+        decode = self._decode
+        filled = decode.filled
+        if filled >= self._max_filled:
+            raise RuntimeError(
+                f"graphed steps were set up for {self._max_filled} store entries; step past them"
+            )
+        self._ids.copy_(token[:, None])
+        self._positions.fill_(position)
+        decode.slot.fill_(filled)
+        decode.valid.fill_(filled + 1)
+        if not self._record_graph:
+            logits = self._step(self._ids, self._positions)
+        elif self._graph is None:
+            logits = self._record()
+        else:
+            self._graph.replay()
+            logits = self._logits.clone()  # the graph's output buffer is overwritten by the next replay
+        decode.advance(1)
+        return logits
+
+    @property
+    def graphed(self) -> bool:
+        """Whether the steps replay a recorded graph (False before the first step and after a fallback)."""
+        return self._graph is not None
+
+    def close(self) -> None:
+        self._decode.slot = self._decode.valid = None
+        self._graph = self._logits = None
+
+    def _record(self) -> torch.Tensor:
+        """Run this step eagerly on a side stream (as CUDA graph capture asks), then record it; the eager
+        run's logits are this step's."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._step(self._ids, self._positions)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._logits = self._step(self._ids, self._positions)
+        except Exception as err:  # noqa: BLE001 - any failure to record falls back to the same steps, eagerly
+            logger.warning(
+                "decoding steps could not be recorded as a CUDA graph (%s: %s); they run eagerly (same tokens, "
+                "slower). generate(cuda_graphs=False) skips the attempt.",
+                type(err).__name__,
+                err,
+            )
+            self._decode.slot = self._decode.valid = None
+            self._eager = EagerSteps(self._step)
+            self._logits = None
+            return logits
+        self._graph = graph
+        return logits

@@ -1,0 +1,181 @@
+"""Decoding steps (`apb.steps`): graphed steps compute what eager steps compute.
+
+On the CPU, `GraphedSteps(record_graph=False)` runs every step from the graph's input tensors (the token
+ids, the position, the store slot and the count of valid entries), which is what a CUDA graph replays;
+it must give eager generation's tokens and logits. On a GPU the graph is recorded and replayed for real.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import apb.model
+from apb import APBConfig, APBModel
+from apb.comm import DistributedComm
+from apb.steps import GraphedSteps
+
+VOCAB = 128  # tiny_model's vocab_size
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def _ids(seed: int, *shape: int, device="cpu") -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _static_steps_on_the_cpu(monkeypatch) -> list[GraphedSteps]:
+    """generate's steps become `GraphedSteps(record_graph=False)` on the CPU; returns the ones made."""
+    made: list[GraphedSteps] = []
+
+    def make(*args, **kwargs):
+        steps = GraphedSteps(*args, **{**kwargs, "record_graph": False})
+        made.append(steps)
+        return steps
+
+    monkeypatch.setattr(apb.model, "GraphedSteps", make)
+    monkeypatch.setattr(APBModel, "_graphed_steps", lambda self, cuda_graphs, comm: True)
+    return made
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("num_hosts", [1, 3])
+def test_steps_from_device_tensors_match_eager_steps(monkeypatch, family, num_hosts):
+    """Greedy and sampled, a batch of two, hosts 1 and 3, exact and sparse: same tokens, same logits. The
+    room kept after the last host's store is cut to 2 tokens, so the steps must grow it first (`reserve`)."""
+    monkeypatch.setattr(apb.model, "DECODE_ROOM", 2)
+    apbm = APBModel(tiny_model(family))
+    context, query = _ids(0, 2, 61), _ids(1, 2, 5)
+    cases = [
+        dict(config=APBConfig.exact()),
+        dict(config=APBConfig(selector="random", anchor_len=8, passing_len=6, query_in_anchor=False)),
+        dict(config=APBConfig.exact(), do_sample=True, temperature=0.8, top_k=20, seed=3),
+    ]
+    eager = [
+        apbm.generate(context, query, num_hosts=num_hosts, max_new_tokens=9, return_logits=True, **case)
+        for case in cases
+    ]
+    made = _static_steps_on_the_cpu(monkeypatch)
+    for case, (ids, logits) in zip(cases, eager, strict=True):
+        got_ids, got_logits = apbm.generate(
+            context, query, num_hosts=num_hosts, max_new_tokens=9, return_logits=True, **case
+        )
+        assert torch.equal(got_ids, ids)
+        torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+    assert len(made) == len(cases)
+
+
+def test_static_steps_write_the_store_where_eager_steps_do(monkeypatch):
+    """After the same tokens, the last host's store holds the same K/V in the same entries, and the state's
+    count of appended tokens agrees (an eager step after graphed ones writes after them)."""
+    apbm = APBModel(tiny_model("llama"))
+    context, query = _ids(0, 1, 40), _ids(1, 1, 4)
+    config = APBConfig.exact()
+    stores = {}
+    for static in (False, True):
+        decode = apbm._prefill_context(
+            context, query, config, apb.model.make_comm(2, apbm.device), query=query, max_new_tokens=6
+        )
+        apbm._run_tokens(decode, query, start=context.shape[1])
+        steps = apbm._steps(decode, batch=1, max_steps=5, graphed=False)
+        if static:
+            steps = GraphedSteps(
+                steps._step, decode, batch=1, max_steps=5, device=apbm.device, record_graph=False
+            )
+        for i, token in enumerate(_ids(2, 5).tolist()):
+            steps(torch.tensor([token]), context.shape[1] + query.shape[1] + i)
+        steps.close()
+        assert decode.slot is None and decode.valid is None  # eager from here on
+        assert decode.filled == decode.context_len + query.shape[1] + 5
+        stores[static] = [(k[:, :, : decode.filled], v[:, :, : decode.filled]) for k, v in decode.stores[1]]
+    for (k0, v0), (k1, v1) in zip(stores[False], stores[True], strict=True):
+        torch.testing.assert_close(k1, k0, rtol=0, atol=0)
+        torch.testing.assert_close(v1, v0, rtol=0, atol=0)
+
+
+def test_cuda_graphs_argument_is_checked_before_the_prefill(monkeypatch):
+    apbm = APBModel(tiny_model("llama"))
+    monkeypatch.setattr(APBModel, "_prefill_context", lambda *a, **k: pytest.fail("prefill ran"))
+    with pytest.raises(TypeError, match=r"cuda_graphs must be True, False or None \(auto\), got 'yes'"):
+        apbm.generate(_ids(0, 20), _ids(1, 4), cuda_graphs="yes")
+    with pytest.raises(
+        ValueError, match="cuda_graphs=True needs the model on a GPU.*the model is on the CPU"
+    ):
+        apbm.generate(_ids(0, 20), _ids(1, 4), cuda_graphs=True)
+
+
+def test_graphed_steps_refuse_the_cpu_when_recording():
+    apbm = APBModel(tiny_model("llama"))
+    decode = apbm._prefill_context(
+        _ids(0, 1, 20), _ids(1, 1, 4), APBConfig.exact(), apb.model.make_comm(1, "cpu")
+    )
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, got cpu"):
+        GraphedSteps(lambda ids, pos: ids, decode, batch=1, max_steps=3, device=torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def _count_replays(monkeypatch) -> list[int]:
+    replays = [0]
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted(self):
+        replays[0] += 1
+        return replay(self)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
+    return replays
+
+
+@pytest.mark.single_gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_hosts", [1, 4])
+def test_cuda_graph_steps_match_eager_steps_on_the_gpu(monkeypatch, caplog, dtype, num_hosts):
+    """Recorded once, replayed per token: the eager steps' tokens and logits (bf16 runs the Triton kernels,
+    fp32 the torch reference, both inside the graph); no fallback warning; one replay per step after the
+    first. The room after the store is cut so that `reserve` grows it."""
+    monkeypatch.setattr(apb.model, "DECODE_ROOM", 3)
+    apbm = APBModel(tiny_model("llama").to("cuda", dtype))
+    context, query = _ids(0, 2, 300, device="cuda"), _ids(1, 2, 6, device="cuda")
+    config = APBConfig(selector="random", anchor_len=32, passing_len=16, query_in_anchor=False)
+    kwargs = dict(config=config, num_hosts=num_hosts, max_new_tokens=12, return_logits=True)
+    ids, logits = apbm.generate(context, query, cuda_graphs=False, **kwargs)
+    replays = _count_replays(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="apb.steps"):
+        got_ids, got_logits = apbm.generate(context, query, **kwargs)  # auto: on for a GPU model
+    assert not caplog.records
+    assert replays[0] == 12 - 2  # the query's logits, then a recorded step, then replays
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got_logits.float(), logits.float(), rtol=tol, atol=tol)
+    assert torch.equal(got_ids, ids)
+
+
+@pytest.mark.single_gpu
+@needs_cuda
+def test_a_step_that_cannot_be_recorded_falls_back_to_eager_steps(monkeypatch, caplog):
+    """A model whose forward syncs with the CPU (here: a hook reading a value) cannot be recorded: one
+    warning, then the same tokens as eager steps."""
+    apbm = APBModel(tiny_model("llama").to("cuda"))
+    context, query = _ids(0, 1, 100, device="cuda"), _ids(1, 1, 4, device="cuda")
+    kwargs = dict(config=APBConfig.exact(), num_hosts=2, max_new_tokens=6)
+    expected = apbm.generate(context, query, cuda_graphs=False, **kwargs)
+    apbm.model.model.norm.register_forward_hook(lambda module, args, out: float(out[0, 0, 0]) and None)
+    with caplog.at_level(logging.WARNING, logger="apb.steps"):
+        got = apbm.generate(context, query, cuda_graphs=True, **kwargs)
+    assert torch.equal(got, expected)
+    assert len(caplog.records) == 1 and "could not be recorded as a CUDA graph" in caplog.records[0].message
+
+
+@pytest.mark.single_gpu
+@needs_cuda
+def test_cuda_graphs_are_refused_under_torch_distributed(monkeypatch):
+    apbm = APBModel(tiny_model("llama").to("cuda"))
+    comm = DistributedComm.__new__(DistributedComm)
+    with pytest.raises(ValueError, match="hosts run under torch.distributed"):
+        apbm._graphed_steps(True, comm)
+    assert apbm._graphed_steps(None, comm) is False
