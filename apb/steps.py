@@ -129,9 +129,23 @@ class GraphedSteps:
                 type(err).__name__,
                 err,
             )
+            _end_failed_capture()
             self._decode.slot = self._decode.valid = None
             self._eager = EagerSteps(self._step)
             self._logits = None
             return logits
         self._graph = graph
         return logits
+
+
+def _end_failed_capture() -> None:
+    """Undo what a failed capture leaves behind. `torch.cuda.graph` puts the CUDA random generators into
+    capture mode when it starts and takes them out when the capture ends well; when it fails they stay in
+    it, and every later random op on the GPU fails ("Offset increment outside graph capture"). A capture
+    that succeeds (one fill kernel) takes them out again."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    scratch = torch.empty(1, device="cuda")
+    with torch.cuda.graph(graph):
+        scratch.fill_(0.0)
+    del graph
