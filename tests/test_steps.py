@@ -181,3 +181,21 @@ def test_cuda_graphs_are_refused_under_torch_distributed(monkeypatch):
     with pytest.raises(ValueError, match="hosts run under torch.distributed"):
         apbm._graphed_steps(True, comm)
     assert apbm._graphed_steps(None, comm) is False
+
+
+def test_generation_benchmark_runs_on_the_cpu(tmp_path):
+    """scripts/bench_generate.py --tiny: transformers' loop and APB's eager steps timed, the graphed steps
+    recorded as skipped without a GPU, the JSON's command without the output path."""
+    import json
+
+    from apb.bench.generate import main
+
+    path = tmp_path / "gen.json"
+    main(["--tiny", "--repeats", "1", "--methods", "full", "apb-eager", "apb-graphs", "--json", str(path)])
+    results = json.loads(path.read_text())
+    runs = {run["method"]: run for run in results["runs"]}
+    for method in ("full", "apb-eager"):
+        assert runs[method]["tokens"] == 8
+        assert runs[method]["step_ms_median"] > 0 and runs[method]["first_token_s"] > 0
+    assert runs["apb-graphs"]["status"] == "skipped: CUDA graphs need a GPU"
+    assert "--json" not in results["command"] and str(tmp_path) not in results["command"]

@@ -1,4 +1,5 @@
-"""Benchmarks on the public API: prefill (full attention vs Star Attention vs APB) and decoding attention.
+"""Benchmarks on the public API: prefill (full attention vs Star Attention vs APB), decoding attention and
+generation.
 
 - `apb.bench.prefill` (``python -m apb.bench.prefill``, ``scripts/bench_prefill.py``): hosts simulated
   one after another on one GPU, communication modelled, per-block time breakdown.
@@ -6,6 +7,9 @@
   one host per torch.distributed rank, communication measured.
 - `apb.bench.decode` (``python -m apb.bench.decode``, ``scripts/bench_decode.py``): `decode_attention` over
   one host's keys against the kernels it could run instead.
+- `apb.bench.generate` (``python -m apb.bench.generate``, ``scripts/bench_generate.py``): generation on one
+  GPU, the time to the first token and per token: APB's steps eager and replayed from a CUDA graph,
+  against transformers' own loop.
 - `apb.bench.common`: what the prefill benchmarks share: the model shapes, timers, full attention on its
   fastest SDPA kernel, the helpers that look runs up and format them.
 

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     context = torch.randint(0, vocab, (1, args.length), generator=gen).to(device)
     query = torch.randint(0, vocab, (1, args.query), generator=gen).to(device)
     results: dict[str, Any] = {
-        "command": "python scripts/bench_generate.py " + " ".join(args.argv),
+        "command": " ".join(["python scripts/bench_generate.py", *_without_json(args.argv)]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"),
         "versions": {p: package_version(p) for p in ("torch", "transformers", "triton")},
@@ -118,29 +118,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [],
     }
     for method in args.methods:
-        if method == "apb-graphs" and device.type != "cuda":
-            results["runs"].append({"method": method, "status": "skipped: CUDA graphs need a GPU"})
-            continue
-        runs = []
-        try:
-            for _ in range(args.repeats):
-                with torch.no_grad():
-                    runs.append(run_once(method, model, apbm, context, query, args))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        except Exception as err:  # noqa: BLE001 - one method failing (say, out of memory) leaves the others
-            results["runs"].append({"method": method, "status": f"failed: {type(err).__name__}: {err}"[:500]})
-            print(summary_line(results["runs"][-1]), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        best = min(runs, key=lambda r: r["step_ms_median"] or 0.0)
-        best["repeats"] = [r["step_ms_median"] for r in runs]
-        results["runs"].append(best)
-        print(summary_line(best), flush=True)
+        results["runs"].append(measure(method, model, apbm, context, query, args))
+        print(summary_line(results["runs"][-1]), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def _without_json(argv: list[str]) -> list[str]:
+    """The command line without ``--json PATH`` (where the results went is not part of what ran)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            out.append(arg)
+    return out
+
+
+def measure(method: str, model, apbm, context, query, args) -> dict[str, Any]:
+    """The best of `args.repeats` runs of `method` (by median step), or why it did not run."""
+    cuda = context.is_cuda
+    if method == "apb-graphs" and not cuda:
+        return {"method": method, "status": "skipped: CUDA graphs need a GPU"}
+    runs = []
+    try:
+        for _ in range(args.repeats):
+            with torch.no_grad():
+                runs.append(run_once(method, model, apbm, context, query, args))
+            if cuda:
+                torch.cuda.empty_cache()
+    except Exception as err:  # noqa: BLE001 - one method failing (say, out of memory) leaves the others
+        if cuda:
+            torch.cuda.empty_cache()
+        return {"method": method, "status": f"failed: {type(err).__name__}: {err}"[:500]}
+    best = min(runs, key=lambda r: r["step_ms_median"] or 0.0)
+    best["repeats"] = [r["step_ms_median"] for r in runs]
+    return best
 
 
 def summary_line(run: dict[str, Any]) -> str:
