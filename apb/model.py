@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from apb.attention import (
+    ATTN_NAME,
     DECODE_ROOM,
     ContextStored,
     DecodeState,
@@ -24,6 +25,7 @@ from apb.attention import (
     TimedRegion,
     activate,
     install,
+    uninstall,
 )
 from apb.backends import get_backend
 from apb.comm import Communicator, SimulatedComm, make_comm
@@ -284,6 +286,17 @@ class APBModel(nn.Module):
         from apb.api import load  # apb.api imports this module
 
         return load(model, adapter, **kwargs)
+
+    def unload(self) -> nn.Module:
+        """The base model as it was before `apb.load`: its own attention implementation back and the heads'
+        q/k/v hooks removed, so that it runs, and compiles, as before (a registered APB attention delegates
+        to the original while idle, but `torch.compile` cannot trace through it: a plain compiled
+        ``model.generate`` would break its graph at every attention call). This `APBModel`, and any other
+        made on the same model, cannot prefill or generate afterwards; `apb.load` the model again."""
+        if self.capture is not None:
+            self.capture.remove()
+        uninstall(self.model)
+        return self.model
 
     def save_pretrained(
         self,
@@ -727,6 +740,11 @@ class APBModel(nn.Module):
         """`query` (run after the prefill) and `max_new_tokens` enter the ranks' agreement check and size the
         room kept after the last host's store for the tokens decoded on top of it."""
         with comm.shared_refusal():
+            if self.model.config._attn_implementation != ATTN_NAME:
+                raise RuntimeError(
+                    "the model's APB attention was removed (APBModel.unload, or its attention implementation "
+                    "was switched since apb.load): apb.load(model, ...) it again"
+                )
             plan = self.plan(context.shape[1], anchor_query.shape[1], comm.num_hosts, config)
             config = plan.config
             backend = get_backend(config.backend, self.device)

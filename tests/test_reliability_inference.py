@@ -240,6 +240,30 @@ def test_loading_heads_twice_keeps_one_set_of_hooks_and_right_results(tmp_path):
         assert torch.equal(model(full).logits, plain(full).logits)
 
 
+def test_unload_gives_the_model_back_and_stops_every_apb_model_on_it(tmp_path):
+    """`unload`: the original attention implementation and no q/k/v hooks, the plain model's logits; this and
+    every other APBModel of the model then refuse to run, with a message saying what to do; loading again
+    works as the first load did."""
+    sparse = APBConfig(anchor_len=8, passing_len=3, query_in_anchor=True, query_offset=2)
+    context, query = _ids(0, 40), _ids(1, 4)
+    model = tiny_model("llama")
+    folder = save_adapter(build_heads(model, hidden_size=16), tmp_path / "heads")
+    first, second = apb.load(model, folder), apb.load(model, folder)
+    expected = first.prefill(context, query, config=sparse, num_hosts=3)
+    assert first.unload() is model
+    assert model.config._attn_implementation == "sdpa" and _num_projection_hooks(model) == 0
+    plain = tiny_model("llama")
+    full = torch.cat([context, query])[None]
+    with torch.no_grad():
+        assert torch.equal(model(full).logits, plain(full).logits)
+    for apbm in (first, second):
+        with pytest.raises(RuntimeError, match=r"APB attention was removed \(APBModel.unload.*apb.load"):
+            apbm.generate(context, query, config=sparse, num_hosts=3, max_new_tokens=2)
+    again = apb.load(model, folder)
+    assert _num_projection_hooks(model) == 3 * model.config.num_hidden_layers
+    assert torch.equal(again.prefill(context, query, config=sparse, num_hosts=3), expected)
+
+
 # ------------------------------------------------------------------------------ distributed agreement
 
 NUM_RANKS = 2

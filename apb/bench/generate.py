@@ -16,7 +16,7 @@ context of `--length` random tokens and a `--query` of 64, then `--new-tokens` t
   step runs every layer once, each host's attention over its store, and the merge;
 - apb-graphs: the same with its steps replayed from a CUDA graph (`apb.steps`, the default on a GPU).
 
-Per run: the time to the first token (from the call; APB's prefill runs its hosts one after another here,
+transformers' methods run first, before APB is loaded onto the model. Per run: the time to the first token (from the call; APB's prefill runs its hosts one after another here,
 so this is not a multi-GPU time) and the time per token after it, as the median of the intervals between
 tokens (the first graphed step records the graph, a median ignores it) and their mean. A token is taken
 when it reaches the CPU (a streamer's `put`), so every interval covers a whole step. Simulated hosts read
@@ -100,7 +100,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model = build_model(args.model_shape, device, dtype)
     heads = build_heads(model, dtype=dtype)
-    apbm = APBModel(model, heads)
     if args.compile_layers:
         from apb.fusion import compile_layers
 
@@ -117,7 +116,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "argv")},
         "runs": [],
     }
-    for method in args.methods:
+    # transformers' methods first, on the model as loaded: once APB is loaded its attention function (which
+    # torch.compile does not trace) and the heads' hooks would break the graphs of a compiled plain generate
+    apbm = None
+    for method in sorted(args.methods, key=METHODS.index):
+        if method.startswith("apb") and apbm is None:
+            apbm = APBModel(model, heads)
         results["runs"].append(measure(method, model, apbm, context, query, args))
         print(summary_line(results["runs"][-1]), flush=True)
         if args.json:
