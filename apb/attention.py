@@ -57,8 +57,8 @@ what each covers; `score`, `top_k` and `gather` only on hosts that select a pass
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 DECODE_ROOM = 1024
-"""Generated tokens the last host's store has room for after the prefill (beside the query); decoding past
-it doubles the store (`DecodeState`)."""
+"""Generated tokens the last host's store has room for after the prefill (beside the query). Past it eager
+steps double the store (`DecodeState`); graphed steps (`apb.steps`) grow it by this many tokens at a time."""
 
 
 class ContextStored(Exception):
@@ -343,13 +343,13 @@ class DecodeState:
         layer has as many: each step runs them all)."""
         return self.context_len + max(self.appended.values(), default=0)
 
-    def reserve(self, tokens: int) -> None:
-        """Room in the last host's store for `tokens` more at every layer, grown once now (graphed steps
-        write into the buffer they were recorded with, so it must not be replaced while they run)."""
+    def reserve(self, tokens: int) -> bool:
+        """Room in the last host's store for `tokens` more at every layer, grown now where it lacks it
+        (graphed steps write into the buffers they were recorded with, so those must not be replaced while
+        they replay). Returns whether any buffer was replaced."""
         need = self.filled + tokens
-        store = self.stores.get(self.last_host)
-        if store is None:
-            return
+        store = self.stores.get(self.last_host, [])
+        grown = False
         for layer_idx, (k_buf, v_buf) in enumerate(store):
             if k_buf.shape[2] < need:
                 filled = self.context_len + self.appended.get(layer_idx, 0)
@@ -358,6 +358,8 @@ class DecodeState:
                     with_room(k_buf[:, :, :filled], room),
                     with_room(v_buf[:, :, :filled], room),
                 )
+                grown = True
+        return grown
 
     def advance(self, tokens: int = 1) -> None:
         """Count `tokens` written at every layer by graphed steps (which run no Python per layer)."""

@@ -7,8 +7,10 @@ record the step once, as a CUDA graph, and replay it per token: one launch from 
 A graph replays fixed kernels on fixed buffers, so everything a step changes lives in device tensors that
 are written before each replay: the token ids, the position, and where the last host's store takes the
 token's K/V (`DecodeState.slot`), whose attention reads only the entries filled so far
-(`DecodeState.valid`, read by the kernel). The store is grown once beforehand (`DecodeState.reserve`), so the
-buffers the graph writes are never replaced. Replays compute what eager steps compute, kernel for kernel.
+(`DecodeState.valid`, read by the kernel). The store grows by `DECODE_ROOM` tokens at a time
+(`DecodeState.reserve`), not by `max_new_tokens` up front (a generous limit would cost memory for tokens
+never generated); the graph is recorded again whenever the store's buffers were replaced. Replays compute
+what eager steps compute, kernel for kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from apb import attention
 from apb.attention import DecodeState
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,8 @@ class GraphedSteps:
     (which also warms up Triton's and torch.compile's caches), then records the graph; later calls write
     the inputs and replay it. Should recording fail (an operation a graph cannot hold, such as a sync to
     the CPU inside a model's forward), a warning says so and the steps run eagerly from then on: same
-    tokens, only slower. `close()` returns the state to eager steps and frees the graph.
+    tokens, only slower. `close()` returns the state to eager steps and frees the graph. `room`: tokens the
+    store grows by when it is full (default `apb.attention.DECODE_ROOM`).
     `record_graph=False` runs every step eagerly from the graph's input tensors: what a replay computes,
     on any device (the CPU tests check it against `EagerSteps`)."""
 
@@ -61,14 +65,16 @@ class GraphedSteps:
         max_steps: int,
         device: torch.device,
         record_graph: bool = True,
+        room: int | None = None,
     ):
         if record_graph and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self._record_graph = record_graph
         self._step = step
         self._decode = decode
-        decode.reserve(max_steps)
-        self._max_filled = decode.filled + max_steps
+        self._steps_left = max_steps
+        self._room = room or attention.DECODE_ROOM
+        self._room_end = decode.filled  # store entries the buffers have room for, as far as reserved
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._positions = torch.zeros(1, dtype=torch.long, device=device)
         decode.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -82,11 +88,14 @@ class GraphedSteps:
         if self._eager is not None:
             return self._eager(token, position)
         decode = self._decode
+        if self._steps_left <= 0:
+            raise RuntimeError("more decoding steps than the max_steps these graphed steps were made for")
         filled = decode.filled
-        if filled >= self._max_filled:
-            raise RuntimeError(
-                f"graphed steps were set up for {self._max_filled} store entries; step past them"
-            )
+        if filled >= self._room_end:  # room for the next tokens; new buffers need a new recording
+            room = min(self._room, self._steps_left)
+            if decode.reserve(room):
+                self._graph = self._logits = None
+            self._room_end = filled + room
         self._ids.copy_(token[:, None])
         self._positions.fill_(position)
         decode.slot.fill_(filled)
@@ -99,12 +108,8 @@ class GraphedSteps:
             self._graph.replay()
             logits = self._logits.clone()  # the graph's output buffer is overwritten by the next replay
         decode.advance(1)
+        self._steps_left -= 1
         return logits
-
-    @property
-    def graphed(self) -> bool:
-        """Whether the steps replay a recorded graph (False before the first step and after a fallback)."""
-        return self._graph is not None
 
     def close(self) -> None:
         self._decode.slot = self._decode.valid = None

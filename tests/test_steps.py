@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+import apb.attention
 import apb.model
 from apb import APBConfig, APBModel
 from apb.comm import DistributedComm
@@ -45,8 +46,10 @@ def _static_steps_on_the_cpu(monkeypatch) -> list[GraphedSteps]:
 @pytest.mark.parametrize("num_hosts", [1, 3])
 def test_steps_from_device_tensors_match_eager_steps(monkeypatch, family, num_hosts):
     """Greedy and sampled, a batch of two, hosts 1 and 3, exact and sparse: same tokens, same logits. The
-    room kept after the last host's store is cut to 2 tokens, so the steps must grow it first (`reserve`)."""
+    room kept after the last host's store, and what it grows by, are cut to 2 tokens, so the steps grow it
+    (`reserve`) every other token."""
     monkeypatch.setattr(apb.model, "DECODE_ROOM", 2)
+    monkeypatch.setattr(apb.attention, "DECODE_ROOM", 2)
     apbm = APBModel(tiny_model(family))
     context, query = _ids(0, 2, 61), _ids(1, 2, 5)
     cases = [
@@ -96,6 +99,28 @@ def test_static_steps_write_the_store_where_eager_steps_do(monkeypatch):
         torch.testing.assert_close(v1, v0, rtol=0, atol=0)
 
 
+def test_the_store_grows_by_its_room_not_by_max_new_tokens():
+    """A generous max_new_tokens reserves nothing up front: the store grows by `room` tokens when full."""
+    apbm = APBModel(tiny_model("llama"))
+    context, query = _ids(0, 1, 40), _ids(1, 1, 4)
+    decode = apbm._prefill_context(
+        context, query, APBConfig.exact(), apb.model.make_comm(2, apbm.device), query=query, max_new_tokens=3
+    )
+    apbm._run_tokens(decode, query, start=context.shape[1])
+    step = apbm._steps(decode, batch=1, max_steps=1, graphed=False)._step
+    steps = GraphedSteps(
+        step, decode, batch=1, max_steps=100_000, device=apbm.device, record_graph=False, room=3
+    )
+    capacities = []
+    for i in range(9):
+        steps(torch.tensor([i]), context.shape[1] + query.shape[1] + i)
+        capacities.append(decode.stores[1][0][0].shape[2])
+    steps.close()
+    start = decode.context_len + query.shape[1]
+    # room after the prefill: the query and min(3, DECODE_ROOM) tokens; then 3 more each time it is full
+    assert capacities == [start + 3] * 3 + [start + 6] * 3 + [start + 9] * 3
+
+
 def test_cuda_graphs_argument_is_checked_before_the_prefill(monkeypatch):
     apbm = APBModel(tiny_model("llama"))
     monkeypatch.setattr(APBModel, "_prefill_context", lambda *a, **k: pytest.fail("prefill ran"))
@@ -135,21 +160,25 @@ def _count_replays(monkeypatch) -> list[int]:
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_hosts", [1, 4])
-def test_cuda_graph_steps_match_eager_steps_on_the_gpu(monkeypatch, caplog, dtype, num_hosts):
-    """Recorded once, replayed per token: the eager steps' tokens and logits (bf16 runs the Triton kernels,
-    fp32 the torch reference, both inside the graph); no fallback warning; one replay per step after the
-    first. The room after the store is cut so that `reserve` grows it."""
+@pytest.mark.parametrize(("room", "replays"), [(None, 12 - 2), (3, 7)])
+def test_cuda_graph_steps_match_eager_steps_on_the_gpu(monkeypatch, caplog, dtype, num_hosts, room, replays):
+    """Recorded, replayed per token: the eager steps' tokens and logits (bf16 runs the Triton kernels, fp32
+    the torch reference, both inside the graph); no fallback warning. The room after the prefill's store is
+    cut to 3 tokens, so the steps grow it. Growing by the default room, once: one recording, then a replay
+    per step. Growing by 3 tokens at a time: a new recording at each growth (steps 1, 4, 7 and 10 of 11)."""
     monkeypatch.setattr(apb.model, "DECODE_ROOM", 3)
+    if room is not None:
+        monkeypatch.setattr(apb.attention, "DECODE_ROOM", room)
     apbm = APBModel(tiny_model("llama").to("cuda", dtype))
     context, query = _ids(0, 2, 300, device="cuda"), _ids(1, 2, 6, device="cuda")
     config = APBConfig(selector="random", anchor_len=32, passing_len=16, query_in_anchor=False)
     kwargs = dict(config=config, num_hosts=num_hosts, max_new_tokens=12, return_logits=True)
     ids, logits = apbm.generate(context, query, cuda_graphs=False, **kwargs)
-    replays = _count_replays(monkeypatch)
+    replayed = _count_replays(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="apb.steps"):
         got_ids, got_logits = apbm.generate(context, query, **kwargs)  # auto: on for a GPU model
     assert not caplog.records
-    assert replays[0] == 12 - 2  # the query's logits, then a recorded step, then replays
+    assert replayed[0] == replays
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got_logits.float(), logits.float(), rtol=tol, atol=tol)
     assert torch.equal(got_ids, ids)
