@@ -186,6 +186,19 @@ def test_cuda_graph_steps_match_eager_steps_on_the_gpu(monkeypatch, caplog, dtyp
 
 @pytest.mark.single_gpu
 @needs_cuda
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "qwen2"])
+def test_cuda_graph_steps_of_every_family_sample_as_eager_steps_do(family):
+    """The other families' decoders (Qwen3's q/k norms included; Llama: the test above) record and replay;
+    sampling, seeded, draws the same tokens as eager steps (the draw itself runs outside the graph)."""
+    apbm = APBModel(tiny_model(family).to("cuda"))
+    context, query = _ids(0, 1, 200, device="cuda"), _ids(1, 1, 5, device="cuda")
+    kwargs = dict(config=APBConfig.exact(), num_hosts=3, max_new_tokens=10, do_sample=True, top_p=0.9, seed=5)
+    expected = apbm.generate(context, query, cuda_graphs=False, **kwargs)
+    assert torch.equal(apbm.generate(context, query, cuda_graphs=True, **kwargs), expected)
+
+
+@pytest.mark.single_gpu
+@needs_cuda
 def test_a_step_that_cannot_be_recorded_falls_back_to_eager_steps(monkeypatch, caplog):
     """A model whose forward syncs with the CPU (here: a hook reading a value) cannot be recorded: one
     warning, then the same tokens as eager steps."""
