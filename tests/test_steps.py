@@ -241,3 +241,9 @@ def test_generation_benchmark_runs_on_the_cpu(tmp_path):
         assert runs[method]["step_ms_median"] > 0 and runs[method]["first_token_s"] > 0
     assert runs["apb-graphs"]["status"] == "skipped: CUDA graphs need a GPU"
     assert "--json" not in results["command"] and str(tmp_path) not in results["command"]
+    # the plot from saved results: one file or several
+    png = tmp_path / "gen.png"
+    main(["--from-json", str(path), str(path), "--plot", str(png)])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        main(["--from-json", str(path)])  # no --plot

@@ -2,6 +2,7 @@
 
     python scripts/bench_generate.py --json generate.json           (or python -m apb.bench.generate)
     python scripts/bench_generate.py --tiny                          # CPU smoke test, seconds
+    python scripts/bench_generate.py --from-json a.json b.json --plot generate.png   # plot earlier results
 
 Random bf16 weights of a benchmark shape (`apb.bench.common.MODEL_SHAPES`, Llama-3.1-8B by default), a
 context of `--length` random tokens and a `--query` of 64, then `--new-tokens` tokens greedily. Methods:
@@ -163,6 +164,81 @@ def measure(method: str, model, apbm, context, query, args) -> dict[str, Any]:
     return best
 
 
+LABELS = {
+    "full": "transformers, DynamicCache loop",
+    "full-static": "transformers, static cache + compile",
+    "apb-eager": "APB, eager steps",
+    "apb-graphs": "APB, CUDA-graph steps",
+}
+
+
+def best_steps(invocations: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """(method label, context length) -> the lowest median ms per token over the invocations (results of
+    `run`); a `--compile-layers` run counts as a method of its own."""
+    best: dict[tuple[str, int], float] = {}
+    for results in invocations:
+        settings = results["settings"]
+        for run in results["runs"]:
+            if run.get("step_ms_median") is None:
+                continue
+            label = LABELS.get(run["method"], run["method"])
+            if settings.get("compile_layers"):
+                label += " (compiled layers)"
+            key = (label, settings["length"])
+            best[key] = min(best.get(key, float("inf")), run["step_ms_median"])
+    return best
+
+
+def plot(invocations: list[dict[str, Any]], path: Path) -> None:
+    """Bars of ms per token (best per method and context) for the given results, labelled with tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_steps(invocations)
+    if not best:
+        raise ValueError("no timed runs in these results")
+    lengths = sorted({length for _, length in best})
+    labels = list(dict.fromkeys(label for label, _ in sorted(best, key=lambda k: (_label_order(k[0]), k[1]))))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(5.2 + 2.2 * len(lengths), 4.2))
+    for i, label in enumerate(labels):
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(lengths))]
+        ms = [best.get((label, length), float("nan")) for length in lengths]
+        bars = ax.bar(xs, ms, width, label=label)
+        for bar, value in zip(bars, ms, strict=True):
+            if value == value:  # not NaN
+                ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
+                            fontsize=7)  # fmt: skip
+    ax.set_xticks(range(len(lengths)), [f"{length // 1024}K context" for length in lengths])
+    ax.set_ylabel("ms per generated token (median, lower is better)")
+    first = invocations[0]
+    hosts = first["settings"].get("hosts")
+    ax.set_title(
+        f"Generation on one {first['device']}, {first['settings']['model_shape']} shape, {hosts} APB hosts"
+    )
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _label_order(label: str) -> int:
+    order = list(LABELS.values())
+    base = label.replace(" (compiled layers)", "")
+    return order.index(base) * 2 + (base != label) if base in order else len(order) * 2
+
+
+def load_invocations(paths: list[str]) -> list[dict[str, Any]]:
+    """Results files of `run` (one invocation each, or ``{"invocations": [...]}``)."""
+    invocations = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        invocations += data.get("invocations", [data])
+    return invocations
+
+
 def summary_line(run: dict[str, Any]) -> str:
     if "status" in run:
         return f"{run['method']:>11}: {run['status']}"
@@ -184,8 +260,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-layers", action="store_true", help="apb.fusion.compile_layers first")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU, short context")
     parser.add_argument("--json", help="write the results here (after every method)")
+    parser.add_argument("--plot", help="a PNG of ms per token by method and context (matplotlib)")
+    parser.add_argument("--from-json", nargs="+", help="plot these results instead of running (with --plot)")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else []
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from-json needs --plot")
+        return args
     if args.tiny:
         args.model_shape, args.length, args.query, args.new_tokens = "tiny", 512, 8, min(args.new_tokens, 8)
     elif not torch.cuda.is_available():
@@ -200,7 +282,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import sys
 
     args = parse_args(argv if argv is not None else sys.argv[1:])
-    return run(args)
+    if args.from_json:
+        invocations = load_invocations(args.from_json)
+        plot(invocations, Path(args.plot))
+        return {"invocations": invocations}
+    results = run(args)
+    if args.plot:
+        plot([results], Path(args.plot))
+    return results
 
 
 if __name__ == "__main__":
