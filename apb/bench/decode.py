@@ -22,22 +22,12 @@ from functools import partial
 
 import torch
 
-from apb.bench.common import Clock
+from apb.bench.common import Clock, best_time
 
 
 def timed_ms(fn: Callable[[], object], clock: Clock, calls: int = 30, rounds: int = 3) -> float:
-    """Best of `rounds` of `calls` back-to-back calls, ms per call."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        clock.sync()
-        start = clock.mark()
-        for _ in range(calls):
-            fn()
-        end = clock.mark()
-        clock.sync()
-        best = min(best, clock.ms(start, end) / calls)
-    return best
+    """Best of `rounds` of `calls` back-to-back calls, ms per call (`best_time`, after one warm-up call)."""
+    return best_time(fn, clock, repeats=calls, trials=rounds) * 1000.0
 
 
 def prefill_kernel_form(q, k, v, *, num_prefix):
