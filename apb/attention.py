@@ -348,16 +348,10 @@ class DecodeState:
         (graphed steps write into the buffers they were recorded with, so those must not be replaced while
         they replay). Returns whether any buffer was replaced."""
         need = self.filled + tokens
-        store = self.stores.get(self.last_host, [])
         grown = False
-        for layer_idx, (k_buf, v_buf) in enumerate(store):
+        for layer_idx, (k_buf, _) in enumerate(self.stores.get(self.last_host, [])):
             if k_buf.shape[2] < need:
-                filled = self.context_len + self.appended.get(layer_idx, 0)
-                room = need - filled
-                store[layer_idx] = (
-                    with_room(k_buf[:, :, :filled], room),
-                    with_room(v_buf[:, :, :filled], room),
-                )
+                self._grow(layer_idx, need)
                 grown = True
         return grown
 
@@ -369,17 +363,23 @@ class DecodeState:
     def _append(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """Write the new tokens' K/V after the last host's block (growing the store when it has no room
         left); returns the filled part of its K and V and how many entries come before the new tokens."""
-        k_buf, v_buf = self.stores[self.last_host][layer_idx]
+        k_buf = self.stores[self.last_host][layer_idx][0]
         filled = self.context_len + self.appended.get(layer_idx, 0)
         end = filled + key.shape[2]
         if end > k_buf.shape[2]:
-            room = max(end, 2 * k_buf.shape[2]) - filled
-            k_buf, v_buf = (with_room(buf[:, :, :filled], room) for buf in (k_buf, v_buf))
-            self.stores[self.last_host][layer_idx] = (k_buf, v_buf)
+            self._grow(layer_idx, max(end, 2 * k_buf.shape[2]))
+        k_buf, v_buf = self.stores[self.last_host][layer_idx]
         k_buf[:, :, filled:end] = key
         v_buf[:, :, filled:end] = value
         self.appended[layer_idx] = end - self.context_len
         return k_buf[:, :, :end], v_buf[:, :, :end], filled
+
+    def _grow(self, layer_idx: int, length: int) -> None:
+        """Replace layer `layer_idx`'s buffers of the last host's store by ones of `length` entries holding
+        its filled part (the rest left uninitialised)."""
+        store = self.stores[self.last_host]
+        filled = self.context_len + self.appended.get(layer_idx, 0)
+        store[layer_idx] = tuple(with_room(buf[:, :, :filled], length - filled) for buf in store[layer_idx])
 
 
 def with_room(x: torch.Tensor, room: int) -> torch.Tensor:
