@@ -233,7 +233,8 @@ def test_generation_benchmark_runs_on_the_cpu(tmp_path):
     from apb.bench.generate import main
 
     path = tmp_path / "gen.json"
-    main(["--tiny", "--repeats", "1", "--methods", "full", "apb-eager", "apb-graphs", "--json", str(path)])
+    argv = ["--tiny", "--repeats", "1", "--methods", "full", "apb-eager", "apb-graphs", "--json", str(path)]
+    main([*argv, "--plot", str(tmp_path / "run.png")])
     results = json.loads(path.read_text())
     runs = {run["method"]: run for run in results["runs"]}
     for method in ("full", "apb-eager"):
@@ -241,6 +242,8 @@ def test_generation_benchmark_runs_on_the_cpu(tmp_path):
         assert runs[method]["step_ms_median"] > 0 and runs[method]["first_token_s"] > 0
     assert runs["apb-graphs"]["status"] == "skipped: CUDA graphs need a GPU"
     assert "--json" not in results["command"] and str(tmp_path) not in results["command"]
+    assert "--plot" not in results["command"] and str(tmp_path) not in json.dumps(results["settings"])
+    assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
     # the plot from saved results: one file or several
     png = tmp_path / "gen.png"
     main(["--from-json", str(path), str(path), "--plot", str(png)])

@@ -110,11 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     context = torch.randint(0, vocab, (1, args.length), generator=gen).to(device)
     query = torch.randint(0, vocab, (1, args.query), generator=gen).to(device)
     results: dict[str, Any] = {
-        "command": " ".join(["python scripts/bench_generate.py", *_without_json(args.argv)]),
+        "command": " ".join(["python scripts/bench_generate.py", *_without_outputs(args.argv)]),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"),
         "versions": {p: package_version(p) for p in ("torch", "transformers", "triton")},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "argv")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "from_json", "argv")},
         "runs": [],
     }
     # transformers' methods first, on the model as loaded: once APB is loaded its attention function (which
@@ -130,15 +130,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _without_json(argv: list[str]) -> list[str]:
-    """The command line without ``--json PATH`` (where the results went is not part of what ran)."""
+OUTPUT_FLAGS = ("--json", "--plot")
+"""Where results go: not part of what ran, so neither the recorded command nor the settings hold them."""
+
+
+def _without_outputs(argv: list[str]) -> list[str]:
+    """The command line without `OUTPUT_FLAGS` and their paths."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--json":
+        elif arg in OUTPUT_FLAGS:
             skip = True
-        elif not arg.startswith("--json="):
+        elif not arg.startswith(tuple(f"{flag}=" for flag in OUTPUT_FLAGS)):
             out.append(arg)
     return out
 
