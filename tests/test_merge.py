@@ -126,12 +126,13 @@ def test_triton_merge_under_interpreter(tmp_path):
 
 @pytest.mark.single_gpu
 @needs_cuda
-@pytest.mark.parametrize("parts", [1, 4, 8])
+@pytest.mark.parametrize(("parts", "rows"), [(1, 64), (4, 64), (8, 64), (32, 1), (4, 3)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_triton_merge_gpu(parts, dtype):
+def test_triton_merge_gpu(parts, rows, dtype):
+    """The query pass's shape (64 rows a head) and a decoding step's (one row a head: a program per row)."""
     gen = torch.Generator().manual_seed(parts)
-    outs = torch.randn(parts, 1, 32, 64, 129, generator=gen)[..., :128].cuda()
-    lses = (torch.randn(parts, 1, 32, 64, generator=gen) * 10).cuda()
+    outs = torch.randn(parts, 1, 32, rows, 129, generator=gen)[..., :128].cuda()
+    lses = (torch.randn(parts, 1, 32, rows, generator=gen) * 10).cuda()
     lses[0, 0, :4] = float("-inf")
     out, lse = merge_partials(outs, lses, dtype)
     want_out, want_lse = merge_partials_ref(outs, lses, dtype)
