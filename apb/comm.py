@@ -10,6 +10,8 @@ The maths (apb.attention) is the same for both; only these three exchanges diffe
 - ``gather_partials``: the per-layer all-gather of partial attention outputs and log-sum-exps while
   decoding (Star Attention phase 2).
 - ``broadcast_from_last``: the last host's sampled tokens / stop flag to every host.
+- ``any_host``: whether a flag holds on any host (graphed decoding steps record their graph again on every
+  host together when one host's store grew).
 
 Before the prefill, ``check_agreement`` makes sure every rank was given the same inputs: ranks given
 different contexts would otherwise agree on wrong logits, and ranks given different lengths or configs
@@ -66,6 +68,10 @@ class Communicator:
 
     def broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last host's value of `tensor` on every host."""
+        raise NotImplementedError
+
+    def any_host(self, flag: bool) -> bool:
+        """Whether `flag` is true on any host (every host calls it together)."""
         raise NotImplementedError
 
     def check_agreement(self, descriptor: Mapping[str, Any], error: Exception | None = None) -> None:
@@ -130,6 +136,9 @@ class SimulatedComm(Communicator):
     def broadcast_from_last(self, tensor):
         return tensor
 
+    def any_host(self, flag):
+        return flag
+
 
 class DistributedComm(Communicator):
     """One host per rank of a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
@@ -177,12 +186,30 @@ class DistributedComm(Communicator):
         dist.broadcast(tensor, src=self._global_rank(self.num_hosts - 1), group=self.group)
         return tensor
 
+    def any_host(self, flag):
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self._small_device())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
+
     def _all_gather_stacked(self, packed: torch.Tensor) -> torch.Tensor:
         """Every rank's `packed` in one collective: [hosts, *packed.shape], in rank order."""
         # ranks concatenated along the first axis (the layout every backend takes, gloo included)
         gathered = packed.new_empty(self.num_hosts * packed.shape[0], *packed.shape[1:])
         _ALL_GATHER_SINGLE(gathered, packed.contiguous(), group=self.group)
         return gathered.view(self.num_hosts, *packed.shape)
+
+    def _small_device(self) -> torch.device:
+        """Where small control tensors live: the model's device, else what the backend takes."""
+        if self.device is not None:
+            return self.device
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def backend(self) -> str:
+        """The process group's backend ("nccl", "gloo", ...)."""
+        return str(dist.get_backend(self.group))
 
     def _global_rank(self, host: int) -> int:
         return dist.get_global_rank(self.group, host) if self.group is not None else host
@@ -210,11 +237,7 @@ class DistributedComm(Communicator):
 
     def _all_gather_json(self, value: Any) -> list[Any]:
         """`value` of every rank, in rank order, through two small all-gathers (sizes, then bytes)."""
-        device = self.device
-        if device is None:
-            device = torch.device("cpu")
-            if dist.get_backend(self.group) == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
+        device = self._small_device()
         payload = torch.tensor(
             list(json.dumps(value, sort_keys=True).encode()), dtype=torch.uint8, device=device
         )

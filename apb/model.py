@@ -230,7 +230,8 @@ class APBModel(nn.Module):
         `anchor_query_ids`: the tokens spliced into the anchor, as in `prefill` (default: `query_ids`).
         `cuda_graphs`: run the decoding steps (after the query) as one recorded CUDA graph replayed per token
         (`apb.steps`): the same tokens, without a CPU launch per kernel. None (default): on when the model
-        is on a GPU and every host runs in this process; under torch.distributed the steps run eagerly.
+        is on a GPU and every host runs in this process. Under torch.distributed the steps run eagerly
+        unless `cuda_graphs=True` (NCCL only: each rank records its step with its collectives).
         """
         comm = make_comm(num_hosts, self.device)
         with comm.shared_refusal():  # every argument is checked before the prefill
@@ -441,21 +442,23 @@ class APBModel(nn.Module):
             streamer.end()
 
     def _graphed_steps(self, cuda_graphs: object, comm: Communicator) -> bool:
-        """`generate`'s `cuda_graphs` (None, True, False) -> whether its decoding steps run graphed."""
+        """`generate`'s `cuda_graphs` (None, True, False) -> whether its decoding steps run graphed: None
+        turns them on for a GPU model whose hosts all run in this process; under torch.distributed (NCCL)
+        they run graphed only when asked for."""
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be True, False or None (auto), got {cuda_graphs!r}")
-        possible = self.device.type == "cuda" and isinstance(comm, SimulatedComm)
-        if cuda_graphs and not possible:
-            where = (
-                "the model is on the CPU"
-                if self.device.type != "cuda"
-                else "hosts run under torch.distributed"
-            )
+        in_process = isinstance(comm, SimulatedComm)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a GPU, but it is on the CPU")
+        backend = getattr(comm, "backend", type(comm).__name__)
+        if cuda_graphs and not in_process and backend != "nccl":
             raise ValueError(
-                f"cuda_graphs=True needs the model on a GPU with every host in this process, but {where}; "
-                "pass cuda_graphs=None (auto) or False"
+                f"cuda_graphs=True under torch.distributed needs the NCCL backend (a CUDA graph records NCCL "
+                f"collectives, not {backend}'s); pass cuda_graphs=None (auto) or False"
             )
-        return possible if cuda_graphs is None else cuda_graphs
+        if cuda_graphs is None:
+            return self.device.type == "cuda" and in_process
+        return cuda_graphs
 
     def _steps(
         self, decode: DecodeState, *, batch: int, max_steps: int, graphed: bool

@@ -11,6 +11,12 @@ token's K/V (`DecodeState.slot`), whose attention reads only the entries filled 
 (`DecodeState.reserve`), not by `max_new_tokens` up front (a generous limit would cost memory for tokens
 never generated); the graph is recorded again whenever the store's buffers were replaced. Replays compute
 what eager steps compute, kernel for kernel.
+
+Under torch.distributed (NCCL) each rank records its own graph, the step's collectives included: a
+recorded collective runs when the graph replays, so every rank still runs each step's collectives once,
+whether it replays or records that step (recording runs the step eagerly first). Only the last host's
+store grows, but every rank checks for room at the same steps (every `room` tokens) and all record again
+together when it grew (`Communicator.any_host`): ranks never record while their peers replay.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ class GraphedSteps:
     tokens, only slower. `close()` returns the state to eager steps and frees the graph. `room`: tokens the
     store grows by when it is full (default `apb.attention.DECODE_ROOM`).
     `record_graph=False` runs every step eagerly from the graph's input tensors: what a replay computes,
-    on any device (the CPU tests check it against `EagerSteps`)."""
+    on any device (the CPU tests check it against `EagerSteps`). `recordings`: how many times the step
+    was recorded (with `record_graph=False`: would have been)."""
 
     def __init__(
         self,
@@ -74,46 +81,59 @@ class GraphedSteps:
         self._decode = decode
         self._steps_left = max_steps
         self._room = room or attention.DECODE_ROOM
-        self._room_end = decode.filled  # store entries the buffers have room for, as far as reserved
+        # Store entries counted from steps, not read from the store: the same on every rank (only the last
+        # host has a store that fills), so that every rank checks for room at the same steps.
+        self._filled = decode.filled
+        self._room_end = self._filled  # entries the buffers have room for, as far as reserved
+        self.recordings = 0
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._positions = torch.zeros(1, dtype=torch.long, device=device)
         decode.slot = torch.zeros(1, dtype=torch.long, device=device)
         decode.valid = torch.zeros(1, dtype=torch.long, device=device)
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._recorded = False  # a recording for the present buffers exists (the graph, or a stand-in)
         self._logits: torch.Tensor | None = None
         self._eager: EagerSteps | None = None
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         """token: [batch] ids at `position` -> the next logits [batch, vocab] (a tensor of its own)."""
-        if self._eager is not None:
-            return self._eager(token, position)
         decode = self._decode
         if self._steps_left <= 0:
             raise RuntimeError("more decoding steps than the max_steps these graphed steps were made for")
-        filled = decode.filled
-        if filled >= self._room_end:  # room for the next tokens; new buffers need a new recording
-            room = min(self._room, self._steps_left)
-            if decode.reserve(room):
+        filled = self._filled
+        self._filled += 1
+        self._steps_left -= 1
+        if filled >= self._room_end:  # room for the next tokens; new buffers need a new recording everywhere
+            room = min(self._room, self._steps_left + 1)
+            # after a fallback the eager steps grow the store themselves, but this rank still takes part
+            grown = decode.reserve(room) if self._eager is None else False
+            if decode.comm.any_host(grown):
                 self._graph = self._logits = None
+                self._recorded = False
             self._room_end = filled + room
+        if self._eager is not None:
+            return self._eager(token, position)
         self._ids.copy_(token[:, None])
         self._positions.fill_(position)
         decode.slot.fill_(filled)
         decode.valid.fill_(filled + 1)
+        if not self._recorded:
+            self.recordings += 1
         if not self._record_graph:
             logits = self._step(self._ids, self._positions)
-        elif self._graph is None:
+            self._recorded = True
+        elif not self._recorded:
             logits = self._record()
         else:
             self._graph.replay()
             logits = self._logits.clone()  # the graph's output buffer is overwritten by the next replay
         decode.advance(1)
-        self._steps_left -= 1
         return logits
 
     def close(self) -> None:
         self._decode.slot = self._decode.valid = None
         self._graph = self._logits = None
+        self._recorded = False
 
     def _record(self) -> torch.Tensor:
         """Run this step eagerly on a side stream (as CUDA graph capture asks), then record it; the eager
@@ -125,7 +145,9 @@ class GraphedSteps:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: other threads may go on calling CUDA while this one records (NCCL's watchdog
+            # polls the collectives run so far); the default would make their calls fail the recording
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._logits = self._step(self._ids, self._positions)
         except Exception as err:  # noqa: BLE001 - any failure to record falls back to the same steps, eagerly
             logger.warning(
@@ -140,6 +162,7 @@ class GraphedSteps:
             self._logits = None
             return logits
         self._graph = graph
+        self._recorded = True
         return logits
 
 

@@ -96,10 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--compile-layers", **COMPILE_LAYERS_ARG)
     p.add_argument(
-        "--eager-steps",
-        action="store_true",
-        help="run APB's decoding steps eagerly instead of replaying them from a CUDA graph (the default on a GPU "
-        "with hosts in one process)",
+        "--cuda-graphs",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="replay APB's decoding steps from a CUDA graph: auto = on a GPU with hosts in one process; "
+        "on = also under torchrun (NCCL); off = eager steps",
     )
     args = p.parse_args(argv)
     if not args.tiny and not args.model:
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                 tokenizer=tokenizer,
                 seed=args.seed,
                 streamer=clock,  # called on host 0's rank only
-                cuda_graphs=False if args.eager_steps else None,
+                cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
                 **gen,
             )
         ids = out[0].tolist()

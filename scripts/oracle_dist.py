@@ -19,6 +19,13 @@ Random Llama-shaped model (one seed, weights broadcast from rank 0), random ids.
 3. shared anchor: APB with an anchor (the query spliced in, every earlier token passed) gives the same
    logits whether rank 0 computes the anchor and broadcasts its K/V at every layer (``share_anchor``, the
    default) or every rank runs its own: within 1e-4 in fp32, within the bf16 bound of check 1 in bf16.
+   (Skipped on one rank, which has no anchor to send.)
+4. graphed decoding steps (NCCL only; `generate(cuda_graphs=True)`, each rank records its step with its
+   collectives): greedy with EOS off for `apb.attention.DECODE_ROOM` + 8 tokens, so that the last rank's
+   store grows once and every rank records its graph again. Every rank gets the same ids, and eager
+   steps' logits within 5% of their largest; should a token differ, the runs are compared up to it and it
+   must come from a near tie (the last host's attention splits its keys differently in the two, so its
+   rounding differs). The median ms per token of both is reported.
 
 Writes the JSON (rank 0) and exits 1 when a check fails.
 """
@@ -212,9 +219,15 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
         "same_on_all_ranks": all_equal(shared),
     }
     anchor["passed"] = anchor["shared"] and diff <= bound and anchor["same_on_all_ranks"]
+    if world == 1:  # one host: nothing to send (the anchor is host 0's own block)
+        anchor = {"skipped": "one rank: no anchor to share"}
+    graphed = _graphed_steps(apbm, context, query, exact, device)
     report["prefill"], report["generate"], report["shared_anchor"] = prefill, generate, anchor
+    report["graphed_steps"] = graphed
 
-    passed = prefill["passed"] and prefill["same_on_all_ranks"] and generate["passed"] and anchor["passed"]
+    passed = prefill["passed"] and prefill["same_on_all_ranks"] and generate["passed"]
+    passed = passed and anchor.get("passed", True)
+    passed = passed and graphed.get("passed", True)
     ok = torch.tensor([int(passed)], device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     report["passed_all_ranks"] = bool(ok.item())
@@ -225,6 +238,50 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text)
     return 0 if report["passed_all_ranks"] else 1
+
+
+def _graphed_steps(apbm, context, query, config, device: torch.device) -> dict[str, Any]:
+    """Check 4: graphed steps give eager steps' ids on every rank, past one growth of the last store."""
+    from apb.attention import DECODE_ROOM
+    from apb.bench.common import TokenClock
+
+    if device.type != "cuda":
+        return {"skipped": "CUDA graphs record NCCL collectives: GPUs only"}
+    steps = DECODE_ROOM + 8
+    runs: dict[str, Any] = {}
+    for name, graphs in (("eager", False), ("graphed", True)):
+        clock = TokenClock()  # on rank 0 only, as every streamer
+        ids, logits = apbm.generate(
+            context, query, config=config, max_new_tokens=steps, eos_token_id=[], streamer=clock,
+            cuda_graphs=graphs, return_logits=True,
+        )  # fmt: skip
+        gaps = sorted(b - a for a, b in zip(clock.arrivals, clock.arrivals[1:], strict=False))
+        runs[name] = (ids[0], logits[0].float(), 1000 * gaps[len(gaps) // 2] if gaps else None)
+    (eager, eager_logits, eager_ms), (graphed, graphed_logits, graphed_ms) = runs["eager"], runs["graphed"]
+    # Replays run the eager steps' kernels, but the last host's attention reads its whole buffer (entries
+    # past the filled ones masked) instead of the filled part: other splits of the keys, other rounding. A
+    # greedy token may then differ at a near tie, after which the two runs continue from different tokens:
+    # the logits are compared up to the first differing token, which must be a tie within that rounding.
+    differ = (eager != graphed).nonzero()
+    agreed = int(differ[0]) if len(differ) else steps
+    upto = min(agreed + 1, steps)  # the step that chose the first differing token, from the same inputs
+    diff = (eager_logits[:upto] - graphed_logits[:upto]).abs().max().item()
+    tolerance = 0.05 * eager_logits[:upto].abs().max().item()
+    top2 = eager_logits[agreed].topk(2).values if agreed < steps else None
+    report = {
+        "tokens": steps,
+        "same_as_eager": agreed == steps,
+        "first_different_token": None if agreed == steps else agreed,
+        "max_abs_logit_diff_vs_eager": diff,
+        "tolerance": tolerance,
+        "top2_gap_at_difference": None if top2 is None else (top2[0] - top2[1]).item(),
+        "same_on_all_ranks": all_equal(graphed),
+        "eager_ms_per_token_rank0": eager_ms,
+        "graphed_ms_per_token_rank0": graphed_ms,
+    }
+    tie = top2 is None or report["top2_gap_at_difference"] <= 2 * diff
+    report["passed"] = diff <= tolerance and tie and report["same_on_all_ranks"]
+    return report
 
 
 if __name__ == "__main__":

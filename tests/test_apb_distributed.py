@@ -19,8 +19,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port, tiny_model
 
+import apb.attention
+import apb.model
 from apb import APBConfig, APBModel, build_heads, compile_layers
 from apb.decode import StopCriteria, sample_next_token
+from apb.steps import GraphedSteps
 
 NUM_HOSTS = 3
 ATOL = 1e-5
@@ -115,12 +118,43 @@ def _scenarios(num_hosts: int | None) -> dict[str, torch.Tensor]:
     return out
 
 
+def _graphed_steps(num_hosts: int | None) -> dict[str, torch.Tensor]:
+    """generate's steps as `GraphedSteps(record_graph=False)` (what a replay computes, from the graph's
+    input tensors) with 2 tokens of room, so the last host's store grows every other step: only the last
+    rank's store grows, yet every rank must record again at the same steps (a recording runs the step's
+    collectives, as a replay does). The ids, and each GraphedSteps' recordings."""
+    made: list[GraphedSteps] = []
+
+    def make(*args, **kwargs):
+        made.append(GraphedSteps(*args, **{**kwargs, "record_graph": False}))
+        return made[-1]
+
+    patched = [
+        (apb.model, "GraphedSteps", make),
+        (APBModel, "_graphed_steps", lambda self, graphs, comm: True),
+    ]
+    patched += [(apb.model, "DECODE_ROOM", 2), (apb.attention, "DECODE_ROOM", 2)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    for owner, name, value in patched:
+        setattr(owner, name, value)
+    try:
+        ids = APBModel(tiny_model("llama")).generate(
+            _ids(1, 1, 37), _ids(2, 1, 4), config=APBConfig.exact(), num_hosts=num_hosts, max_new_tokens=9,
+            do_sample=True, temperature=0.8, seed=11,
+        )  # fmt: skip
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+    return {"graphed_ids": ids, "graphed_recordings": torch.tensor([steps.recordings for steps in made])}
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     # a collective that one rank never joins raises after this long instead of waiting 30 min
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         results = _scenarios(None)
+        results.update(_graphed_steps(None))
         try:
             APBModel(tiny_model("llama")).prefill(
                 _ids(1, 37), _ids(2, 4), config=APBConfig.exact(), num_hosts=2
@@ -164,7 +198,7 @@ def spawned(tmp_path_factory) -> list[dict]:
 def simulated() -> dict:
     threads = torch.get_num_threads()
     try:
-        return _scenarios(NUM_HOSTS)
+        return {**_scenarios(NUM_HOSTS), **_graphed_steps(NUM_HOSTS)}
     finally:
         torch.set_num_threads(threads)
 
@@ -201,6 +235,17 @@ def test_ranks_calibrate_alike_and_refuse_different_splits(spawned):
         assert "plan.blocks differs on rank(s) 1" in error, error
         error = results["calibrate_mismatch_error"]
         assert "calibrate.plan0 differs" in error and "calibrate.plan1" in error, error
+
+
+@pytest.mark.slow
+def test_graphed_steps_record_again_on_every_rank_together(spawned, simulated):
+    """Steps from the graph's inputs over 3 ranks: the simulation's ids, and every rank recorded its step
+    as often as the simulation did (at the first step and at each growth of the last host's store)."""
+    expected = simulated["graphed_recordings"]
+    assert expected.tolist() == [4]  # steps 0, 2, 4 and 6 of 8: the store grew by 2 at each
+    for rank, results in enumerate(spawned):
+        assert torch.equal(results["graphed_ids"], simulated["graphed_ids"]), rank
+        assert torch.equal(results["graphed_recordings"], expected), (rank, results["graphed_recordings"])
 
 
 @pytest.mark.slow

@@ -214,3 +214,27 @@ def test_bench_multigpu_arguments_and_output_folder(tmp_path):
     done = _bench_multigpu(tmp_path=tmp_path, OUT_DIR=str(tmp_path / "from_env"))
     assert done.returncode == 2
     assert "steps: bench oracle train" in (tmp_path / "from_env" / "summary.txt").read_text()
+
+
+def test_generation_bench_under_torchrun_times_apb_over_the_ranks(tmp_path):
+    """scripts/bench_generate.py under torchrun (2 gloo ranks, --tiny): one host per rank, APB's eager steps
+    timed, transformers' methods skipped (the whole model in one process), graphed steps skipped on the CPU;
+    rank 0 writes the JSON with the torchrun command."""
+    out = tmp_path / "gen.json"
+    methods = ["--methods", "full", "apb-eager", "apb-graphs"]
+    _torchrun("bench_generate.py", "--tiny", "--repeats", "1", *methods, "--json", str(out), cwd=tmp_path)
+    results = json.loads(out.read_text())
+    assert results["ranks"] == 2 and results["device"] == "2 x cpu" and results["settings"]["hosts"] == 2
+    assert results[
+        "command"
+    ] == "torchrun --nproc-per-node 2 scripts/bench_generate.py --tiny --repeats 1 " + (" ".join(methods))
+    runs = {run["method"]: run for run in results["runs"]}
+    assert runs["full"]["status"].startswith("skipped: the unmodified model runs in one process")
+    assert runs["apb-graphs"]["status"] == "skipped: CUDA graphs need a GPU"
+    eager = runs["apb-eager"]
+    assert eager["tokens"] == 8 and eager["step_ms_median"] > 0 and eager["first_token_s"] > 0
+
+
+def test_generation_bench_refuses_hosts_other_than_the_ranks(tmp_path):
+    done = _torchrun("bench_generate.py", "--tiny", "--hosts", "3", cwd=tmp_path, ok=False)
+    assert "every rank is one host: --hosts 3 != 2 ranks" in done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from apb.data import build_tiny_tokenizer
 from conftest import dear_attention_host_times, script_module
 
@@ -145,3 +146,19 @@ def test_calibrate_fits_the_split_and_prints_the_weight_to_reuse(generate, capsy
             generate.parse_args(["--tiny", *bad])
     with pytest.raises(SystemExit):
         generate.parse_args(["--tiny", "--attention-weight", "0"])
+
+
+def test_cuda_graphs_option(generate, capsys):
+    """--cuda-graphs off runs eager steps anywhere; on runs graphed steps on a GPU and is refused for a model
+    on the CPU (by generate itself)."""
+    generate.main(["--tiny", "--hosts", "2", "--max-new-tokens", "3", "--cuda-graphs", "off"])
+    assert "answer (" in capsys.readouterr().out
+    on = ["--tiny", "--hosts", "2", "--max-new-tokens", "3", "--cuda-graphs", "on"]
+    if torch.cuda.is_available():  # the script puts the model on the GPU: graphed steps run
+        generate.main(on)
+        assert "answer (" in capsys.readouterr().out
+    else:
+        with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a GPU"):
+            generate.main(on)
+    with pytest.raises(SystemExit):
+        generate.main(["--tiny", "--cuda-graphs", "sometimes"])

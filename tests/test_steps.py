@@ -11,12 +11,13 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_model
+import torch.distributed as dist
+from conftest import free_port, tiny_model
 
 import apb.attention
 import apb.model
 from apb import APBConfig, APBModel
-from apb.comm import DistributedComm
+from apb.comm import Communicator
 from apb.steps import GraphedSteps
 
 VOCAB = 128  # tiny_model's vocab_size
@@ -126,9 +127,7 @@ def test_cuda_graphs_argument_is_checked_before_the_prefill(monkeypatch):
     monkeypatch.setattr(APBModel, "_prefill_context", lambda *a, **k: pytest.fail("prefill ran"))
     with pytest.raises(TypeError, match=r"cuda_graphs must be True, False or None \(auto\), got 'yes'"):
         apbm.generate(_ids(0, 20), _ids(1, 4), cuda_graphs="yes")
-    with pytest.raises(
-        ValueError, match="cuda_graphs=True needs the model on a GPU.*the model is on the CPU"
-    ):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a GPU, but it is on the CPU"):
         apbm.generate(_ids(0, 20), _ids(1, 4), cuda_graphs=True)
 
 
@@ -215,14 +214,54 @@ def test_a_step_that_cannot_be_recorded_falls_back_to_eager_steps(monkeypatch, c
     assert torch.equal(apbm.generate(context, query, cuda_graphs=True, **kwargs), expected)
 
 
+class _ProcessGroupComm(Communicator):
+    """Stands for a `DistributedComm` over a process group with this backend (no group needed)."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+
+def test_cuda_graphs_argument_under_torch_distributed_on_the_cpu():
+    apbm = APBModel(tiny_model("llama"))
+    assert apbm._graphed_steps(None, _ProcessGroupComm("gloo")) is False
+    with pytest.raises(ValueError, match="on the CPU"):
+        apbm._graphed_steps(True, _ProcessGroupComm("gloo"))
+
+
 @pytest.mark.single_gpu
 @needs_cuda
-def test_cuda_graphs_are_refused_under_torch_distributed(monkeypatch):
+def test_cuda_graphs_under_torch_distributed_need_nccl_and_asking():
+    """Auto stays eager under torch.distributed; True is taken with NCCL and refused with gloo."""
     apbm = APBModel(tiny_model("llama").to("cuda"))
-    comm = DistributedComm.__new__(DistributedComm)
-    with pytest.raises(ValueError, match="hosts run under torch.distributed"):
-        apbm._graphed_steps(True, comm)
-    assert apbm._graphed_steps(None, comm) is False
+    assert apbm._graphed_steps(None, _ProcessGroupComm("nccl")) is False
+    assert apbm._graphed_steps(True, _ProcessGroupComm("nccl")) is True
+    with pytest.raises(ValueError, match="needs the NCCL backend"):
+        apbm._graphed_steps(True, _ProcessGroupComm("gloo"))
+
+
+@pytest.mark.single_gpu
+@needs_cuda
+def test_cuda_graph_steps_record_nccl_collectives(monkeypatch, caplog):
+    """One rank of an NCCL process group: the step's collectives (the gather of partials) are recorded
+    with it and replayed; recorded again at each growth of the store (room 3); eager steps' tokens."""
+    monkeypatch.setattr(apb.model, "DECODE_ROOM", 3)
+    monkeypatch.setattr(apb.attention, "DECODE_ROOM", 3)
+    apbm = APBModel(tiny_model("llama").to("cuda"))
+    context, query = _ids(0, 1, 120, device="cuda"), _ids(1, 1, 5, device="cuda")
+    kwargs = dict(config=APBConfig.exact(), max_new_tokens=12, return_logits=True)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        ids, logits = apbm.generate(context, query, cuda_graphs=False, **kwargs)
+        replayed = _count_replays(monkeypatch)
+        with caplog.at_level(logging.WARNING, logger="apb.steps"):
+            got_ids, got_logits = apbm.generate(context, query, cuda_graphs=True, **kwargs)
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()
+    assert not caplog.records
+    assert replayed[0] == 7  # 11 steps, recorded at steps 1, 4, 7 and 10
+    torch.testing.assert_close(got_logits, logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got_ids, ids)
 
 
 def test_generation_benchmark_runs_on_the_cpu(tmp_path):

@@ -1,6 +1,8 @@
-"""Generation speed on one GPU: APB's decoding steps (eager and CUDA-graph) against transformers' own.
+"""Generation speed: APB's decoding steps (eager and CUDA-graph) against transformers' own, on one GPU;
+APB's alone over several GPUs under torchrun (one host per rank).
 
     python scripts/bench_generate.py --json generate.json           (or python -m apb.bench.generate)
+    torchrun --nproc-per-node 4 scripts/bench_generate.py --methods apb-eager apb-graphs --json dist.json
     python scripts/bench_generate.py --tiny                          # CPU smoke test, seconds
     python scripts/bench_generate.py --from-json a.json b.json --plot generate.png   # plot earlier results
 
@@ -17,25 +19,34 @@ context of `--length` random tokens and a `--query` of 64, then `--new-tokens` t
   step runs every layer once, each host's attention over its store, and the merge;
 - apb-graphs: the same with its steps replayed from a CUDA graph (`apb.steps`, the default on a GPU).
 
-transformers' methods run first, before APB is loaded onto the model. Per run: the time to the first token (from the call; APB's prefill runs its hosts one after another here,
-so this is not a multi-GPU time) and the time per token after it, as the median of the intervals between
-tokens (the first graphed step records the graph, a median ignores it) and their mean. A token is taken
-when it reaches the CPU (a streamer's `put`), so every interval covers a whole step. Simulated hosts read
-every host's store in turn, so APB's step reads as many K/V as full attention's; on real ranks each reads
-its own. Best of `--repeats` runs per method (by median step).
+Under torchrun every rank is one APB host (NCCL; gloo with --tiny), `--hosts` is the number of ranks, and
+apb-graphs asks for graphed steps (`cuda_graphs=True`: each rank records its step with its collectives).
+transformers' methods need the whole model in one process and are skipped there. The weights are the same
+on every rank (one seed), and rank 0, which streams the tokens, writes the results.
+
+transformers' methods run first, before APB is loaded onto the model. Per run: the time to the first token
+(from the call; with simulated hosts APB's prefill runs them one after another, so this is not a multi-GPU
+time) and the time per token after it, as the median of the intervals between tokens (the first graphed
+step records the graph, a median ignores it) and their mean. A token is taken when it reaches the CPU (a
+streamer's `put`), so every interval covers a whole step. Simulated hosts read every host's store in turn,
+so APB's step reads as many K/V as full attention's; on real ranks each reads its own. Best of `--repeats`
+runs per method (by median step).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from apb.bench.common import TokenClock, build_model, package_version
 
@@ -77,17 +88,17 @@ def run_once(method: str, model, apbm, context, query, args) -> dict[str, Any]:
         apbm.generate(
             context,
             query,
-            num_hosts=args.hosts,
+            num_hosts=None if args.ranks else args.hosts,  # None: the process group's ranks
             max_new_tokens=args.new_tokens,
             eos_token_id=[],
             cuda_graphs=method == "apb-graphs",
-            streamer=clock,
+            streamer=clock,  # called on rank 0 only under torchrun
         )
     arrivals = clock.arrivals
     gaps = [(b - a) * 1000.0 for a, b in zip(arrivals, arrivals[1:], strict=False)]
     return {
         "method": method,
-        "first_token_s": arrivals[0] - clock.started,
+        "first_token_s": arrivals[0] - clock.started if arrivals else None,
         "tokens": len(arrivals),
         "step_ms_median": statistics.median(gaps) if gaps else None,
         "step_ms_mean": statistics.fmean(gaps) if gaps else None,
@@ -98,7 +109,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from apb import APBModel, build_heads
 
     device = torch.device("cpu" if args.tiny else "cuda")
+    if args.ranks and not args.tiny:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     dtype = torch.float32 if args.tiny else torch.bfloat16
+    torch.manual_seed(0)  # the same weights on every rank
     model = build_model(args.model_shape, device, dtype)
     heads = build_heads(model, dtype=dtype)
     if args.compile_layers:
@@ -109,12 +124,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vocab = model.config.vocab_size
     context = torch.randint(0, vocab, (1, args.length), generator=gen).to(device)
     query = torch.randint(0, vocab, (1, args.query), generator=gen).to(device)
+    launcher = f"torchrun --nproc-per-node {args.ranks}" if args.ranks else "python"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {
-        "command": " ".join(["python scripts/bench_generate.py", *_without_outputs(args.argv)]),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "command": " ".join([f"{launcher} scripts/bench_generate.py", *_without_outputs(args.argv)]),
+        "device": f"{args.ranks} x {name}" if args.ranks else name,
+        "ranks": args.ranks,
         "date": time.strftime("%Y-%m-%d"),
         "versions": {p: package_version(p) for p in ("torch", "transformers", "triton")},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "from_json", "argv")},
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("json", "plot", "from_json", "argv", "ranks")
+        },
         "runs": [],
     }
     # transformers' methods first, on the model as loaded: once APB is loaded its attention function (which
@@ -124,10 +144,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if method.startswith("apb") and apbm is None:
             apbm = APBModel(model, heads)
         results["runs"].append(measure(method, model, apbm, context, query, args))
-        print(summary_line(results["runs"][-1]), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        if _rank() == 0:
+            print(summary_line(results["runs"][-1]), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 OUTPUT_FLAGS = ("--json", "--plot")
@@ -152,6 +178,8 @@ def measure(method: str, model, apbm, context, query, args) -> dict[str, Any]:
     cuda = context.is_cuda
     if method == "apb-graphs" and not cuda:
         return {"method": method, "status": "skipped: CUDA graphs need a GPU"}
+    if args.ranks and not method.startswith("apb"):
+        return {"method": method, "status": "skipped: the unmodified model runs in one process (no torchrun)"}
     runs = []
     try:
         for _ in range(args.repeats):
@@ -219,9 +247,8 @@ def plot(invocations: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("ms per generated token (median, lower is better)")
     first = invocations[0]
     hosts = first["settings"].get("hosts")
-    ax.set_title(
-        f"Generation on one {first['device']}, {first['settings']['model_shape']} shape, {hosts} APB hosts"
-    )
+    where = first["device"] if first.get("ranks") else f"one {first['device']}"
+    ax.set_title(f"Generation on {where}, {first['settings']['model_shape']} shape, {hosts} APB hosts")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -257,7 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-shape", default="llama8b", help="a key of apb.bench.common.MODEL_SHAPES")
     parser.add_argument("--length", type=int, default=131072, help="context tokens")
     parser.add_argument("--query", type=int, default=64, help="query tokens")
-    parser.add_argument("--hosts", type=int, default=4, help="APB hosts, simulated on this GPU")
+    parser.add_argument(
+        "--hosts", type=int, help="APB hosts, simulated on this GPU (default 4; under torchrun: the ranks)"
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=2)
@@ -272,6 +301,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not args.plot:
             parser.error("--from-json needs --plot")
         return args
+    args.ranks = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 0  # 0: not under torchrun
+    if args.ranks and args.hosts not in (None, args.ranks):
+        parser.error(f"under torchrun every rank is one host: --hosts {args.hosts} != {args.ranks} ranks")
+    args.hosts = args.ranks or args.hosts or 4
     if args.tiny:
         args.model_shape, args.length, args.query, args.new_tokens = "tiny", 512, 8, min(args.new_tokens, 8)
     elif not torch.cuda.is_available():
@@ -290,8 +323,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         invocations = load_invocations(args.from_json)
         plot(invocations, Path(args.plot))
         return {"invocations": invocations}
-    results = run(args)
-    if args.plot:
+    if not args.ranks:
+        results = run(args)
+    else:
+        backend = "gloo" if args.tiny else "nccl"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        try:
+            results = run(args)
+            dist.barrier()  # leave together: gloo can abort a process whose peer tears the group down first
+        finally:
+            dist.destroy_process_group()
+    if args.plot and _rank() == 0:
         plot([results], Path(args.plot))
     return results
 
