@@ -10,6 +10,8 @@ docstring says what is timed and how.
 """
 
 from apb.bench.generate import main
+from apb.comm import exit_rank
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)

@@ -11,6 +11,8 @@ docstring says what is timed and how.
 """
 
 from apb.bench.dist import main
+from apb.comm import exit_rank
 
 if __name__ == "__main__":
     main(prog="scripts/bench_prefill_dist.py")
+    exit_rank(0)

@@ -442,4 +442,6 @@ def _run(args: argparse.Namespace, num_hosts: int, device: Any) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from apb.comm import exit_rank
+
+    exit_rank(main())

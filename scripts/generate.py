@@ -309,4 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from apb.comm import exit_rank
+
     main()
+    exit_rank(0)

@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -285,4 +284,6 @@ def _graphed_steps(apbm, context, query, config, device: torch.device) -> dict[s
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from apb.comm import exit_rank
+
+    exit_rank(main())

@@ -238,3 +238,20 @@ def test_generation_bench_under_torchrun_times_apb_over_the_ranks(tmp_path):
 def test_generation_bench_refuses_hosts_other_than_the_ranks(tmp_path):
     done = _torchrun("bench_generate.py", "--tiny", "--hosts", "3", cwd=tmp_path, ok=False)
     assert "every rank is one host: --hosts 3 != 2 ranks" in done.stderr
+
+
+def test_exit_rank_flushes_and_leaves_with_the_code(tmp_path):
+    """Under torchrun (RANK set) a script leaves through os._exit: its buffered output still arrives and
+    its code is the exit status; without RANK it is sys.exit."""
+    import apb.comm
+
+    code = "import sys; from apb.comm import exit_rank; sys.stdout.write('report'); exit_rank(3)"
+    for rank in ("0", None):
+        env = clean_env(**({"RANK": rank} if rank else {}))
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+        assert done.returncode == 3 and done.stdout == "report", (rank, done.stderr)
+    with pytest.raises(SystemExit) as leaving:
+        apb.comm.exit_rank(0)  # no RANK in this process
+    assert leaving.value.code == 0

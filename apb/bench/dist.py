@@ -525,4 +525,7 @@ def _quiet(_line: str) -> None:
 
 
 if __name__ == "__main__":
+    from apb.comm import exit_rank
+
     main()
+    exit_rank(0)

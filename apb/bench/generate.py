@@ -339,4 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from apb.comm import exit_rank
+
     main()
+    exit_rank(0)
