@@ -2,7 +2,7 @@
 # Multi-GPU benchmarks on one node with N GPUs (N from nvidia-smi, at least 2). Needs the package with its
 # training extra installed in the active Python (`pip install -e ".[train]"`).
 #
-#   bash scripts/bench_multigpu.sh                          # all three steps
+#   bash scripts/bench_multigpu.sh                          # all four steps
 #   bash scripts/bench_multigpu.sh bench oracle             # only these steps
 #   bash scripts/bench_multigpu.sh --out runs/mg train      # results elsewhere (or OUT_DIR=runs/mg)
 #
@@ -12,14 +12,16 @@
 #           weights; 32K..128K (+256K by default with 4+ GPUs, LONG=0/1 to choose); compared with the
 #           simulated numbers of benchmarks/prefill_results.json.
 #   oracle: scripts/oracle_dist.py on N GPUs: exact-mode APB prefill over NCCL in bf16 against the one-GPU
-#           model (tolerance stated in the script), and sampled generation that stops at the same step on
-#           every rank.
+#           model (tolerance stated in the script), sampled generation that stops at the same step on
+#           every rank, and decoding steps replayed from CUDA graphs against eager ones.
+#   generate: torchrun the generation benchmark (scripts/bench_generate.py): APB's decoding steps, eager
+#           and replayed from a CUDA graph, one host per GPU, at 128K (Llama-3.1-8B shape).
 #   train:  deepspeed train/retain.py --config configs/llama8b_random.yaml on 1 GPU and on N GPUs (tokens/s
 #           per GPU, scaling); then an N-GPU run killed after its step-8 checkpoint and resumed with the same
 #           command, compared step by step with the uninterrupted N-GPU run.
 #
 # Output folder (--out DIR, else $OUT_DIR, else runs/bench_multigpu): summary.txt (the lines printed here),
-# topo.txt, one log per step, prefill_dist.{json,md}, oracle_dist.json, the training runs (train_1gpu/,
+# topo.txt, one log per step, prefill_dist.{json,md}, oracle_dist.json, generate_dist.json, the training runs (train_1gpu/,
 # train_<N>gpu/, train_killed/; started afresh each time) and their metrics.
 #
 # Env: BENCH_S (stop starting new prefill settings after this many seconds; default 0 = run them all),
@@ -42,11 +44,11 @@ while [ $# -gt 0 ]; do
     --out) [ $# -ge 2 ] || { echo "--out needs a folder" >&2; exit 2; }; OUT_DIR=$2; shift 2 ;;
     --out=*) OUT_DIR=${1#--out=}; shift ;;
     -h|--help) usage; exit 0 ;;
-    bench|oracle|train) STEPS+=("$1"); shift ;;
-    *) echo "unknown argument: $1 (steps: bench oracle train; --out DIR)" >&2; exit 2 ;;
+    bench|oracle|generate|train) STEPS+=("$1"); shift ;;
+    *) echo "unknown argument: $1 (steps: bench oracle generate train; --out DIR)" >&2; exit 2 ;;
   esac
 done
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(bench oracle train)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(bench oracle generate train)
 STEPS=" ${STEPS[*]} "
 
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)  # absolute: the steps run from the repo root
@@ -98,6 +100,16 @@ case "$STEPS" in *" oracle "*)
   rc=$?
   log "$(status oracle $rc) (0 = passed on every rank) in $(( $(date +%s) - t ))s (log: oracle.log)"
   grep -E '"passed|max_abs|bound|steps|rror' "$OUT_DIR/oracle.log" | head -20
+;; esac
+
+case "$STEPS" in *" generate "*)
+  t=$(date +%s)
+  timeout -k 10 "$STEP_TIMEOUT_S" torchrun --nproc-per-node "$N" --master-port "$(free_port)" \
+    scripts/bench_generate.py --length 131072 --methods apb-eager apb-graphs \
+    --json "$OUT_DIR/generate_dist.json" > "$OUT_DIR/generate.log" 2>&1
+  rc=$?
+  log "$(status generate $rc) in $(( $(date +%s) - t ))s (log: generate.log)"
+  grep -E "apb-|rror" "$OUT_DIR/generate.log" | tail -5
 ;; esac
 
 case "$STEPS" in *" train "*)

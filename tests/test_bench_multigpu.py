@@ -210,10 +210,10 @@ def test_bench_multigpu_arguments_and_output_folder(tmp_path):
     )
     assert (tmp_path / "results" / "topo.txt").read_text() == "topology\n"
 
-    # OUT_DIR from the environment; all three steps by default
+    # OUT_DIR from the environment; all four steps by default
     done = _bench_multigpu(tmp_path=tmp_path, OUT_DIR=str(tmp_path / "from_env"))
     assert done.returncode == 2
-    assert "steps: bench oracle train" in (tmp_path / "from_env" / "summary.txt").read_text()
+    assert "steps: bench oracle generate train" in (tmp_path / "from_env" / "summary.txt").read_text()
 
 
 def test_generation_bench_under_torchrun_times_apb_over_the_ranks(tmp_path):
