@@ -108,6 +108,10 @@ class TokenClock:
     def end(self) -> None:
         pass
 
+    def step_ms(self) -> list[float]:
+        """The intervals between consecutive tokens, in ms (each covers one whole decoding step)."""
+        return [(b - a) * 1000.0 for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
+
     def summary(self) -> str | None:
         """The line to print (`first token after 1.23 s (prefill and query), then 31 tokens at 12.3
         tokens/s`), or None before any token."""

@@ -94,8 +94,7 @@ def run_once(method: str, model, apbm, context, query, args) -> dict[str, Any]:
             cuda_graphs=method == "apb-graphs",
             streamer=clock,  # called on rank 0 only under torchrun
         )
-    arrivals = clock.arrivals
-    gaps = [(b - a) * 1000.0 for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    arrivals, gaps = clock.arrivals, clock.step_ms()
     return {
         "method": method,
         "first_token_s": arrivals[0] - clock.started if arrivals else None,
