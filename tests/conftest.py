@@ -152,3 +152,21 @@ def run_under_interpreter(script: str, *args: str, cwd: str | Path, timeout_s: f
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = run_or_fail([sys.executable, "-c", script, *args], timeout_s=timeout_s, env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def steps_from_graph_inputs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """`APBModel.generate`'s decoding steps become `GraphedSteps(record_graph=False)` on any device: every
+    step runs eagerly from the graph's input tensors, which is what a replay computes. Returns the
+    `GraphedSteps` made, in order."""
+    import apb.model
+    from apb.steps import GraphedSteps
+
+    made: list[GraphedSteps] = []
+
+    def make(*args, **kwargs):
+        made.append(GraphedSteps(*args, **{**kwargs, "record_graph": False}))
+        return made[-1]
+
+    monkeypatch.setattr(apb.model, "GraphedSteps", make)
+    monkeypatch.setattr(apb.model.APBModel, "_graphed_steps", lambda self, cuda_graphs, comm: True)
+    return made

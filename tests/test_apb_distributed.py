@@ -17,13 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port, tiny_model
+from conftest import free_port, steps_from_graph_inputs, tiny_model
 
 import apb.attention
 import apb.model
 from apb import APBConfig, APBModel, build_heads, compile_layers
 from apb.decode import StopCriteria, sample_next_token
-from apb.steps import GraphedSteps
 
 NUM_HOSTS = 3
 ATOL = 1e-5
@@ -123,28 +122,14 @@ def _graphed_steps(num_hosts: int | None) -> dict[str, torch.Tensor]:
     input tensors) with 2 tokens of room, so the last host's store grows every other step: only the last
     rank's store grows, yet every rank must record again at the same steps (a recording runs the step's
     collectives, as a replay does). The ids, and each GraphedSteps' recordings."""
-    made: list[GraphedSteps] = []
-
-    def make(*args, **kwargs):
-        made.append(GraphedSteps(*args, **{**kwargs, "record_graph": False}))
-        return made[-1]
-
-    patched = [
-        (apb.model, "GraphedSteps", make),
-        (APBModel, "_graphed_steps", lambda self, graphs, comm: True),
-    ]
-    patched += [(apb.model, "DECODE_ROOM", 2), (apb.attention, "DECODE_ROOM", 2)]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
-    for owner, name, value in patched:
-        setattr(owner, name, value)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        made = steps_from_graph_inputs(patch)
+        patch.setattr(apb.model, "DECODE_ROOM", 2)
+        patch.setattr(apb.attention, "DECODE_ROOM", 2)
         ids = APBModel(tiny_model("llama")).generate(
             _ids(1, 1, 37), _ids(2, 1, 4), config=APBConfig.exact(), num_hosts=num_hosts, max_new_tokens=9,
             do_sample=True, temperature=0.8, seed=11,
         )  # fmt: skip
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
     return {"graphed_ids": ids, "graphed_recordings": torch.tensor([steps.recordings for steps in made])}
 
 

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import free_port, tiny_model
+from conftest import free_port, steps_from_graph_inputs, tiny_model
 
 import apb.attention
 import apb.model
@@ -27,20 +27,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 def _ids(seed: int, *shape: int, device="cpu") -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def _static_steps_on_the_cpu(monkeypatch) -> list[GraphedSteps]:
-    """generate's steps become `GraphedSteps(record_graph=False)` on the CPU; returns the ones made."""
-    made: list[GraphedSteps] = []
-
-    def make(*args, **kwargs):
-        steps = GraphedSteps(*args, **{**kwargs, "record_graph": False})
-        made.append(steps)
-        return steps
-
-    monkeypatch.setattr(apb.model, "GraphedSteps", make)
-    monkeypatch.setattr(APBModel, "_graphed_steps", lambda self, cuda_graphs, comm: True)
-    return made
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -62,7 +48,7 @@ def test_steps_from_device_tensors_match_eager_steps(monkeypatch, family, num_ho
         apbm.generate(context, query, num_hosts=num_hosts, max_new_tokens=9, return_logits=True, **case)
         for case in cases
     ]
-    made = _static_steps_on_the_cpu(monkeypatch)
+    made = steps_from_graph_inputs(monkeypatch)
     for case, (ids, logits) in zip(cases, eager, strict=True):
         got_ids, got_logits = apbm.generate(
             context, query, num_hosts=num_hosts, max_new_tokens=9, return_logits=True, **case
